@@ -1,0 +1,1 @@
+"""Adapters that make any Hugging Face causal LM an MCTP backbone."""

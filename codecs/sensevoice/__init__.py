@@ -1,0 +1,1 @@
+"""SenseVoiceSmall encoder with the VITA-Audio-Plus MLP adapter."""

@@ -1,0 +1,1 @@
+"""Interleave schedules (pure Python)."""
