@@ -45,7 +45,9 @@ def _short(keys: list[str], limit: int = 20) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefixes: Iterable[str]) -> dict[str, torch.Tensor]:
+def strip_prefix(
+    state_dict: Mapping[str, torch.Tensor], prefixes: Iterable[str]
+) -> dict[str, torch.Tensor]:
     """Remove the first matching prefix from every key.
 
     Args:

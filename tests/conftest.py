@@ -29,3 +29,54 @@ def _deterministic_torch() -> None:
 def fixtures_dir() -> Path:
     """Folder with the golden codec checkpoints and expected outputs."""
     return FIXTURES
+
+
+class TinyLM(torch.nn.Module):
+    """A small causal LM built from mctp.layers, used as a backbone stand-in in core tests."""
+
+    def __init__(
+        self, vocab: int = 97, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2
+    ) -> None:
+        super().__init__()
+        from mctp.layers import DecoderBlock, RMSNorm, RotaryEmbedding
+
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.layers = torch.nn.ModuleList(
+            DecoderBlock(hidden, heads, kv_heads, 2 * hidden, qkv_bias=True) for _ in range(layers)
+        )
+        self.norm = RMSNorm(hidden)
+        self.lm_head = torch.nn.Linear(hidden, vocab, bias=False)
+        self.rotary = RotaryEmbedding(hidden // heads)
+        self.hidden_size = hidden
+
+    def forward(self, ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states [B, T, H] (packed samples via position ids)."""
+        from mctp.masks import default_position_ids, segment_ids, segment_mask
+
+        if position_ids is None:
+            position_ids = default_position_ids(ids)
+        x = self.embed(ids)
+        rope = self.rotary(x, position_ids)
+        mask = segment_mask(segment_ids(position_ids))
+        for layer in self.layers:
+            x = layer(x, attention_mask=mask, position_embeddings=rope)
+        return self.norm(x)
+
+    def parts(self):
+        from mctp.stack import BackboneParts
+
+        return BackboneParts(
+            embed=self.embed,
+            norm=self.norm,
+            lm_head=self.lm_head,
+            rotary=self.rotary,
+            last_block=self.layers[-1],
+            hidden_size=self.hidden_size,
+        )
+
+
+@pytest.fixture
+def tiny_lm() -> TinyLM:
+    """A deterministic tiny backbone (vocab 97, hidden 32, 2 layers, GQA 4/2)."""
+    torch.manual_seed(1234)
+    return TinyLM().eval()

@@ -1,0 +1,89 @@
+"""Pre-allocated key/value caches with the transformers ``update`` protocol.
+
+A transformers 5 attention layer calls ``past_key_values.update(k, v, layer_idx)`` and
+attends over what it returns. :class:`KVCache` answers that call by writing ``k, v`` into
+fixed buffers at the sequence indices set with :meth:`KVCache.set_positions` (a tensor,
+so the write is the same kernel every step and can be captured in a CUDA graph) and
+returning the whole buffers; which slots are visible is decided by the attention mask
+built from the same indices. Rolling back is therefore free: lower the length and the
+stale slots are masked out until they are overwritten.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["KVCache"]
+
+
+class KVCache:
+    """Static KV cache for ``num_layers`` layers, buffers ``[B, kv_heads, max_len, head_dim]``.
+
+    Buffers are allocated on the first :meth:`update` of each layer (when the head layout
+    is known), so the cache works for any attention module; allocate before capturing a
+    CUDA graph by running one forward (the prefill).
+
+    Args:
+        num_layers: Number of layers sharing this object (the backbone: all of them).
+        batch_size: ``B``.
+        max_len: ``S``, the largest sequence index + 1 that can be written.
+        single_layer: When True the ``layer_idx`` passed by the layer is ignored and slot 0
+            is used (each MCTP head owns a one-layer cache while its block is a copy of a
+            backbone layer with some other ``layer_idx``).
+
+    Raises:
+        ValueError: On non-positive sizes.
+    """
+
+    def __init__(
+        self, num_layers: int, batch_size: int, max_len: int, *, single_layer: bool = False
+    ) -> None:
+        if num_layers < 1 or batch_size < 1 or max_len < 1:
+            raise ValueError(
+                f"num_layers ({num_layers}), batch_size ({batch_size}) and max_len ({max_len}) must be >= 1"
+            )
+        if single_layer and num_layers != 1:
+            raise ValueError("single_layer=True needs num_layers=1")
+        self.num_layers = num_layers
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.single_layer = single_layer
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self._positions: torch.Tensor | None = None
+
+    def set_positions(self, positions: torch.Tensor) -> None:
+        """Set the sequence indices ``[T]`` (long) the next ``update`` calls write to."""
+        self._positions = positions
+
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs: object = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``key, value [B, kv_heads, T, D]`` at the current indices; return full buffers.
+
+        Returns:
+            ``(keys, values)``, each ``[B, kv_heads, max_len, D]``.
+
+        Raises:
+            RuntimeError: If :meth:`set_positions` was not called or shapes do not fit.
+        """
+        if self._positions is None:
+            raise RuntimeError("KVCache.set_positions(...) must be called before the forward")
+        i = 0 if self.single_layer else layer_idx
+        if self.keys[i] is None:
+            b, h, _, d = key.shape
+            if b != self.batch_size:
+                raise RuntimeError(f"cache batch size is {self.batch_size}, got keys for batch {b}")
+            self.keys[i] = key.new_zeros(b, h, self.max_len, d)
+            self.values[i] = value.new_zeros(b, value.shape[1], self.max_len, value.shape[-1])
+        k_buf, v_buf = self.keys[i], self.values[i]
+        assert k_buf is not None and v_buf is not None
+        k_buf.index_copy_(2, self._positions, key.to(k_buf.dtype))
+        v_buf.index_copy_(2, self._positions, value.to(v_buf.dtype))
+        return k_buf, v_buf
+
+    def reset(self) -> None:
+        """Zero all buffers (not needed for correctness; masks hide stale slots)."""
+        for buf in (*self.keys, *self.values):
+            if buf is not None:
+                buf.zero_()

@@ -1,0 +1,261 @@
+"""Incremental (cached) decoding of an :class:`~mctp.stack.MCTPStack`.
+
+Every head keeps a static KV cache over the whole sequence and lags the stream: when
+head ``k`` runs, it first processes every position it has not seen yet, pairing the
+recorded input states ``h^k_{t-1}`` with the tokens ``x_t`` actually in the sequence, so
+its cache always equals what the teacher-forced training forward computes on the final
+sequence (this is what VITA-Audio's generation does; the tests check the equivalence).
+
+Sequence indices are slots of fixed buffers (``[B, S]``), shared with the backbone's
+cache through :class:`TokenBuffer`; lengths are host integers derived from the schedule,
+so the loop never waits on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .cache import KVCache
+from .masks import decode_mask, default_position_ids
+from .sampling import greedy
+from .stack import MCTPStack
+
+__all__ = ["ChainOutput", "MCTPDecoder", "TokenBuffer"]
+
+
+class TokenBuffer:
+    """The sequence being decoded: ids, position ids and validity in ``[B, S]`` buffers.
+
+    Args:
+        batch_size: ``B``.
+        max_len: ``S``, prompt plus everything that will be generated.
+        device: Where the buffers live.
+
+    Raises:
+        ValueError: On non-positive sizes.
+    """
+
+    def __init__(
+        self, batch_size: int, max_len: int, device: torch.device | str | None = None
+    ) -> None:
+        if batch_size < 1 or max_len < 2:
+            raise ValueError(f"batch_size ({batch_size}) must be >= 1 and max_len ({max_len}) >= 2")
+        self.batch_size, self.max_len = batch_size, max_len
+        self.ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.index = torch.arange(max_len, device=device)
+        self.length = 0
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the buffers."""
+        return self.ids.device
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        """Load the prompt ``[B, P]`` (left padding marked by ``attention_mask`` zeros).
+
+        Raises:
+            ValueError: On a wrong batch size, an empty prompt or one that fills the buffer.
+        """
+        b, p = input_ids.shape
+        if b != self.batch_size:
+            raise ValueError(f"buffer batch size is {self.batch_size}, prompt has {b} rows")
+        if p < 1:
+            raise ValueError("the prompt must hold at least one token")
+        if p >= self.max_len:
+            raise ValueError(
+                f"prompt length {p} leaves no room in a buffer of {self.max_len} slots"
+            )
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}"
+            )
+        self.ids[:, :p] = input_ids
+        self.positions[:, :p] = default_position_ids(input_ids, attention_mask)
+        self.valid[:, :p] = True if attention_mask is None else attention_mask.bool()
+        self.length = p
+
+    def append(self, ids: torch.Tensor) -> None:
+        """Append ``ids [B, T]`` (positions continue from each row's last position).
+
+        Raises:
+            ValueError: If the buffer would overflow.
+        """
+        t = ids.shape[1]
+        n = self.length
+        if n + t > self.max_len:
+            raise ValueError(f"sequence would reach {n + t} tokens, buffer holds {self.max_len}")
+        self.ids[:, n : n + t] = ids
+        step = torch.arange(1, t + 1, device=self.device)
+        self.positions[:, n : n + t] = self.positions[:, n - 1 : n] + step
+        self.valid[:, n : n + t] = True
+        self.length = n + t
+
+    def truncate(self, length: int) -> None:
+        """Forget everything from slot ``length`` on.
+
+        Raises:
+            ValueError: If ``length`` is not in ``[1, self.length]``.
+        """
+        if not 1 <= length <= self.length:
+            raise ValueError(f"truncate length must be in [1, {self.length}], got {length}")
+        self.length = length
+
+
+@dataclass
+class ChainOutput:
+    """Result of :meth:`MCTPDecoder.step`.
+
+    Attributes:
+        tokens: ``[B, K]`` vocabulary ids, one per head run, in order.
+        logits: ``[B, K, V']`` the heads' logits (output vocabulary), when requested.
+    """
+
+    tokens: torch.Tensor
+    logits: torch.Tensor | None
+
+
+class MCTPDecoder:
+    """Generation-time state of an MCTP stack: per-head static KV caches and input states.
+
+    Args:
+        stack: The trained heads.
+        buffer: The shared token buffer (also read and written by the backbone runner).
+        dtype: Dtype of the hidden-state buffers (the model's compute dtype).
+    """
+
+    def __init__(
+        self, stack: MCTPStack, buffer: TokenBuffer, *, dtype: torch.dtype | None = None
+    ) -> None:
+        self.stack = stack
+        self.buffer = buffer
+        n, b, s = stack.num_heads, buffer.batch_size, buffer.max_len
+        dtype = dtype or stack.heads[0].proj.weight.dtype
+        # hidden[k] holds h^k: the backbone's output for k = 0, head k-1's output otherwise
+        self.hidden = torch.zeros(n, b, s, stack.hidden_size, dtype=dtype, device=buffer.device)
+        self.caches = [KVCache(1, b, s, single_layer=True) for _ in range(n)]
+        self.next_index = [k + 1 for k in range(n)]
+        self.backbone_length = 0
+
+    def reset(self) -> None:
+        """Forget all progress (the buffers stay allocated)."""
+        self.next_index = [k + 1 for k in range(self.stack.num_heads)]
+        self.backbone_length = 0
+
+    def truncate(self, length: int) -> None:
+        """Roll every head back so that slots ``>= length`` count as unseen.
+
+        Raises:
+            ValueError: If ``length < 1``.
+        """
+        if length < 1:
+            raise ValueError(f"truncate length must be >= 1, got {length}")
+        # slot length-1 is processed again: its output predicts the next token
+        self.next_index = [min(c, max(length - 1, k + 1)) for k, c in enumerate(self.next_index)]
+        self.backbone_length = min(self.backbone_length, length)
+
+    def write_backbone(self, start: int, hidden: torch.Tensor) -> None:
+        """Record backbone last hidden states ``[B, T, H]`` for slots ``start..start+T-1``.
+
+        Raises:
+            ValueError: If the states would leave a gap or overflow the buffer.
+        """
+        t = hidden.shape[1]
+        if start > self.backbone_length:
+            raise ValueError(
+                f"backbone states start at {start} but only {self.backbone_length} slots are filled"
+            )
+        if start + t > self.buffer.max_len:
+            raise ValueError(
+                f"backbone states reach slot {start + t}, buffer holds {self.buffer.max_len}"
+            )
+        self.hidden[0, :, start : start + t] = hidden.to(self.hidden.dtype)
+        self.backbone_length = start + t
+
+    @torch.inference_mode()
+    def step(
+        self,
+        num_heads: int | None = None,
+        *,
+        sampler: Callable[[torch.Tensor], torch.Tensor] = greedy,
+        forced: torch.Tensor | None = None,
+        return_logits: bool = False,
+    ) -> ChainOutput:
+        """Run heads ``0..K-1`` once each, appending one token per head to the buffer.
+
+        Requires the backbone states of every slot but the last (the token the last backbone
+        forward produced), see :meth:`write_backbone`.
+
+        Args:
+            num_heads: ``K`` (default all heads).
+            sampler: ``logits [B, V'] -> local ids [B]`` (default greedy).
+            forced: ``[B, K]`` vocabulary ids to append instead of the chosen ones (teacher
+                forcing); the logits are still those of the heads.
+            return_logits: Also return the heads' logits.
+
+        Returns:
+            :class:`ChainOutput`.
+
+        Raises:
+            ValueError: On a bad ``num_heads``, missing backbone states, a full buffer or a
+                badly shaped ``forced``.
+        """
+        stack, buf = self.stack, self.buffer
+        k_run = stack.num_heads if num_heads is None else num_heads
+        if not 1 <= k_run <= stack.num_heads:
+            raise ValueError(f"num_heads must be in [1, {stack.num_heads}], got {k_run}")
+        if buf.length + k_run > buf.max_len:
+            raise ValueError(
+                f"{k_run} more tokens do not fit: {buf.length} of {buf.max_len} slots used"
+            )
+        if self.backbone_length < buf.length - 1:
+            raise ValueError(
+                f"backbone states cover {self.backbone_length} slots but {buf.length - 1} are needed"
+            )
+        if forced is not None and forced.shape != (buf.batch_size, k_run):
+            raise ValueError(
+                f"forced must be [B, K] = {(buf.batch_size, k_run)}, got {tuple(forced.shape)}"
+            )
+        tokens, all_logits = [], []
+        for k in range(k_run):
+            head = stack.heads[k]
+            n = buf.length
+            c = self.next_index[k]
+            if c > n - 1:
+                raise RuntimeError(
+                    f"head {k} has already seen slot {n - 1}; truncate() before re-running"
+                )
+            idx = buf.index[c:n]
+            x = buf.ids[:, c:n]
+            pos = buf.positions[:, c:n]
+            prev = self.hidden[k, :, c - 1 : n - 1]
+            z = head.fuse(stack.embed(x), prev)
+            cache = self.caches[k]
+            cache.set_positions(idx)
+            mask = decode_mask(idx, buf.valid & (buf.positions > k))
+            y = head.block(
+                z,
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+                position_embeddings=stack.position_embeddings(z, pos),
+            )
+            h = stack.norm(y)
+            if k + 1 < stack.num_heads:
+                self.hidden[k + 1, :, c:n] = h
+            logits = stack.head_logits(h[:, -1])  # [B, V']
+            tok = stack.to_global_ids(sampler(logits)) if forced is None else forced[:, k]
+            buf.append(tok[:, None])
+            self.next_index[k] = n
+            tokens.append(tok)
+            if return_logits:
+                all_logits.append(logits)
+        return ChainOutput(
+            tokens=torch.stack(tokens, dim=1),
+            logits=torch.stack(all_logits, dim=1) if return_logits else None,
+        )

@@ -1,0 +1,91 @@
+"""Attention masks for packed training and cached decoding (boolean, True = may attend).
+
+Packed batches follow the usual convention: position ids restart at 0 for every sample,
+so a sample boundary is wherever a position id is not its predecessor's plus one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["decode_mask", "default_position_ids", "segment_ids", "segment_mask", "valid_positions"]
+
+
+def default_position_ids(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Position ids ``[B, T]``: ``0..T-1``, or counted over unpadded tokens when a mask is given.
+
+    Args:
+        input_ids: ``[B, T]``.
+        attention_mask: ``[B, T]`` with 1 for real tokens (left or right padding), or None.
+
+    Returns:
+        ``[B, T]`` long; padded slots get position 0.
+    """
+    b, t = input_ids.shape
+    if attention_mask is None:
+        return torch.arange(t, device=input_ids.device).expand(b, t)
+    m = attention_mask.long()
+    return ((m.cumsum(-1) - 1) * m).clamp_min(0)
+
+
+def valid_positions(
+    position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, min_position: int = 0
+) -> torch.Tensor:
+    """``[B, T]`` bool: real tokens whose position id is at least ``min_position``."""
+    valid = position_ids >= min_position
+    if attention_mask is not None:
+        valid = valid & attention_mask.bool()
+    return valid
+
+
+def segment_ids(
+    position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, min_position: int = 0
+) -> torch.Tensor:
+    """Number the attention segments of a (packed) batch.
+
+    A new segment starts at every sample boundary; tokens that are padding or whose
+    position id is below ``min_position`` each form a segment of their own (they attend
+    only to themselves, so nothing else sees them and they never produce NaNs).
+
+    Args:
+        position_ids: ``[B, T]`` long.
+        attention_mask: ``[B, T]`` (1 = real token) or None.
+        min_position: Tokens with smaller position ids are isolated (MCTP head ``k`` uses
+            ``k + 1``).
+
+    Returns:
+        ``[B, T]`` long, non-decreasing along ``T`` in each row.
+    """
+    valid = valid_positions(position_ids, attention_mask, min_position)
+    start = torch.ones_like(valid)
+    if position_ids.shape[1] > 1:
+        cont = position_ids[:, 1:] == position_ids[:, :-1] + 1
+        start[:, 1:] = ~(cont & valid[:, 1:] & valid[:, :-1])
+    return start.long().cumsum(-1)
+
+
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal mask ``[B, 1, T, T]`` from segment ids ``[B, T]``."""
+    t = segments.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
+    return (segments[:, :, None] == segments[:, None, :]).unsqueeze(1) & causal
+
+
+def decode_mask(query_index: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """Mask for queries at cache indices ``query_index [T]`` over a static cache.
+
+    Args:
+        query_index: ``[T]`` long, the cache slots the new tokens are written to.
+        key_valid: ``[B, S]`` bool, slots that may be attended to at all (written, not
+            padding, and, for MCTP head ``k``, position id > ``k``).
+
+    Returns:
+        ``[B, 1, T, S]`` bool: slot ``s`` is visible to query ``q`` iff
+        ``s <= query_index[q]`` and ``key_valid[s]``, and always ``s == query_index[q]``.
+    """
+    s = torch.arange(key_valid.shape[1], device=key_valid.device)
+    causal = s[None, :] <= query_index[:, None]  # [T, S]
+    own = s[None, :] == query_index[:, None]
+    return ((causal[None] & key_valid[:, None, :]) | own[None]).unsqueeze(1)
