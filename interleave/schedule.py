@@ -1,0 +1,629 @@
+"""Interleave schedules: which model produces each decoded token, and the data layout.
+
+A ratio ``[T1, A1, T2, A2, ..., Tn, An]`` (even length) drives both inference and the
+training-data layout of VITA-Audio's Multiple Cross-modal Token Prediction. The pairs are
+used once each, in order, and the last pair repeats forever. Each ``A`` counts the
+``<|begin_of_audio|>`` (BOA) and ``<|end_of_audio|>`` (EOA) tags, so an audio segment
+holds ``A - 2`` audio tokens.
+
+Inference reads the pattern ``"M"*T1 + "m"*A1 + "M"*T2 + "m"*A2 + ...``, indexed by the
+number ``i`` of tokens already decoded (``i = 0`` is the first new token, produced by the
+prefill forward). ``"M"`` means the backbone produces token ``i``; ``"m"`` means an MCTP
+head does, the ``k``-th ``"m"`` of a run (``k = 0, 1, ...``) using head ``k``. Nominal
+roles: an ``"M"`` slot is text; in an ``m``-run of length ``A`` position 0 is BOA,
+positions ``1 .. A-2`` are audio and position ``A-1`` is EOA (a real model may deviate,
+e.g. its ``"M"`` slots emit audio once its text has run out).
+
+Worked example, Boost ``[1, 10, 4, 10]``::
+
+    i        0   1   2 .. 9  10   11..14    15  16 .. 23  24   25..28   ...
+    pattern  M   m   m .. m   m   M M M M   m   m  ..  m   m   M M M M  ...
+    head     -   0   1 .. 8   9   - - - -   0   1  ..  8   9   - - - -  ...
+    role     T   B   A .. A   E   T T T T   B   A  ..  A   E   T T T T  ...
+
+The prefill forward yields token 0 (text), then one chain of ten MCTP heads yields a
+complete audio segment (BOA, 8 audio tokens, EOA): ``cost(11) == (1, 10)``. Four backbone
+forwards follow, then the next chain: ``cost(25) == (5, 20)``.
+
+Training data with the same ratio (see :mod:`mctp.interleave.layout`): 10 text tokens
+``t0..t9`` and 20 audio tokens ``a0..a19`` give text chunks ``1, 4, 4, 1`` and audio
+chunks ``8, 8, 4``; three pairs, the last text chunk absorbing the rest::
+
+    t0 BOA a0..a7 EOA t1..t4 BOA a8..a15 EOA t5..t9 BOA a16..a19 EOA
+
+Vanilla decoding uses the backbone for every token (ratio ``(1, 0)``: one text token and
+no MCTP tokens, repeating); it has no audio layout of its own.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from .layout import deinterleave_ids, interleave_ids
+from .slots import BACKBONE, PRESETS, Mode, Role, Slot, Source, Step
+
+__all__ = ["BACKBONE", "InterleaveSchedule", "Mode", "Role", "Slot", "Source", "Step"]
+
+_VANILLA_RATIO = (1, 0)
+
+
+class InterleaveSchedule:
+    """A validated text/audio interleave ratio with O(1) slot queries.
+
+    The one-off prefix (all pairs but the last) and one period (the last pair) are
+    expanded into small tables once; every per-token query indexes them, with a modulo
+    for tokens past the prefix.
+
+    Args:
+        ratio: ``[T1, A1, ..., Tn, An]``: even length ``>= 2``, every ``T >= 1``, every
+            ``A >= 2`` (it counts BOA and EOA).
+        num_heads: Number of MCTP heads the model has. When given, every ``A`` must be
+            ``<= num_heads`` (an ``m``-run of length ``A`` uses heads ``0 .. A-1``).
+        name: Display label; defaults to the mode's name when the ratio is a preset.
+            Not compared by ``==``.
+
+    Raises:
+        ValueError: For an empty or odd-length ratio, a non-int entry, a text count
+            ``<= 0``, an audio count ``< 2``, a bad ``num_heads``, or an audio count larger
+            than ``num_heads``.
+    """
+
+    __slots__ = (
+        "_bb_period",
+        "_bb_prefix_cum",
+        "_bb_run_cum",
+        "_head_period",
+        "_head_prefix",
+        "_mode",
+        "_name",
+        "_num_heads",
+        "_period",
+        "_period_seg",
+        "_prefix",
+        "_prefix_segments",
+        "_ratio",
+        "_role_period",
+        "_role_prefix",
+        "_run_period",
+        "_run_prefix",
+        "_seg_period",
+        "_seg_prefix",
+        "_vanilla",
+    )
+
+    def __init__(
+        self, ratio: Sequence[int], *, num_heads: int | None = None, name: str | None = None
+    ) -> None:
+        values = _check_ratio(ratio)
+        heads = _check_num_heads(num_heads)
+        if heads is not None:
+            audio = values[1::2]
+            if max(audio) > heads:
+                pos = 1 + 2 * audio.index(max(audio))
+                raise ValueError(
+                    f"ratio {values} has an audio run of {max(audio)} slots (ratio[{pos}]) but "
+                    f"num_heads={heads}: more MCTP slots than heads"
+                )
+        self._build(values, heads, name, vanilla=False)
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_ratio(
+        cls, ratio: Sequence[int], *, num_heads: int | None = None
+    ) -> InterleaveSchedule:
+        """Build a schedule from a ratio list (same checks as the constructor).
+
+        Raises:
+            ValueError: See :class:`InterleaveSchedule`.
+        """
+        return cls(ratio, num_heads=num_heads)
+
+    @classmethod
+    def from_mode(cls, mode: Mode | str, *, num_heads: int | None = None) -> InterleaveSchedule:
+        """Build the schedule of a named mode (``"vanilla"``, ``"balance"``, ...).
+
+        Args:
+            mode: A :class:`Mode` or its name, case-insensitive.
+            num_heads: Number of MCTP heads of the model, checked against the mode.
+
+        Raises:
+            ValueError: For an unknown mode (the message lists the valid ones) or a
+                ``num_heads`` too small for the mode.
+        """
+        if isinstance(mode, Mode):
+            resolved = mode
+        else:
+            key = mode.strip().lower() if isinstance(mode, str) else None
+            valid = [m.value for m in Mode]
+            if key not in valid:
+                raise ValueError(f"unknown interleave mode {mode!r}; valid modes: {valid}")
+            resolved = Mode(key)
+        if resolved is Mode.VANILLA:
+            return cls.vanilla(num_heads=num_heads)
+        return cls(PRESETS[resolved], num_heads=num_heads)
+
+    @classmethod
+    def vanilla(cls, *, num_heads: int | None = None) -> InterleaveSchedule:
+        """Backbone for every token, no MCTP (nominal role TEXT everywhere).
+
+        Args:
+            num_heads: Recorded for reference only; Vanilla uses no head.
+
+        Raises:
+            ValueError: If ``num_heads`` is not an int ``>= 0``.
+        """
+        obj = cls.__new__(cls)
+        obj._build(_VANILLA_RATIO, _check_num_heads(num_heads), None, vanilla=True)
+        return obj
+
+    @classmethod
+    def balance(cls, *, num_heads: int | None = None) -> InterleaveSchedule:
+        """Balance mode ``[1, 4, 3, 8, 4, 10]``.
+
+        Raises:
+            ValueError: If ``num_heads`` is given and smaller than 10.
+        """
+        return cls(PRESETS[Mode.BALANCE], num_heads=num_heads)
+
+    @classmethod
+    def boost(cls, *, num_heads: int | None = None) -> InterleaveSchedule:
+        """Boost mode ``[1, 10, 4, 10]``.
+
+        Raises:
+            ValueError: If ``num_heads`` is given and smaller than 10.
+        """
+        return cls(PRESETS[Mode.BOOST], num_heads=num_heads)
+
+    @classmethod
+    def turbo(cls, *, num_heads: int | None = None) -> InterleaveSchedule:
+        """Turbo mode ``[1, 10]``.
+
+        Raises:
+            ValueError: If ``num_heads`` is given and smaller than 10.
+        """
+        return cls(PRESETS[Mode.TURBO], num_heads=num_heads)
+
+    def _build(
+        self, ratio: tuple[int, ...], num_heads: int | None, name: str | None, *, vanilla: bool
+    ) -> None:
+        """Store the fields and expand the prefix and period tables."""
+        self._ratio = ratio
+        self._num_heads = num_heads
+        self._vanilla = vanilla
+        if vanilla:
+            self._mode: Mode | None = Mode.VANILLA
+        else:
+            self._mode = next((m for m, r in PRESETS.items() if r == ratio), None)
+        if name is not None and not isinstance(name, str):
+            raise ValueError(f"name must be a str or None, got {type(name).__name__} {name!r}")
+        self._name = name if name is not None else (self._mode.value if self._mode else None)
+
+        pairs = [(ratio[p], ratio[p + 1]) for p in range(0, len(ratio), 2)]
+        head_pre, role_pre, seg_pre, run_pre, segments = _expand(pairs[:-1])
+        head_per, role_per, seg_per, run_per, _ = _expand(pairs[-1:])
+        self._head_prefix, self._head_period = head_pre, head_per
+        self._role_prefix, self._role_period = role_pre, role_per
+        self._seg_prefix, self._seg_period = seg_pre, seg_per
+        self._run_prefix, self._run_period = run_pre, run_per
+        self._prefix_segments = segments  # [start, stop) of each prefix m-run
+        self._prefix = len(head_pre)
+        self._period = len(head_per)
+        self._period_seg = pairs[-1][0]  # offset of the m-run inside a period
+        self._bb_prefix_cum = _backbone_cumsum(head_pre)
+        self._bb_run_cum = _backbone_cumsum(head_per)
+        self._bb_period = self._bb_run_cum[-1]
+
+    # ------------------------------------------------------------------ fields
+
+    @property
+    def ratio(self) -> tuple[int, ...]:
+        """The ratio ``(T1, A1, ..., Tn, An)``; ``(1, 0)`` for Vanilla."""
+        return self._ratio
+
+    @property
+    def num_heads(self) -> int | None:
+        """Number of MCTP heads given at construction, or ``None``."""
+        return self._num_heads
+
+    @property
+    def name(self) -> str | None:
+        """Display label: the given name, else the mode's value, else ``None``."""
+        return self._name
+
+    @property
+    def mode(self) -> Mode | None:
+        """The named mode whose ratio this is, or ``None`` for a custom ratio."""
+        return self._mode
+
+    @property
+    def uses_mctp(self) -> bool:
+        """Whether any token is produced by an MCTP head (False only for Vanilla)."""
+        return not self._vanilla
+
+    @property
+    def max_heads(self) -> int:
+        """Number of MCTP heads the schedule uses: ``max(A)``, 0 for Vanilla."""
+        return 0 if self._vanilla else max(self._ratio[1::2])
+
+    # ------------------------------------------------------------------ per-token queries
+
+    def _locate(self, i: int, what: str = "i") -> tuple[bool, int]:
+        """Map token index ``i`` to ``(in_prefix, table_index)``.
+
+        Raises:
+            ValueError: If ``i`` is negative or not an int.
+        """
+        i = _check_index(i, what)
+        if i < self._prefix:
+            return True, i
+        return False, (i - self._prefix) % self._period
+
+    def head(self, i: int) -> int:
+        """Head producing token ``i``: :data:`BACKBONE` or MCTP head ``k``.
+
+        Raises:
+            ValueError: If ``i`` is negative.
+        """
+        pre, t = self._locate(i)
+        return self._head_prefix[t] if pre else self._head_period[t]
+
+    def role(self, i: int) -> Role:
+        """Nominal role of token ``i``.
+
+        Raises:
+            ValueError: If ``i`` is negative.
+        """
+        pre, t = self._locate(i)
+        return self._role_prefix[t] if pre else self._role_period[t]
+
+    def slot(self, i: int) -> Slot:
+        """Head and role of token ``i`` together.
+
+        Raises:
+            ValueError: If ``i`` is negative.
+        """
+        return Slot(index=i, head=self.head(i), role=self.role(i))
+
+    def run_length(self, i: int) -> int:
+        """Number of MCTP slots right after backbone slot ``i`` (0 if the next is ``"M"``).
+
+        This is the length of the MCTP chain to run after the backbone forward that
+        produced token ``i``.
+
+        Raises:
+            ValueError: If ``i`` is negative or slot ``i`` is an MCTP slot.
+        """
+        pre, t = self._locate(i)
+        run = self._run_prefix[t] if pre else self._run_period[t]
+        if run < 0:
+            raise ValueError(
+                f"run_length({i}): slot {i} is produced by MCTP head {self.head(i)}, "
+                "not by the backbone"
+            )
+        return run
+
+    def segment(self, j: int) -> tuple[int, int]:
+        """Decoded-token range ``[start, stop)`` of the ``j``-th audio segment (``m``-run).
+
+        Raises:
+            ValueError: If ``j`` is negative or the schedule is Vanilla.
+        """
+        if self._vanilla:
+            raise ValueError("a Vanilla schedule has no audio segments: every token is 'M'")
+        j = _check_index(j, "j")
+        if j < len(self._prefix_segments):
+            return self._prefix_segments[j]
+        start = self._prefix + (j - len(self._prefix_segments)) * self._period + self._period_seg
+        return start, start + self._ratio[-1]
+
+    def segment_index(self, i: int) -> int | None:
+        """Which audio segment token ``i`` belongs to, ``None`` for a backbone slot.
+
+        Raises:
+            ValueError: If ``i`` is negative.
+        """
+        pre, t = self._locate(i)
+        if pre:
+            seg = self._seg_prefix[t]
+            return None if seg < 0 else seg
+        if self._seg_period[t] < 0:
+            return None
+        return len(self._prefix_segments) + (i - self._prefix) // self._period
+
+    def cost(self, n: int) -> tuple[int, int]:
+        """Work needed to produce the first ``n`` tokens.
+
+        Args:
+            n: Number of tokens, ``>= 0``.
+
+        Returns:
+            ``(backbone_forwards, mctp_head_steps)``, summing to ``n``.
+
+        Raises:
+            ValueError: If ``n`` is negative.
+        """
+        n = _check_index(n, "n")
+        if n <= self._prefix:
+            forwards = self._bb_prefix_cum[n]
+        else:
+            periods, rest = divmod(n - self._prefix, self._period)
+            forwards = self._bb_prefix_cum[-1] + periods * self._bb_period + self._bb_run_cum[rest]
+        return forwards, n - forwards
+
+    def steps(self, n: int) -> Iterator[Step]:
+        """The decoding plan for ``n`` tokens, in order.
+
+        Yields one backbone :class:`Step` per ``"M"`` slot and one MCTP :class:`Step` per
+        ``m``-run; the steps cover ``[0, n)`` exactly, an MCTP step being cut short at ``n``.
+
+        Args:
+            n: Number of tokens to plan, ``>= 0``.
+
+        Raises:
+            ValueError: If ``n`` is negative (raised by the call, not lazily).
+        """
+        return self._iter_steps(_check_index(n, "n"))
+
+    def _iter_steps(self, n: int) -> Iterator[Step]:
+        """Generator behind :meth:`steps` (``n`` already validated)."""
+        i = 0
+        while i < n:
+            if self.head(i) == BACKBONE:
+                yield Step(Source.BACKBONE, i, 1)
+                i += 1
+            else:
+                stop = self.segment(self.segment_index(i))[1]  # type: ignore[arg-type]
+                count = min(stop, n) - i
+                yield Step(Source.MCTP, i, count)
+                i += count
+
+    def pattern(self, n: int) -> str:
+        """The first ``n`` slots as a string of ``"M"`` (backbone) and ``"m"`` (MCTP).
+
+        Raises:
+            ValueError: If ``n`` is negative.
+        """
+        n = _check_index(n, "n")
+        return "".join("M" if self.head(i) == BACKBONE else "m" for i in range(n))
+
+    # ------------------------------------------------------------------ data layout
+
+    def _require_layout(self, what: str) -> None:
+        if self._vanilla:
+            raise ValueError(
+                f"{what}() is undefined for a Vanilla schedule: it has no audio layout; "
+                "use the schedule of the model's training ratio (e.g. "
+                "InterleaveSchedule.from_ratio(...) or .boost()) to lay out training data"
+            )
+
+    def interleave(
+        self, text_ids: Sequence[int], audio_ids: Sequence[int], boa_id: int, eoa_id: int
+    ) -> list[int]:
+        """Lay out text and audio tokens as training data (VITA-Audio ``text_audio_interval``).
+
+        Text is cut into chunks of ``T1, T2, ..., Tn, Tn, ...`` tokens and audio into
+        chunks of ``A1-2, ..., An-2, An-2, ...`` tokens; with ``c`` the smaller chunk count,
+        the first ``c-1`` chunks are kept and the ``c``-th of each modality absorbs the
+        rest. Empty text gives ``[BOA] + audio + [EOA]``, empty audio gives the text
+        unchanged, both empty give ``[]``.
+
+        Args:
+            text_ids: Text token ids ``[Nt]``, none equal to a tag id.
+            audio_ids: Audio token ids ``[Na]``, none equal to a tag id.
+            boa_id: The ``<|begin_of_audio|>`` id.
+            eoa_id: The ``<|end_of_audio|>`` id.
+
+        Returns:
+            ``text_1 + [BOA] + audio_1 + [EOA] + text_2 + ...`` as a new list.
+
+        Raises:
+            ValueError: For a Vanilla schedule, ``boa_id == eoa_id``, non-int ids, or a text
+                or audio id equal to ``boa_id``/``eoa_id``.
+        """
+        self._require_layout("interleave")
+        return interleave_ids(
+            text_ids,
+            audio_ids,
+            self._ratio[0::2],
+            [a - 2 for a in self._ratio[1::2]],
+            boa_id,
+            eoa_id,
+        )
+
+    def deinterleave(
+        self, ids: Sequence[int], boa_id: int, eoa_id: int, *, strict: bool = False
+    ) -> tuple[list[int], list[int]]:
+        """Invert :meth:`interleave`: split ids into text and audio, dropping the tags.
+
+        Args:
+            ids: Interleaved token ids ``[N]``.
+            boa_id: The ``<|begin_of_audio|>`` id.
+            eoa_id: The ``<|end_of_audio|>`` id.
+            strict: Also check that ``ids`` is exactly the layout :meth:`interleave` makes
+                for the recovered text and audio (chunk sizes included).
+
+        Returns:
+            ``(text_ids, audio_ids)``.
+
+        Raises:
+            ValueError: For a Vanilla schedule, ``boa_id == eoa_id``, unbalanced or nested
+                tags, or (with ``strict``) chunk sizes that do not follow the ratio.
+        """
+        self._require_layout("deinterleave")
+        text, audio = deinterleave_ids(ids, boa_id, eoa_id)
+        if strict:
+            expected = self.interleave(text, audio, boa_id, eoa_id)
+            got = list(ids)
+            if expected != got:
+                pos = next(
+                    (p for p, (a, b) in enumerate(zip(expected, got)) if a != b),
+                    min(len(expected), len(got)),
+                )
+                raise ValueError(
+                    f"ids do not follow the layout of ratio {self._ratio}: first difference "
+                    f"at position {pos} (expected length {len(expected)}, got {len(got)})"
+                )
+        return text, audio
+
+    # ------------------------------------------------------------------ dunder
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(ratio={self._ratio!r}, num_heads={self._num_heads!r}, "
+            f"name={self._name!r})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, InterleaveSchedule):
+            return NotImplemented
+        return (self._ratio, self._num_heads, self._vanilla) == (
+            other._ratio,
+            other._num_heads,
+            other._vanilla,
+        )
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self._ratio, self._num_heads, self._vanilla))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_restore, (self._ratio, self._num_heads, self._name, self._vanilla))
+
+
+def _restore(
+    ratio: tuple[int, ...], num_heads: int | None, name: str | None, vanilla: bool
+) -> InterleaveSchedule:
+    """Unpickle an :class:`InterleaveSchedule`."""
+    if vanilla:
+        return InterleaveSchedule.vanilla(num_heads=num_heads)
+    return InterleaveSchedule(ratio, num_heads=num_heads, name=name)
+
+
+def _check_index(i: int, what: str) -> int:
+    """Return ``i`` as an int ``>= 0``.
+
+    Raises:
+        ValueError: If ``i`` is negative or not an int.
+    """
+    if isinstance(i, bool):
+        raise ValueError(f"{what} must be an int >= 0, got bool {i!r}")
+    try:
+        i = operator.index(i)
+    except TypeError as err:
+        raise ValueError(f"{what} must be an int >= 0, got {type(i).__name__} {i!r}") from err
+    if i < 0:
+        raise ValueError(f"{what} must be >= 0, got {i}")
+    return i
+
+
+def _check_ratio(ratio: Sequence[int]) -> tuple[int, ...]:
+    """Validate a ratio list and return it as a tuple of ints.
+
+    Raises:
+        ValueError: See :class:`InterleaveSchedule`.
+    """
+    if isinstance(ratio, str | bytes):
+        raise ValueError(
+            f"ratio must be a sequence of ints, got the string {ratio!r}; "
+            "use InterleaveSchedule.from_mode() for a named mode"
+        )
+    try:
+        items = list(ratio)
+    except TypeError as err:
+        raise ValueError(
+            f"ratio must be a sequence of ints, got {type(ratio).__name__} {ratio!r}"
+        ) from err
+    if not items:
+        raise ValueError("ratio must not be empty: give [T1, A1, ..., Tn, An]")
+    if len(items) % 2:
+        raise ValueError(
+            f"ratio must have an even length (text, audio pairs), got {len(items)} values: "
+            f"{tuple(items)}"
+        )
+    values: list[int] = []
+    for pos, value in enumerate(items):
+        if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+            raise ValueError(
+                f"ratio[{pos}] must be an int, got {type(value).__name__} {value!r} in "
+                f"{tuple(items)}"
+            )
+        values.append(operator.index(value))
+    for pos, value in enumerate(values):
+        if pos % 2 == 0 and value <= 0:
+            raise ValueError(
+                f"ratio[{pos}] is a text count and must be >= 1, got {value} in {tuple(values)}"
+            )
+        if pos % 2 == 1 and value < 2:
+            hint = (
+                "; use InterleaveSchedule.vanilla() for backbone-only decoding"
+                if value == 0
+                else ""
+            )
+            raise ValueError(
+                f"ratio[{pos}] is an audio count (BOA and EOA included) and must be >= 2, got "
+                f"{value} in {tuple(values)}{hint}"
+            )
+    return tuple(values)
+
+
+def _check_num_heads(num_heads: int | None) -> int | None:
+    """Validate ``num_heads`` (None or an int ``>= 0``).
+
+    Raises:
+        ValueError: If it is not an int or is negative.
+    """
+    if num_heads is None:
+        return None
+    if isinstance(num_heads, bool) or not hasattr(type(num_heads), "__index__"):
+        raise ValueError(
+            f"num_heads must be an int >= 0 or None, got {type(num_heads).__name__} {num_heads!r}"
+        )
+    heads = operator.index(num_heads)
+    if heads < 0:
+        raise ValueError(f"num_heads must be >= 0, got {heads}")
+    return heads
+
+
+def _expand(
+    pairs: Sequence[tuple[int, int]],
+) -> tuple[
+    tuple[int, ...],
+    tuple[Role, ...],
+    tuple[int, ...],
+    tuple[int, ...],
+    tuple[tuple[int, int], ...],
+]:
+    """Expand ``(T, A)`` pairs into per-slot tables.
+
+    Returns:
+        ``(heads, roles, segments, runs, spans)``: per slot the head (-1 = backbone), the
+        nominal role, the local segment number (-1 for backbone slots), the length of the
+        ``m``-run that follows a backbone slot (-1 for MCTP slots), and per pair the
+        ``[start, stop)`` span of its ``m``-run.
+    """
+    heads: list[int] = []
+    roles: list[Role] = []
+    segs: list[int] = []
+    runs: list[int] = []
+    spans: list[tuple[int, int]] = []
+    for seg, (text, audio) in enumerate(pairs):
+        heads += [BACKBONE] * text
+        roles += [Role.TEXT] * text
+        segs += [-1] * text
+        runs += [0] * (text - 1) + [audio]
+        spans.append((len(heads), len(heads) + audio))
+        heads += range(audio)
+        roles += [Role.BOA, *[Role.AUDIO] * (audio - 2), Role.EOA] if audio else []
+        segs += [seg] * audio
+        runs += [-1] * audio
+    return tuple(heads), tuple(roles), tuple(segs), tuple(runs), tuple(spans)
+
+
+def _backbone_cumsum(heads: Sequence[int]) -> tuple[int, ...]:
+    """Prefix sums of backbone slots: entry ``k`` counts backbone slots among ``heads[:k]``."""
+    out = [0]
+    for h in heads:
+        out.append(out[-1] + (h == BACKBONE))
+    return tuple(out)

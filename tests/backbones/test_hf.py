@@ -1,0 +1,142 @@
+"""HFBackbone: equivalence with the transformers model, packing, cached decode."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mctp import MCTPStack, TokenBuffer
+from mctp.backbones import HFBackbone
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import tiny_model  # noqa: E402
+
+
+@pytest.mark.parametrize("fam", ["qwen2", "llama", "qwen3", "mistral"])
+def test_forward_equals_transformers(fam):
+    model = tiny_model(fam)
+    bb = HFBackbone(model)
+    ids = torch.randint(0, 128, (2, 9))
+    out = bb(ids, labels=ids, return_logits=True)
+    ref = model(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-4, rtol=1e-4)
+    assert out.hidden.shape == (2, 9, 32)
+
+
+def test_eager_attention_also_works():
+    model = tiny_model("qwen2", attn="eager")
+    bb = HFBackbone(model)
+    ids = torch.randint(0, 128, (1, 7))
+    torch.testing.assert_close(
+        bb(ids, return_logits=True).logits, model(input_ids=ids).logits, atol=1e-4, rtol=1e-4
+    )
+
+
+def test_packed_equals_separate(family):
+    bb = HFBackbone(tiny_model(family))
+    a, b = torch.randint(0, 128, (1, 5)), torch.randint(0, 128, (1, 4))
+    pos = torch.cat([torch.arange(5), torch.arange(4)])[None]
+    packed = bb(torch.cat([a, b], 1), position_ids=pos, return_logits=True).logits
+    torch.testing.assert_close(
+        packed[:, :5], bb(a, return_logits=True).logits, atol=1e-4, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        packed[:, 5:], bb(b, return_logits=True).logits, atol=1e-4, rtol=1e-4
+    )
+
+
+def test_left_padding_matches_unpadded(family):
+    model = tiny_model(family)
+    bb = HFBackbone(model)
+    ids = torch.randint(3, 128, (1, 6))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    mask = torch.tensor([[0, 0, 0] + [1] * 6])
+    out = bb(padded, attention_mask=mask, return_logits=True).logits[:, 3:]
+    torch.testing.assert_close(out, bb(ids, return_logits=True).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_cached_forward_equals_uncached(family):
+    bb = HFBackbone(tiny_model(family))
+    ids = torch.randint(0, 128, (2, 12))
+    ref = bb(ids, return_logits=True)
+    buf = TokenBuffer(2, 16)
+    buf.start(ids[:, :5])
+    cache = bb.new_cache(2, 16)
+    h, logits = bb.forward_cached(buf, cache, 0)
+    torch.testing.assert_close(h, ref.hidden[:, :5], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[:, -1], ref.logits[:, 4], atol=1e-4, rtol=1e-4)
+    # one token, then a multi-token re-read, then a rollback and a re-read
+    buf.append(ids[:, 5:6])
+    h, logits = bb.forward_cached(buf, cache, 5)
+    torch.testing.assert_close(logits[:, -1], ref.logits[:, 5], atol=1e-4, rtol=1e-4)
+    buf.append(torch.randint(0, 128, (2, 4)))  # wrong tokens
+    bb.forward_cached(buf, cache, 6)
+    buf.truncate(6)
+    buf.append(ids[:, 6:12])
+    h, logits = bb.forward_cached(buf, cache, 6, all_logits=True)
+    torch.testing.assert_close(logits, ref.logits[:, 6:12], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(h, ref.hidden[:, 6:12], atol=1e-5, rtol=1e-5)
+
+
+def test_parts_and_stack_from_hf_layers(family):
+    model = tiny_model(family)
+    bb = HFBackbone(model)
+    parts = bb.parts()
+    assert parts.hidden_size == 32 and parts.lm_head is model.lm_head
+    stack = MCTPStack.from_backbone(parts, 2)
+    last = model.model.layers[-1].state_dict()
+    for k, v in stack.heads[0].block.state_dict().items():
+        assert torch.equal(v, last[k])
+    ids = torch.randint(0, 128, (2, 8))
+    out = stack(bb(ids).hidden, ids, labels=ids)
+    assert out.logits[1].shape == (2, 8, 128) and torch.isfinite(out.loss_sums).all()
+    fresh = bb.block_factory(copy_last=False)(0)
+    assert type(fresh) is type(model.model.layers[-1])
+    assert not torch.equal(
+        fresh.self_attn.q_proj.weight, model.model.layers[-1].self_attn.q_proj.weight
+    )
+
+
+def test_unsupported_models_raise():
+    import transformers as tf
+
+    cfg = tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2)
+    with pytest.raises(NotImplementedError, match="not laid out like a Llama-style decoder"):
+        HFBackbone(tf.GPT2LMHeadModel(cfg))
+    model = tiny_model("qwen2")
+    model.config.layer_types = ["sliding_attention"] * 2
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        HFBackbone(model)
+
+
+def test_verification_catches_a_model_the_loop_cannot_run():
+    model = tiny_model("llama")
+    # an architecture that scales embeddings inside its forward (as Gemma does)
+    orig = model.model.forward
+
+    def scaled_forward(*args, inputs_embeds=None, input_ids=None, **kw):
+        inputs_embeds = model.model.embed_tokens(input_ids) * 3.0
+        return orig(*args, inputs_embeds=inputs_embeds, **kw)
+
+    model.model.forward = scaled_forward
+    with pytest.raises(NotImplementedError, match="differs from the model's own forward"):
+        HFBackbone(model)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("flash_attn") is None, reason="flash-attn not installed"
+)
+@pytest.mark.gpu
+def test_flash_attention_packed_equals_sdpa():
+    model = tiny_model("qwen2").cuda().to(torch.bfloat16)
+    ids = torch.randint(0, 128, (1, 9), device="cuda")
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]], device="cuda")
+    sdpa = HFBackbone(model)(ids, position_ids=pos, return_logits=True).logits
+    model.config._attn_implementation = "flash_attention_2"
+    flash = HFBackbone(model)(ids, position_ids=pos, return_logits=True).logits
+    torch.testing.assert_close(flash, sdpa, atol=5e-2, rtol=5e-2)
