@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-from mctp import MCTPStack, TokenBuffer
 from mctp.backbones import HFBackbone
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tiny_model  # noqa: E402
+from mctp import MCTPStack, TokenBuffer
 
 
 @pytest.mark.parametrize("fam", ["qwen2", "llama", "qwen3", "mistral"])
-def test_forward_equals_transformers(fam):
-    model = tiny_model(fam)
+def test_forward_equals_transformers(fam, tiny_hf):
+    model = tiny_hf(fam)
     bb = HFBackbone(model)
     ids = torch.randint(0, 128, (2, 9))
     out = bb(ids, labels=ids, return_logits=True)
@@ -28,8 +23,8 @@ def test_forward_equals_transformers(fam):
     assert out.hidden.shape == (2, 9, 32)
 
 
-def test_eager_attention_also_works():
-    model = tiny_model("qwen2", attn="eager")
+def test_eager_attention_also_works(tiny_hf):
+    model = tiny_hf("qwen2", attn="eager")
     bb = HFBackbone(model)
     ids = torch.randint(0, 128, (1, 7))
     torch.testing.assert_close(
@@ -37,8 +32,8 @@ def test_eager_attention_also_works():
     )
 
 
-def test_packed_equals_separate(family):
-    bb = HFBackbone(tiny_model(family))
+def test_packed_equals_separate(family, tiny_hf):
+    bb = HFBackbone(tiny_hf(family))
     a, b = torch.randint(0, 128, (1, 5)), torch.randint(0, 128, (1, 4))
     pos = torch.cat([torch.arange(5), torch.arange(4)])[None]
     packed = bb(torch.cat([a, b], 1), position_ids=pos, return_logits=True).logits
@@ -50,8 +45,8 @@ def test_packed_equals_separate(family):
     )
 
 
-def test_left_padding_matches_unpadded(family):
-    model = tiny_model(family)
+def test_left_padding_matches_unpadded(family, tiny_hf):
+    model = tiny_hf(family)
     bb = HFBackbone(model)
     ids = torch.randint(3, 128, (1, 6))
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
@@ -60,8 +55,8 @@ def test_left_padding_matches_unpadded(family):
     torch.testing.assert_close(out, bb(ids, return_logits=True).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_cached_forward_equals_uncached(family):
-    bb = HFBackbone(tiny_model(family))
+def test_cached_forward_equals_uncached(family, tiny_hf):
+    bb = HFBackbone(tiny_hf(family))
     ids = torch.randint(0, 128, (2, 12))
     ref = bb(ids, return_logits=True)
     buf = TokenBuffer(2, 16)
@@ -83,8 +78,8 @@ def test_cached_forward_equals_uncached(family):
     torch.testing.assert_close(h, ref.hidden[:, 6:12], atol=1e-5, rtol=1e-5)
 
 
-def test_parts_and_stack_from_hf_layers(family):
-    model = tiny_model(family)
+def test_parts_and_stack_from_hf_layers(family, tiny_hf):
+    model = tiny_hf(family)
     bb = HFBackbone(model)
     parts = bb.parts()
     assert parts.hidden_size == 32 and parts.lm_head is model.lm_head
@@ -102,20 +97,20 @@ def test_parts_and_stack_from_hf_layers(family):
     )
 
 
-def test_unsupported_models_raise():
+def test_unsupported_models_raise(tiny_hf):
     import transformers as tf
 
     cfg = tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2)
     with pytest.raises(NotImplementedError, match="not laid out like a Llama-style decoder"):
         HFBackbone(tf.GPT2LMHeadModel(cfg))
-    model = tiny_model("qwen2")
+    model = tiny_hf("qwen2")
     model.config.layer_types = ["sliding_attention"] * 2
     with pytest.raises(NotImplementedError, match="sliding-window"):
         HFBackbone(model)
 
 
-def test_verification_catches_a_model_the_loop_cannot_run():
-    model = tiny_model("llama")
+def test_verification_catches_a_model_the_loop_cannot_run(tiny_hf):
+    model = tiny_hf("llama")
     # an architecture that scales embeddings inside its forward (as Gemma does)
     orig = model.model.forward
 
@@ -132,8 +127,8 @@ def test_verification_catches_a_model_the_loop_cannot_run():
     importlib.util.find_spec("flash_attn") is None, reason="flash-attn not installed"
 )
 @pytest.mark.gpu
-def test_flash_attention_packed_equals_sdpa():
-    model = tiny_model("qwen2").cuda().to(torch.bfloat16)
+def test_flash_attention_packed_equals_sdpa(tiny_hf):
+    model = tiny_hf("qwen2").cuda().to(torch.bfloat16)
     ids = torch.randint(0, 128, (1, 9), device="cuda")
     pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]], device="cuda")
     sdpa = HFBackbone(model)(ids, position_ids=pos, return_logits=True).logits
