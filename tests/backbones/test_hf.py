@@ -6,9 +6,9 @@ import importlib.util
 
 import pytest
 import torch
-from mctp.backbones import HFBackbone
 
 from mctp import MCTPStack, TokenBuffer
+from mctp.backbones import HFBackbone
 
 
 @pytest.mark.parametrize("fam", ["qwen2", "llama", "qwen3", "mistral"])
