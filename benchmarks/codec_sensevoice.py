@@ -17,6 +17,7 @@ import argparse
 import time
 
 import torch
+
 from mctp.codecs.projector import MLPProjector
 from mctp.codecs.sensevoice.encoder import SenseVoiceEncoder, build_sensevoice_model
 from mctp.codecs.sensevoice.frontend import SenseVoiceFrontend

@@ -61,7 +61,9 @@ def resample(wav: torch.Tensor, orig_sr: int, target_sr: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
 
 
-def check_waveform(wav: torch.Tensor, *, sample_rate: int | None = None, expected_rate: int | None = None) -> torch.Tensor:
+def check_waveform(
+    wav: torch.Tensor, *, sample_rate: int | None = None, expected_rate: int | None = None
+) -> torch.Tensor:
     """Validate a mono waveform handed to a codec.
 
     Args:
@@ -93,7 +95,9 @@ def check_waveform(wav: torch.Tensor, *, sample_rate: int | None = None, expecte
     return wav.to(torch.float32)
 
 
-def load_audio(path: str | os.PathLike[str], sample_rate: int | None = None) -> tuple[torch.Tensor, int]:
+def load_audio(
+    path: str | os.PathLike[str], sample_rate: int | None = None
+) -> tuple[torch.Tensor, int]:
     """Read an audio file as a mono float32 waveform, optionally resampled.
 
     Integer PCM is scaled to ``[-1, 1)`` (int16 / 32768), as soundfile and torchaudio do.
@@ -121,7 +125,9 @@ def load_audio(path: str | os.PathLike[str], sample_rate: int | None = None) -> 
     try:
         data, sr = sf.read(str(p), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise AudioError(f"cannot decode audio file {p} (corrupt or unsupported format): {e}") from e
+        raise AudioError(
+            f"cannot decode audio file {p} (corrupt or unsupported format): {e}"
+        ) from e
     if data.shape[0] == 0:
         raise AudioError(f"audio file has no samples: {p}")
     wav = to_mono(data)

@@ -31,10 +31,14 @@ class DummyCodec:
             does not fit in a frame's spectrum.
     """
 
-    def __init__(self, sample_rate: int = 16000, frame_rate: float = 12.5, codebook_size: int = 64) -> None:
+    def __init__(
+        self, sample_rate: int = 16000, frame_rate: float = 12.5, codebook_size: int = 64
+    ) -> None:
         hop = sample_rate / frame_rate
         if hop != int(hop):
-            raise ValueError(f"sample_rate ({sample_rate}) must be a multiple of frame_rate ({frame_rate})")
+            raise ValueError(
+                f"sample_rate ({sample_rate}) must be a multiple of frame_rate ({frame_rate})"
+            )
         self.hop = int(hop)
         if codebook_size < 1 or codebook_size + 1 >= self.hop // 2:
             raise ValueError(
@@ -45,7 +49,9 @@ class DummyCodec:
         self.codebook_size = codebook_size
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str] | None = None, **kwargs: int | float) -> DummyCodec:
+    def from_pretrained(
+        cls, path: str | os.PathLike[str] | None = None, **kwargs: int | float
+    ) -> DummyCodec:
         """Build the codec; ``path`` is ignored (the codec has no files)."""
         return cls(**kwargs)  # type: ignore[arg-type]
 
@@ -77,7 +83,9 @@ class DummyCodec:
         if ids.ndim != 1:
             raise ValueError(f"expected ids of shape [N], got {tuple(ids.shape)}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.codebook_size):
-            raise ValueError(f"ids must lie in [0, {self.codebook_size}), got range [{int(ids.min())}, {int(ids.max())}]")
+            raise ValueError(
+                f"ids must lie in [0, {self.codebook_size}), got range [{int(ids.min())}, {int(ids.max())}]"
+            )
         t = torch.arange(self.hop, dtype=torch.float64) / self.hop
         tones = 0.5 * torch.sin(2 * torch.pi * (ids.double()[:, None] + 1) * t[None, :])
         return tones.reshape(-1).float()

@@ -105,7 +105,9 @@ def detect_codec(path: str | os.PathLike[str]) -> str:
     return hits[0]
 
 
-def load_codec(path_or_name: str | os.PathLike[str], *, name: str | None = None, **kwargs: Any) -> Any:
+def load_codec(
+    path_or_name: str | os.PathLike[str], *, name: str | None = None, **kwargs: Any
+) -> Any:
     """Load a codec adapter from a checkpoint folder, or build a file-less one by name.
 
     Args:

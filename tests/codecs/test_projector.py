@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
+
+from mctp.checkpoint import CheckpointError
 from mctp.codecs.projector import (
     VITA_AUDIO_PLUS_PREFIX,
     MLPProjector,
     load_projector_state_dict,
     scatter_audio_embeddings,
 )
-from safetensors.torch import save_file
-
-from mctp.checkpoint import CheckpointError
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
+
+from mctp.checkpoint import CheckpointError
 from mctp.codecs import AudioEncoder, AudioError, load_audio, load_codec, resample
 from mctp.codecs.projector import MLPProjector
 from mctp.codecs.sensevoice.encoder import (
@@ -31,8 +33,6 @@ from mctp.codecs.sensevoice.frontend import (
     num_fbank_frames,
     write_cmvn,
 )
-
-from mctp.checkpoint import CheckpointError
 
 NAMES = ["en", "zh"]
 

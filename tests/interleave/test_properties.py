@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from mctp.interleave import BACKBONE, InterleaveSchedule, Role, Source
 
 B, E = -1, -2  # tag ids; content ids are drawn >= 0

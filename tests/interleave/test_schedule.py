@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from mctp.interleave import BACKBONE, InterleaveSchedule, Mode, Role, Slot, Source, Step
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
