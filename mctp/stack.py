@@ -243,6 +243,23 @@ class MCTPStack(nn.Module):
         for _ in range(n):
             self.heads.append(copy.deepcopy(self.heads[-1]))
 
+    def with_output_vocab(
+        self, output_vocab: slice | Sequence[int] | torch.Tensor | None
+    ) -> MCTPStack:
+        """A view of this stack (same heads and shared parts) scoring another output vocabulary.
+
+        Used to restrict heads to the audio tokens at generation time without touching the
+        trained stack.
+        """
+        return MCTPStack(
+            heads=list(self.heads),
+            embed=self.embed,
+            norm=self.norm,
+            lm_head=self.lm_head,
+            rotary=self.rotary,
+            output_vocab=output_vocab,
+        )
+
     # ------------------------------------------------------------------ shared parts
     @property
     def num_heads(self) -> int:

@@ -120,7 +120,7 @@ def _tiny_hf_model(family: str, *, vocab: int = 128, attn: str = "sdpa", seed: i
     return model
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_hf():
     """Factory of tiny random transformers causal LMs: ``tiny_hf("qwen2" | "llama" | "qwen3" | "mistral", vocab=..)``."""
     return _tiny_hf_model

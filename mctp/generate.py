@@ -1,0 +1,664 @@
+"""One engine for ``generate`` and ``generate_stream``: backbone + MCTP heads on a schedule.
+
+A schedule (:class:`mctp.interleave.InterleaveSchedule`) says which decoded token comes
+from a backbone forward and which from MCTP head ``k``. After an MCTP chain the next
+backbone forward re-reads every token the heads produced in one multi-token forward (as
+VITA-Audio does); its cache and the heads' caches are static buffers indexed by slot.
+
+Verified mode (``verify=True``, new here): the backbone's logits at the re-read positions
+are compared with the drafted tokens; the longest prefix that matches the backbone's own
+greedy choice is kept, the first mismatch is replaced by the backbone's token and all caches
+are rolled back, so greedy output is token-identical to Vanilla while most tokens still come
+from the cheap heads.
+
+Host synchronisation: token choice, stop detection and bookkeeping stay on the device;
+``generate`` looks at the stop flags once every ``stop_check_every`` backbone forwards, and
+verified mode reads one accepted length per backbone forward. ``generate_stream`` reads the
+new tokens once per cycle (it has to, to hand them out).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from mctp.interleave import BACKBONE, InterleaveSchedule, Mode, Source
+
+from .cache import KVCache
+from .decoding import MCTPDecoder, TokenBuffer
+from .sampling import SamplingConfig, apply_repetition_penalty, sample_logits
+from .stack import MCTPStack
+
+__all__ = ["CachedBackbone", "GenerationResult", "StreamEvent", "generate", "generate_stream"]
+
+
+class CachedBackbone(Protocol):
+    """What the engine needs from a backbone (e.g. :class:`mctp.backbones.HFBackbone`)."""
+
+    vocab_size: int
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache: ...
+
+    def forward_cached(
+        self, buffer: TokenBuffer, cache: KVCache, start: int, *, all_logits: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class SpeechIds(Protocol):
+    """Ids of the speech tokens (e.g. :class:`mctp.backbones.SpeechVocab`)."""
+
+    boa: int
+    eoa: int
+    audio_start: int
+    audio_stop: int
+
+
+@dataclass
+class GenerationResult:
+    """What :func:`generate` returns.
+
+    Attributes:
+        sequences: ``[B, P + G]`` prompt and generated ids (``pad_id`` after a row stopped).
+        tokens: Per row, the generated ids up to and including the first stop id.
+        sources: Per row, who produced each of ``tokens``: -1 the backbone, ``k`` MCTP head k.
+        num_backbone_forwards: Backbone forwards including the prefill.
+        num_mctp_steps: MCTP head runs (one head on one position counts once).
+        num_drafted: Verified mode: drafted tokens the backbone checked.
+        num_accepted: Verified mode: drafted tokens that were kept.
+        prefill_s: Seconds spent in the prefill.
+        total_s: Seconds for the whole call.
+        first_audio_s: Seconds from the start until the first complete audio segment
+            (its EOA) of any row, or None.
+        cycle_times: ``(tokens generated so far, seconds)`` after every cycle.
+    """
+
+    sequences: torch.Tensor
+    tokens: list[torch.Tensor]
+    sources: list[torch.Tensor]
+    num_backbone_forwards: int
+    num_mctp_steps: int
+    num_drafted: int = 0
+    num_accepted: int = 0
+    prefill_s: float = 0.0
+    total_s: float = 0.0
+    first_audio_s: float | None = None
+    cycle_times: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted / drafted tokens in verified mode (None otherwise)."""
+        return self.num_accepted / self.num_drafted if self.num_drafted else None
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens (all rows) per second of the whole call."""
+        return sum(t.numel() for t in self.tokens) / self.total_s if self.total_s > 0 else 0.0
+
+
+@dataclass
+class StreamEvent:
+    """One item of :func:`generate_stream`.
+
+    Attributes:
+        kind: ``"text"`` (text token ids), ``"audio"`` (one complete audio segment, or a
+            partial one when ``audio_chunk`` is set), or ``"end"`` (the row stopped; ``ids``
+            empty).
+        row: Batch row.
+        ids: Token ids (for audio: the audio token ids without BOA/EOA).
+        time_s: Seconds since the call started.
+        result: On the very last event (``kind == "end"`` of the last row), the full
+            :class:`GenerationResult`; None otherwise.
+    """
+
+    kind: str
+    row: int
+    ids: list[int]
+    time_s: float
+    result: GenerationResult | None = None
+
+
+# --------------------------------------------------------------------------- token choice
+class _Picker:
+    """Chooses tokens from logits with separate text/audio sampling, on the device."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        speech: SpeechIds | None,
+        text: SamplingConfig,
+        audio: SamplingConfig,
+        generator: torch.Generator | None,
+        device: torch.device,
+        batch_size: int,
+    ) -> None:
+        self.text, self.audio, self.generator = text, audio, generator
+        self.speech = speech
+        self.split = speech is not None and audio != text
+        self.penalty = text.repetition_penalty != 1.0 or audio.repetition_penalty != 1.0
+        self.seen = (
+            torch.zeros(batch_size, vocab_size, dtype=torch.bool, device=device)
+            if self.penalty
+            else None
+        )
+        self.is_audio = None
+        if speech is not None:
+            ids = torch.arange(vocab_size, device=device)
+            self.is_audio = (ids >= speech.audio_start) & (ids < speech.audio_stop)
+
+    def observe(self, ids: torch.Tensor) -> None:
+        """Mark ``ids [B, T]`` as seen (for the repetition penalty)."""
+        if self.seen is not None:
+            self.seen.scatter_(1, ids, True)
+
+    def __call__(self, logits: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """``logits [B, V']`` over vocabulary ids ``index`` (None = all) -> local ids ``[B]``."""
+        seen = self.seen if index is None or self.seen is None else self.seen[:, index]
+        text_logits = logits
+        if seen is not None:
+            text_logits = apply_repetition_penalty(logits, seen, self.text.repetition_penalty)
+        choice = sample_logits(text_logits, self.text, self.generator)
+        if not self.split:
+            return choice
+        assert self.is_audio is not None
+        audio_mask = self.is_audio if index is None else self.is_audio[index]
+        audio_logits = (
+            logits
+            if seen is None
+            else apply_repetition_penalty(logits, seen, self.audio.repetition_penalty)
+        )
+        audio_choice = sample_logits(
+            audio_logits.masked_fill(~audio_mask, float("-inf")), self.audio, self.generator
+        )
+        return torch.where(audio_mask[choice], audio_choice, choice)
+
+
+# --------------------------------------------------------------------------- the engine
+def _resolve_schedule(
+    mode: str | Mode | InterleaveSchedule, stack: MCTPStack | None
+) -> InterleaveSchedule:
+    if isinstance(mode, InterleaveSchedule):
+        schedule = mode
+    else:
+        try:
+            schedule = InterleaveSchedule.from_mode(mode)
+        except ValueError as e:
+            raise ValueError(
+                f"unknown mode {mode!r}: use one of {[m.value for m in Mode]} or an InterleaveSchedule"
+            ) from e
+    if schedule.uses_mctp:
+        if stack is None:
+            raise ValueError(f"schedule {schedule.ratio} uses MCTP heads but no stack was given")
+        if schedule.max_heads > stack.num_heads:
+            raise ValueError(
+                f"schedule {schedule.ratio} needs {schedule.max_heads} MCTP slots in a row but the stack has "
+                f"{stack.num_heads} heads"
+            )
+    return schedule
+
+
+class _Engine:
+    def __init__(
+        self,
+        backbone: CachedBackbone,
+        stack: MCTPStack | None,
+        input_ids: torch.Tensor,
+        schedule: InterleaveSchedule,
+        max_new_tokens: int,
+        *,
+        attention_mask: torch.Tensor | None,
+        speech: SpeechIds | None,
+        text_sampling: SamplingConfig,
+        audio_sampling: SamplingConfig,
+        eos_token_id: int | Sequence[int] | None,
+        pad_id: int,
+        verify: bool,
+        draft_len: int | None,
+        audio_heads: bool,
+        generator: torch.Generator | None,
+        max_len: int | None,
+        stop_check_every: int,
+    ) -> None:
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, P], got shape {tuple(input_ids.shape)}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if stop_check_every < 1:
+            raise ValueError(f"stop_check_every must be >= 1, got {stop_check_every}")
+        b, p = input_ids.shape
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}"
+                )
+            if not bool(attention_mask[:, -1].all()):
+                raise ValueError(
+                    "pad prompts on the left: attention_mask[:, -1] must be 1 for every row"
+                )
+        if verify:
+            if stack is None:
+                raise ValueError("verify=True needs an MCTP stack to draft with")
+            if text_sampling.do_sample or audio_sampling.do_sample:
+                raise ValueError(
+                    "verified mode is lossless for greedy decoding only: set do_sample=False"
+                )
+            draft_len = stack.num_heads if draft_len is None else draft_len
+            if not 1 <= draft_len <= stack.num_heads:
+                raise ValueError(f"draft_len must be in [1, {stack.num_heads}], got {draft_len}")
+        self.draft_len = draft_len or 0
+        slack = (self.draft_len if verify else 0) + 1
+        need = p + max_new_tokens + slack
+        if max_len is not None and max_len < need:
+            raise ValueError(
+                f"prompt ({p}) + max_new_tokens ({max_new_tokens}) + {slack} needs {need} cache slots, max_len is {max_len}"
+            )
+        self.backbone, self.schedule, self.verify = backbone, schedule, verify
+        self.max_new, self.pad_id, self.prompt_len = max_new_tokens, pad_id, p
+        self.stop_check_every = stop_check_every
+        device = input_ids.device
+        s = max_len or need
+        self.buffer = TokenBuffer(b, s, device)
+        self.buffer.start(input_ids, attention_mask)
+        self.cache = backbone.new_cache(b, s)
+        self.stack = stack
+        if stack is not None and audio_heads:
+            if speech is None:
+                raise ValueError("audio_heads=True needs speech ids (pass vocab=SpeechVocab)")
+            stack = stack.with_output_vocab(
+                [speech.boa, speech.eoa, *range(speech.audio_start, speech.audio_stop)]
+            )
+        self.heads = stack
+        self.decoder = MCTPDecoder(stack, self.buffer) if stack is not None else None
+        self.head_index = None
+        if stack is not None and stack.output_vocab is not None:
+            self.head_index = stack.output_vocab.index.to(device)
+        self.picker = _Picker(
+            backbone.vocab_size, speech, text_sampling, audio_sampling, generator, device, b
+        )
+        self.picker.observe(input_ids)
+        stops = (
+            []
+            if eos_token_id is None
+            else [eos_token_id]
+            if isinstance(eos_token_id, int)
+            else list(eos_token_id)
+        )
+        self.stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
+        self.done = torch.zeros(b, dtype=torch.bool, device=device)
+        self.sources: list[int] = []  # per generated slot, shared by all rows
+        self.forwards = self.mctp_steps = self.drafted = self.accepted = 0
+        self.processed = 0  # slots whose backbone states are in the cache
+
+    # -- helpers
+    @property
+    def produced(self) -> int:
+        return self.buffer.length - self.prompt_len
+
+    def _append(self, tokens: torch.Tensor, source: Sequence[int]) -> None:
+        """Record new tokens ``[B, T]`` already written to the buffer."""
+        self.picker.observe(tokens)
+        if self.stop_ids.numel():
+            self.done |= torch.isin(tokens, self.stop_ids).any(dim=1)
+        self.sources.extend(source)
+
+    def _backbone(self, all_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self.processed
+        hidden, logits = self.backbone.forward_cached(
+            self.buffer, self.cache, start, all_logits=all_logits
+        )
+        self.forwards += 1
+        if self.decoder is not None:
+            self.decoder.write_backbone(start, hidden)
+        self.processed = self.buffer.length
+        return hidden, logits
+
+    def _backbone_token(self) -> None:
+        _, logits = self._backbone()
+        tok = self.picker(logits[:, -1])
+        self.buffer.append(tok[:, None])
+        self._append(tok[:, None], [BACKBONE])
+
+    def _chain(self, count: int) -> None:
+        assert self.decoder is not None
+        out = self.decoder.step(count, sampler=lambda lg: self.picker(lg, self.head_index))
+        self.mctp_steps += count
+        self._append(out.tokens, list(range(count)))
+
+    def _verified_cycle(self) -> None:
+        """Draft with the heads, verify with one backbone forward, keep the agreeing prefix."""
+        assert self.decoder is not None
+        buf = self.buffer
+        s0 = self.processed  # slot of the token the last backbone forward produced
+        k = min(self.draft_len, self.max_new - self.produced - 1)
+        if k > 0:
+            self.decoder.step(k, sampler=lambda lg: self.picker(lg, self.head_index))
+            self.mctp_steps += k
+        hidden, logits = self.backbone.forward_cached(buf, self.cache, s0, all_logits=True)
+        self.forwards += 1
+        choice = logits.argmax(dim=-1)  # [B, k+1]: backbone's token for slots s0+1 .. s0+k+1
+        drafts = buf.ids[:, s0 + 1 : s0 + 1 + k]
+        agree = (drafts == choice[:, :k]).long().cumprod(dim=1).sum(dim=1)
+        a = int(agree.min()) if k > 0 else 0  # the one host read per cycle
+        self.drafted += k * buf.batch_size
+        self.accepted += a * buf.batch_size
+        keep = s0 + 1 + a
+        buf.truncate(keep)
+        self.decoder.truncate(keep)
+        self.decoder.write_backbone(s0, hidden[:, : a + 1])
+        self.processed = keep
+        bonus = choice[:, a : a + 1]
+        buf.append(bonus)
+        self._append(buf.ids[:, s0 + 1 : keep + 1], [*range(a), BACKBONE])
+
+    # -- the loop
+    def cycles(self) -> Iterator[int]:
+        """Run the generation; yields the number of generated tokens after every cycle."""
+        self._backbone_token()  # the prefill produces the first token
+        yield self.produced
+        if self.verify:
+            while self.produced < self.max_new:
+                self._verified_cycle()
+                yield self.produced
+                if self.forwards % self.stop_check_every == 0 and self._all_done():
+                    return
+            return
+        for step in self.schedule.steps(self.max_new):
+            if step.start == 0:
+                continue  # the prefill already produced token 0
+            if step.source is Source.BACKBONE:
+                self._backbone_token()
+                if self.forwards % self.stop_check_every == 0 and self._all_done():
+                    yield self.produced
+                    return
+            else:
+                self._chain(step.count)
+            yield self.produced
+
+    def _all_done(self) -> bool:
+        return bool(self.stop_ids.numel()) and bool(self.done.all())
+
+    def result(
+        self,
+        t0: float,
+        prefill_s: float,
+        cycle_times: list[tuple[int, float]],
+        speech: SpeechIds | None,
+    ) -> GenerationResult:
+        buf = self.buffer
+        n = buf.length
+        gen = buf.ids[:, self.prompt_len : n]
+        rows, srcs = [], []
+        src = torch.tensor(self.sources[: n - self.prompt_len], dtype=torch.long)
+        first_audio_len = None
+        gen_cpu = gen.cpu()
+        for r in range(buf.batch_size):
+            ids = gen_cpu[r]
+            if self.stop_ids.numel():
+                hit = torch.isin(ids, self.stop_ids.cpu()).nonzero()
+                if hit.numel():
+                    ids = ids[: int(hit[0]) + 1]
+            rows.append(ids)
+            srcs.append(src[: ids.numel()])
+            if speech is not None:
+                eoa = (ids == speech.eoa).nonzero()
+                if eoa.numel():
+                    length = int(eoa[0]) + 1
+                    first_audio_len = (
+                        length if first_audio_len is None else min(first_audio_len, length)
+                    )
+        seq = torch.full((buf.batch_size, n), self.pad_id, dtype=torch.long)
+        seq[:, : self.prompt_len] = buf.ids[:, : self.prompt_len].cpu()
+        for r, ids in enumerate(rows):
+            seq[r, self.prompt_len : self.prompt_len + ids.numel()] = ids
+        first_audio_s = None
+        if first_audio_len is not None:
+            first_audio_s = next(
+                (t for produced, t in cycle_times if produced >= first_audio_len), None
+            )
+        return GenerationResult(
+            sequences=seq,
+            tokens=rows,
+            sources=srcs,
+            num_backbone_forwards=self.forwards,
+            num_mctp_steps=self.mctp_steps,
+            num_drafted=self.drafted,
+            num_accepted=self.accepted,
+            prefill_s=prefill_s,
+            total_s=time.perf_counter() - t0,
+            first_audio_s=first_audio_s,
+            cycle_times=cycle_times,
+        )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+_DOC_ARGS = """
+    Args:
+        backbone: A cached backbone (e.g. :class:`mctp.backbones.HFBackbone`).
+        stack: The MCTP heads, or None for Vanilla.
+        input_ids: ``[B, P]`` prompts, left-padded when their lengths differ.
+        mode: ``"vanilla"``, ``"balance"``, ``"boost"``, ``"turbo"`` or an
+            :class:`~mctp.interleave.InterleaveSchedule`.
+        max_new_tokens: Tokens to generate per row (fewer when every row stops).
+        attention_mask: ``[B, P]`` (1 = real token) for left-padded batches.
+        vocab: Speech ids (:class:`mctp.backbones.SpeechVocab`): enables separate audio
+            sampling, audio-only heads and audio events.
+        text_sampling: How text tokens (and every backbone token) are chosen.
+        audio_sampling: How audio tokens are chosen (default: like text).
+        eos_token_id: Stop id(s); a row stops after producing one.
+        pad_id: Fills ``sequences`` after a row stopped.
+        verify: Verified (lossless) mode: heads draft ``draft_len`` tokens after every
+            backbone forward and the backbone keeps the prefix it agrees with.
+        draft_len: Drafted tokens per cycle in verified mode (default: all heads).
+        audio_heads: Score MCTP heads over BOA, EOA and the audio tokens only (exact when
+            heads only emit those, as in Boost/Balance/Turbo; needs ``vocab``).
+        generator: Random source for sampling.
+        max_len: Cache slots to allocate (default: exactly what is needed).
+        stop_check_every: Look at the stop flags every this many backbone forwards.
+        sync_timings: Synchronise the device after every cycle so that the timings are exact
+            (costs a little speed on CUDA; no effect on CPU).
+"""
+
+
+def _setup(
+    backbone: CachedBackbone,
+    stack: MCTPStack | None,
+    input_ids: torch.Tensor,
+    mode: str | Mode | InterleaveSchedule,
+    max_new_tokens: int,
+    kw: dict[str, Any],
+) -> _Engine:
+    schedule = _resolve_schedule(
+        mode if not kw.get("verify") else Mode.VANILLA, stack if not kw.get("verify") else None
+    )
+    text = kw.pop("text_sampling", None) or SamplingConfig()
+    audio = kw.pop("audio_sampling", None) or text
+    return _Engine(
+        backbone,
+        stack,
+        input_ids,
+        schedule,
+        max_new_tokens,
+        attention_mask=kw.pop("attention_mask", None),
+        speech=kw.pop("vocab", None),
+        text_sampling=text,
+        audio_sampling=audio,
+        eos_token_id=kw.pop("eos_token_id", None),
+        pad_id=kw.pop("pad_id", 0),
+        verify=kw.pop("verify", False),
+        draft_len=kw.pop("draft_len", None),
+        audio_heads=kw.pop("audio_heads", False),
+        generator=kw.pop("generator", None),
+        max_len=kw.pop("max_len", None),
+        stop_check_every=kw.pop("stop_check_every", 8),
+    )
+
+
+_KNOWN = {
+    "attention_mask",
+    "vocab",
+    "text_sampling",
+    "audio_sampling",
+    "eos_token_id",
+    "pad_id",
+    "verify",
+    "draft_len",
+    "audio_heads",
+    "generator",
+    "max_len",
+    "stop_check_every",
+    "sync_timings",
+}
+
+
+def _check_kwargs(kw: dict[str, Any]) -> None:
+    unknown = sorted(set(kw) - _KNOWN)
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {unknown}; known: {sorted(_KNOWN)}")
+
+
+@torch.inference_mode()
+def generate(
+    backbone: CachedBackbone,
+    stack: MCTPStack | None,
+    input_ids: torch.Tensor,
+    mode: str | Mode | InterleaveSchedule = "boost",
+    max_new_tokens: int = 256,
+    **kwargs: Any,
+) -> GenerationResult:
+    """Generate interleaved text and audio tokens with a backbone and MCTP heads.
+    {args}
+    Returns:
+        :class:`GenerationResult`.
+
+    Raises:
+        ValueError: On an unknown mode, a schedule needing more MCTP slots than heads,
+            ``max_new_tokens < 1``, a prompt that does not fit ``max_len``, right padding,
+            sampling in verified mode, or inconsistent shapes.
+        TypeError: On an unknown keyword argument.
+    """
+    _check_kwargs(kwargs)
+    sync_timings = kwargs.pop("sync_timings", False)
+    speech = kwargs.get("vocab")
+    t0 = time.perf_counter()
+    engine = _setup(backbone, stack, input_ids, mode, max_new_tokens, kwargs)
+    device = input_ids.device
+    cycle_times: list[tuple[int, float]] = []
+    prefill_s = 0.0
+    for produced in engine.cycles():
+        if sync_timings:
+            _sync(device)
+        now = time.perf_counter() - t0
+        if not cycle_times:
+            prefill_s = now
+        cycle_times.append((produced, now))
+    _sync(device)
+    return engine.result(t0, prefill_s, cycle_times, speech)
+
+
+generate.__doc__ = (generate.__doc__ or "").replace("{args}", _DOC_ARGS)
+
+
+@torch.inference_mode()
+def generate_stream(
+    backbone: CachedBackbone,
+    stack: MCTPStack | None,
+    input_ids: torch.Tensor,
+    mode: str | Mode | InterleaveSchedule = "boost",
+    max_new_tokens: int = 256,
+    *,
+    audio_chunk: int | None = None,
+    **kwargs: Any,
+) -> Iterator[StreamEvent]:
+    """Like :func:`generate`, but yields events as soon as tokens exist.
+
+    Text tokens come out after every cycle; an audio segment comes out as soon as its EOA
+    is produced (in Boost/Turbo: after the first backbone forward plus one MCTP chain), or
+    in pieces of ``audio_chunk`` tokens when set (useful for long audio segments). The last
+    event carries the :class:`GenerationResult`.
+    {args}
+        audio_chunk: Emit partial audio segments of this many tokens.
+
+    Yields:
+        :class:`StreamEvent`.
+
+    Raises:
+        ValueError: As :func:`generate`, and when ``vocab`` is missing (audio events need it).
+    """
+    _check_kwargs(kwargs)
+    kwargs.pop("sync_timings", None)
+    speech: SpeechIds | None = kwargs.get("vocab")
+    if speech is None:
+        raise ValueError("generate_stream needs vocab= (speech ids) to find audio segments")
+    if audio_chunk is not None and audio_chunk < 1:
+        raise ValueError(f"audio_chunk must be >= 1, got {audio_chunk}")
+    t0 = time.perf_counter()
+    engine = _setup(backbone, stack, input_ids, mode, max_new_tokens, kwargs)
+    buf = engine.buffer
+    b = buf.batch_size
+    stop = set(engine.stop_ids.tolist())
+    read = [engine.prompt_len] * b
+    in_audio = [False] * b
+    pending: list[list[int]] = [[] for _ in range(b)]
+    ended = [False] * b
+    cycle_times: list[tuple[int, float]] = []
+    prefill_s = 0.0
+    for produced in engine.cycles():
+        now = time.perf_counter() - t0
+        if not cycle_times:
+            prefill_s = now
+        cycle_times.append((produced, now))
+        new = buf.ids[:, engine.prompt_len : buf.length].tolist()  # one read per cycle
+        for r in range(b):
+            if ended[r]:
+                continue
+            text: list[int] = []
+            for tok in new[r][read[r] - engine.prompt_len :]:
+                read[r] += 1
+                if in_audio[r]:
+                    if tok == speech.eoa:
+                        in_audio[r] = False
+                        yield StreamEvent("audio", r, pending[r], now)
+                        pending[r] = []
+                    else:
+                        pending[r].append(tok)
+                        if audio_chunk is not None and len(pending[r]) >= audio_chunk:
+                            yield StreamEvent("audio", r, pending[r], now)
+                            pending[r] = []
+                elif tok == speech.boa:
+                    if text:
+                        yield StreamEvent("text", r, text, now)
+                        text = []
+                    in_audio[r] = True
+                else:
+                    text.append(tok)
+                if tok in stop:
+                    ended[r] = True
+                    break
+            if text:
+                yield StreamEvent("text", r, text, now)
+            if ended[r]:
+                if pending[r]:
+                    yield StreamEvent("audio", r, pending[r], now)
+                    pending[r] = []
+                yield StreamEvent("end", r, [], now)
+    result = engine.result(t0, prefill_s, cycle_times, speech)
+    for r in range(b):
+        if pending[r]:
+            yield StreamEvent("audio", r, pending[r], time.perf_counter() - t0)
+    last = [r for r in range(b) if not ended[r]]
+    for i, r in enumerate(last):
+        yield StreamEvent(
+            "end", r, [], time.perf_counter() - t0, result if i == len(last) - 1 else None
+        )
+    if not last:
+        yield StreamEvent("end", -1, [], time.perf_counter() - t0, result)
+
+
+generate_stream.__doc__ = (generate_stream.__doc__ or "").replace("{args}", _DOC_ARGS)

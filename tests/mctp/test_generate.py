@@ -1,0 +1,241 @@
+"""generate / generate_stream: equivalence with transformers, schedules, verified mode, streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mctp import MCTPStack, SamplingConfig, generate, generate_stream
+from mctp.backbones import HFBackbone
+from mctp.interleave import InterleaveSchedule
+
+MODES = ["vanilla", "balance", "boost", "turbo"]
+
+
+@pytest.fixture(params=["qwen2", "llama"])
+def hf(request, tiny_hf):
+    model = tiny_hf(request.param)
+    return model, HFBackbone(model)
+
+
+def _heads(bb, n=10):
+    stack = MCTPStack.from_backbone(bb.parts(), n)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in stack.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return stack.eval()
+
+
+def test_vanilla_greedy_equals_transformers_generate(hf):
+    model, bb = hf
+    ids = torch.randint(3, 128, (1, 7))
+    ref = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None)
+    res = generate(bb, None, ids, "vanilla", 24)
+    assert res.tokens[0].tolist() == ref[0, 7:].tolist()
+    assert res.num_backbone_forwards == 24 and res.num_mctp_steps == 0
+    assert torch.equal(res.sequences, ref)
+
+
+def test_vanilla_greedy_padded_batch_equals_transformers_generate(hf):
+    model, bb = hf
+    lens = [7, 4, 5]
+    ids = torch.zeros(3, 7, dtype=torch.long)
+    mask = torch.zeros(3, 7, dtype=torch.long)
+    for r, n in enumerate(lens):
+        ids[r, 7 - n :] = torch.randint(3, 128, (n,))
+        mask[r, 7 - n :] = 1
+    ref = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=16,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    res = generate(bb, None, ids, "vanilla", 16, attention_mask=mask)
+    assert res.sequences[:, 7:].tolist() == ref[:, 7:].tolist()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sources_and_costs_follow_the_schedule(hf, mode):
+    _, bb = hf
+    stack = _heads(bb)
+    ids = torch.randint(3, 128, (2, 5))
+    n = 37
+    res = generate(bb, stack, ids, mode, n)
+    sched = InterleaveSchedule.from_mode(mode)
+    expect = [sched.head(i) for i in range(n)]
+    for row in res.sources:
+        assert row.tolist() == expect
+    assert (res.num_backbone_forwards, res.num_mctp_steps) == sched.cost(n)
+    assert all(t.numel() == n for t in res.tokens)
+
+
+@pytest.mark.parametrize("mode", ["balance", "boost", "turbo"])
+def test_padded_batch_rows_equal_single_runs(hf, mode):
+    _, bb = hf
+    stack = _heads(bb)
+    rows = [torch.randint(3, 128, (n,)) for n in (6, 3)]
+    ids = torch.zeros(2, 6, dtype=torch.long)
+    mask = torch.zeros(2, 6, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, 6 - row.numel() :] = row
+        mask[r, 6 - row.numel() :] = 1
+    batch = generate(bb, stack, ids, mode, 26, attention_mask=mask)
+    for r, row in enumerate(rows):
+        single = generate(bb, stack, row[None], mode, 26)
+        assert batch.tokens[r].tolist() == single.tokens[0].tolist()
+
+
+def test_verified_greedy_equals_vanilla_with_random_heads(hf):
+    _, bb = hf
+    ids = torch.randint(3, 128, (2, 6))
+    van = generate(bb, None, ids, "vanilla", 30)
+    ver = generate(bb, _heads(bb, 4), ids, "vanilla", 30, verify=True)
+    assert [t.tolist() for t in ver.tokens] == [t.tolist() for t in van.tokens]
+    assert ver.acceptance_rate is not None and 0.0 <= ver.acceptance_rate <= 1.0
+
+
+def test_verified_with_trained_heads_is_lossless_and_accepts(toy):
+    van = generate(toy.backbone, None, toy.prompt, "vanilla", 40)
+    ver = generate(toy.backbone, toy.stack, toy.prompt, "vanilla", 40, verify=True, draft_len=10)
+    assert ver.tokens[0].tolist() == van.tokens[0].tolist()
+    assert ver.acceptance_rate > 0.5
+    assert ver.num_backbone_forwards < 0.5 * van.num_backbone_forwards
+    # the sources say which tokens the heads drafted and the backbone kept
+    assert (ver.sources[0] >= 0).sum() == ver.num_accepted
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_trained_toy_recites_its_answer_and_stops(toy, mode):
+    res = generate(toy.backbone, toy.stack, toy.prompt, mode, 80, eos_token_id=2)
+    assert res.tokens[0].tolist() == toy.answer
+    assert res.sequences.shape[1] <= toy.prompt.shape[1] + 80
+
+
+def test_audio_only_heads_give_the_same_tokens(toy):
+    full = generate(toy.backbone, toy.stack, toy.prompt, "boost", 40, vocab=toy.vocab)
+    audio = generate(
+        toy.backbone, toy.stack, toy.prompt, "boost", 40, vocab=toy.vocab, audio_heads=True
+    )
+    assert audio.tokens[0].tolist() == full.tokens[0].tolist()
+
+
+@pytest.mark.parametrize("mode", ["boost", "turbo"])
+def test_stream_first_audio_segment_after_one_forward_and_one_chain(toy, mode):
+    events = list(
+        generate_stream(
+            toy.backbone, toy.stack, toy.prompt, mode, 80, vocab=toy.vocab, eos_token_id=2
+        )
+    )
+    result = events[-1].result
+    assert result is not None and result.tokens[0].tolist() == toy.answer
+    audio = [e for e in events if e.kind == "audio"]
+    first = audio[0]
+    # the first audio segment is complete: BOA..EOA of the first chain, 8 audio tokens
+    assert first.ids == toy.answer[2:10]
+    # it was emitted in the second cycle: the prefill forward plus one MCTP chain
+    produced_at_emit = next(p for p, t in result.cycle_times if t >= first.time_s)
+    assert produced_at_emit == 11 and result.cycle_times[1][0] == 11
+    # events rebuild the answer exactly
+    text = [i for e in events if e.kind == "text" for i in e.ids]
+    aud = [i for e in audio for i in e.ids]
+    assert aud == [t for t in toy.answer if 102 <= t < 128]
+    assert text == [t for t in toy.answer if t < 99 or t == 2]
+    assert events[-1].kind == "end"
+
+
+def test_stream_audio_chunks_split_long_segments(toy):
+    events = list(
+        generate_stream(
+            toy.backbone,
+            toy.stack,
+            toy.prompt,
+            "boost",
+            80,
+            vocab=toy.vocab,
+            audio_chunk=3,
+            eos_token_id=2,
+        )
+    )
+    sizes = [len(e.ids) for e in events if e.kind == "audio"]
+    assert max(sizes) <= 3 and sum(sizes) == 24
+
+
+def test_sampling_is_reproducible_with_a_seed(hf):
+    _, bb = hf
+    stack = _heads(bb)
+    ids = torch.randint(3, 128, (2, 5))
+    cfg = SamplingConfig(
+        do_sample=True, temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.2
+    )
+    runs = [
+        generate(
+            bb,
+            stack,
+            ids,
+            "boost",
+            25,
+            text_sampling=cfg,
+            generator=torch.Generator().manual_seed(1),
+        )
+        for _ in range(2)
+    ]
+    other = generate(
+        bb, stack, ids, "boost", 25, text_sampling=cfg, generator=torch.Generator().manual_seed(2)
+    )
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    assert not torch.equal(runs[0].sequences, other.sequences)
+
+
+def test_separate_audio_sampling_only_changes_audio_tokens(toy):
+    hot = SamplingConfig(do_sample=True, temperature=50.0)
+    res = generate(
+        toy.backbone,
+        toy.stack,
+        toy.prompt,
+        "boost",
+        30,
+        vocab=toy.vocab,
+        audio_sampling=hot,
+        generator=torch.Generator().manual_seed(0),
+    )
+    greedy = toy.answer[:30]
+    got = res.tokens[0].tolist()
+    # everything agrees up to the first resampled token, which is an audio token in place
+    # of an audio token (text and tags are still chosen greedily)
+    first = next(i for i, (g, t) in enumerate(zip(greedy, got)) if g != t)
+    assert 102 <= greedy[first] < 128 and 102 <= got[first] < 128
+
+
+def test_bad_arguments_raise(hf):
+    _, bb = hf
+    stack = _heads(bb, 4)
+    ids = torch.randint(3, 128, (1, 5))
+    with pytest.raises(ValueError, match="unknown mode 'fast'"):
+        generate(bb, stack, ids, "fast", 5)
+    with pytest.raises(ValueError, match="needs 10 MCTP slots in a row but the stack has 4 heads"):
+        generate(bb, stack, ids, "boost", 5)
+    with pytest.raises(ValueError, match="uses MCTP heads but no stack"):
+        generate(bb, None, ids, "turbo", 5)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        generate(bb, stack, ids, "vanilla", 0)
+    with pytest.raises(ValueError, match="needs 16 cache slots, max_len is 10"):
+        generate(bb, None, ids, "vanilla", 10, max_len=10)
+    with pytest.raises(ValueError, match="greedy decoding only"):
+        generate(
+            bb, stack, ids, "vanilla", 5, verify=True, text_sampling=SamplingConfig(do_sample=True)
+        )
+    with pytest.raises(ValueError, match="pad prompts on the left"):
+        generate(bb, None, ids, "vanilla", 5, attention_mask=torch.tensor([[1, 1, 1, 1, 0]]))
+    with pytest.raises(ValueError, match=r"input_ids must be \[B, P\]"):
+        generate(bb, None, ids[0], "vanilla", 5)
+    with pytest.raises(ValueError, match=r"draft_len must be in \[1, 4\]"):
+        generate(bb, stack, ids, "vanilla", 5, verify=True, draft_len=5)
+    with pytest.raises(TypeError, match="unexpected keyword arguments"):
+        generate(bb, None, ids, "vanilla", 5, temperature=0.5)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        SamplingConfig(temperature=0)
+    with pytest.raises(ValueError, match="needs vocab="):
+        next(generate_stream(bb, None, ids, "vanilla", 5))
