@@ -42,7 +42,7 @@ def toy(request) -> Toy:
     prompt = torch.randint(3, 60, (1, 6), generator=g)
     text = torch.randint(3, 60, (9,), generator=g).tolist()
     audio = torch.randint(AUDIO_START, AUDIO_START + NUM_AUDIO, (24,), generator=g).tolist()
-    answer = InterleaveSchedule.boost().interleave(text, audio, BOA, EOA) + [EOS]
+    answer = [*InterleaveSchedule.boost().interleave(text, audio, BOA, EOA), EOS]
     seq = torch.cat([prompt, torch.tensor([answer])], dim=1)
     labels = seq.clone()
     labels[:, : prompt.shape[1]] = -100
