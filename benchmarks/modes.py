@@ -1,0 +1,206 @@
+"""Generation speed per mode: the paper's Table 8 / Table 9 protocol on random weights.
+
+Random-init Qwen2.5-shaped backbones (vocabulary 168,072 = Qwen2.5 + VITA-Audio's speech
+tokens) with 10 MCTP heads, a 32-token random prompt, a fixed number of new tokens, greedy,
+no stop token. Every mode is measured side by side in one process, the modes interleaved in
+round-robin order, and the median of ``--repeats`` runs is reported with its ratio to our own
+Vanilla. MCTP modes are reported twice: heads scoring the full vocabulary (as the original) and
+heads restricted to BOA/EOA + the 16,384 audio tokens (exact for these modes).
+
+"First audio" is the time from the call until the tokens of the first audio segment exist
+(Table 9's quantity): the end of the schedule's first m-run for Balance/Boost/Turbo; for
+Vanilla, the same 11 tokens Boost needs (text + BOA + 8 audio + EOA) all made by the backbone.
+
+Usage::
+
+    python benchmarks/modes.py --config 0.5b --new-tokens 64 --repeats 3       # CPU
+    python benchmarks/modes.py --config 7b --device cuda --dtype bfloat16 --new-tokens 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+CONFIGS = {
+    # name: (hidden, layers, heads, kv_heads, intermediate, vocab, tie)
+    "tiny": (64, 2, 4, 2, 128, 1024, False),
+    "0.5b": (896, 24, 14, 2, 4864, 168072, True),  # Qwen2.5-0.5B shapes
+    "7b": (3584, 28, 28, 4, 18944, 168072, False),  # Qwen2.5-7B shapes
+}
+
+
+def build(name: str, device: str, dtype: torch.dtype, num_heads: int = 10):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from mctp import MCTPStack
+    from mctp.backbones import AUDIO_PLACEHOLDER, BOA, EOA, HFBackbone, SpeechVocab
+
+    hidden, layers, heads, kv, inter, vocab, tie = CONFIGS[name]
+    cfg = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        intermediate_size=inter,
+        tie_word_embeddings=tie,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+    )
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen2ForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(old)
+    backbone = HFBackbone(model, verify=False)
+    stack = (
+        MCTPStack.from_backbone(backbone.parts(), num_heads).to(device=device, dtype=dtype).eval()
+    )
+    if vocab == 168072:
+        speech = SpeechVocab(
+            {BOA: 151674, EOA: 151675, AUDIO_PLACEHOLDER: 151684}, 151685, 16384, vocab
+        )
+    else:
+        speech = SpeechVocab(
+            {BOA: vocab - 67, EOA: vocab - 66, AUDIO_PLACEHOLDER: vocab - 65}, vocab - 64, 64, vocab
+        )
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return backbone, stack, speech, weight_bytes
+
+
+def first_segment_end(mode: str) -> int:
+    from mctp.interleave import InterleaveSchedule
+
+    sched = InterleaveSchedule.from_mode("boost" if mode in ("vanilla", "verified") else mode)
+    return sched.segment(0)[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", choices=sorted(CONFIGS), default="0.5b")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--new-tokens", type=int, default=None, help="default: 64 on CPU, 1024 on GPU")
+    p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--modes", default="vanilla,balance,boost,turbo,verified")
+    p.add_argument(
+        "--bandwidth-gbs", type=float, default=None, help="memory bandwidth for the roofline column"
+    )
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    n = args.new_tokens or (64 if args.device == "cpu" else 1024)
+
+    from mctp import generate
+
+    t = time.perf_counter()
+    backbone, stack, speech, weight_bytes = build(args.config, args.device, dtype)
+    build_s = time.perf_counter() - t
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(
+        0,
+        151000 if backbone.vocab_size > 200000 else backbone.vocab_size - 100,
+        (1, args.prompt),
+        generator=g,
+    )
+    prompt = prompt.to(args.device)
+
+    variants: list[tuple[str, str, dict]] = []
+    for mode in args.modes.split(","):
+        if mode == "vanilla":
+            variants.append(("vanilla", "-", {}))
+        elif mode == "verified":
+            variants.append(("verified", "full", {"verify": True, "mode": "vanilla"}))
+        else:
+            variants.append((mode, "full", {}))
+            variants.append((mode, "audio", {"audio_heads": True}))
+
+    def run(mode: str, kw: dict):
+        kw = dict(kw)
+        m = kw.pop("mode", mode)
+        return generate(
+            backbone,
+            stack if mode != "vanilla" else None,
+            prompt,
+            m,
+            n,
+            vocab=speech,
+            sync_timings=True,
+            **kw,
+        )
+
+    run("turbo", {"audio_heads": True})  # warm-up (allocations, kernels)
+    run("vanilla", {})
+    times: dict[tuple[str, str], list] = {}
+    for _ in range(args.repeats):
+        for mode, heads, kw in variants:
+            res = run(mode, kw)
+            end = first_segment_end(mode)
+            first = next(s for produced, s in res.cycle_times if produced >= end)
+            times.setdefault((mode, heads), []).append((res.total_s, first, res))
+
+    base = statistics.median(x[0] for x in times[("vanilla", "-")])
+    dev = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else platform.processor() or platform.machine()
+    )
+    print(
+        f"config {args.config} ({weight_bytes / 1e9:.2f} GB backbone weights), device {args.device} ({dev}), "
+        f"dtype {args.dtype}, threads {torch.get_num_threads()}, torch {torch.__version__}"
+    )
+    print(
+        f"prompt {args.prompt} tokens, {n} new tokens, greedy, random weights, median of {args.repeats}; "
+        f"build {build_s:.1f} s\n"
+    )
+    cols = (
+        "mode",
+        "heads",
+        "tokens/s",
+        "speed-up",
+        "backbone fwd",
+        "MCTP steps",
+        "first audio (ms)",
+    )
+    rows = []
+    for (mode, heads), xs in times.items():
+        total = statistics.median(x[0] for x in xs)
+        first = statistics.median(x[1] for x in xs)
+        res = xs[0][2]
+        rows.append(
+            (
+                mode,
+                heads,
+                f"{n / total:.1f}",
+                f"{base / total:.2f}x",
+                str(res.num_backbone_forwards),
+                str(res.num_mctp_steps),
+                f"{1000 * first:.1f}",
+            )
+        )
+    widths = [max(len(r[i]) for r in [cols, *rows]) for i in range(len(cols))]
+    for r in [cols, tuple("-" * w for w in widths), *rows]:
+        print("| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |")
+    if args.bandwidth_gbs:
+        limit = args.bandwidth_gbs * 1e9 / weight_bytes
+        van = n / base
+        print(
+            f"\nVanilla {van:.1f} tok/s = {100 * van / limit:.0f}% of the weight-streaming limit {limit:.1f} tok/s"
+        )
+
+
+if __name__ == "__main__":
+    main()
