@@ -262,9 +262,18 @@ class HFBackbone(nn.Module):
         stop = buffer.length
         if not 0 <= start < stop:
             raise ValueError(f"nothing to process: start {start}, sequence length {stop}")
-        idx = buffer.index[start:stop]
-        pos = buffer.positions[:, start:stop]
-        x = self.base.embed_tokens(buffer.ids[:, start:stop])
+        return self.decode(buffer, cache, buffer.index[start:stop], all_logits=all_logits)
+
+    def decode(
+        self, buffer: TokenBuffer, cache: KVCache, idx: torch.Tensor, *, all_logits: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward_cached` on the slots ``idx [T]`` (a tensor: static under compile/graphs).
+
+        Returns:
+            ``(hidden [B, T, H], logits [B, T or 1, V])``.
+        """
+        pos = buffer.positions.index_select(1, idx)
+        x = self.base.embed_tokens(buffer.ids.index_select(1, idx))
         cache.set_positions(idx)
         mask = self._mask(decode_mask(idx, buffer.valid), x.dtype)
         hidden = self._layers(x, mask, pos, cache)

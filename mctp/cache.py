@@ -13,7 +13,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "static_buffer"]
+
+
+def static_buffer(t: torch.Tensor) -> torch.Tensor:
+    """Mark a long-lived CUDA buffer as having a fixed address (CUDA graphs may then keep it
+    in place instead of copying it); a no-op on other devices."""
+    if t.is_cuda:
+        torch._dynamo.mark_static_address(t)
+    return t
 
 
 class KVCache:
@@ -74,8 +82,10 @@ class KVCache:
             b, h, _, d = key.shape
             if b != self.batch_size:
                 raise RuntimeError(f"cache batch size is {self.batch_size}, got keys for batch {b}")
-            self.keys[i] = key.new_zeros(b, h, self.max_len, d)
-            self.values[i] = value.new_zeros(b, value.shape[1], self.max_len, value.shape[-1])
+            self.keys[i] = static_buffer(key.new_zeros(b, h, self.max_len, d))
+            self.values[i] = static_buffer(
+                value.new_zeros(b, value.shape[1], self.max_len, value.shape[-1])
+            )
         k_buf, v_buf = self.keys[i], self.values[i]
         assert k_buf is not None and v_buf is not None
         k_buf.index_copy_(2, self._positions, key.to(k_buf.dtype))

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import KVCache
-from .masks import decode_mask, default_position_ids
+from .cache import KVCache, static_buffer
+from .masks import additive, decode_mask, default_position_ids
 from .sampling import greedy
 from .stack import MCTPStack
 
@@ -48,6 +48,8 @@ class TokenBuffer:
         self.positions = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.index = torch.arange(max_len, device=device)
+        for t in (self.ids, self.positions, self.valid, self.index):
+            static_buffer(t)
         self.length = 0
 
     @property
@@ -136,10 +138,13 @@ class MCTPDecoder:
         n, b, s = stack.num_heads, buffer.batch_size, buffer.max_len
         dtype = dtype or stack.heads[0].proj.weight.dtype
         # hidden[k] holds h^k: the backbone's output for k = 0, head k-1's output otherwise
-        self.hidden = torch.zeros(n, b, s, stack.hidden_size, dtype=dtype, device=buffer.device)
+        self.hidden = static_buffer(
+            torch.zeros(n, b, s, stack.hidden_size, dtype=dtype, device=buffer.device)
+        )
         self.caches = [KVCache(1, b, s, single_layer=True) for _ in range(n)]
         self.next_index = [k + 1 for k in range(n)]
         self.backbone_length = 0
+        self._compiled: dict[tuple[int, int], Callable] = {}
 
     def reset(self) -> None:
         """Forget all progress (the buffers stay allocated)."""
@@ -184,6 +189,7 @@ class MCTPDecoder:
         sampler: Callable[[torch.Tensor], torch.Tensor] = greedy,
         forced: torch.Tensor | None = None,
         return_logits: bool = False,
+        window: int | None = None,
     ) -> ChainOutput:
         """Run heads ``0..K-1`` once each, appending one token per head to the buffer.
 
@@ -196,6 +202,11 @@ class MCTPDecoder:
             forced: ``[B, K]`` vocabulary ids to append instead of the chosen ones (teacher
                 forcing); the logits are still those of the heads.
             return_logits: Also return the heads' logits.
+            window: Run every head on exactly this many slots (its unseen slots plus
+                already-seen ones before them) when possible: static shapes for
+                ``torch.compile``/CUDA graphs (see :meth:`compile_chain`). Falls back to the
+                exact-backlog path when a head's backlog is longer than the window, its cache
+                is not allocated yet, or the sequence is shorter than the window.
 
         Returns:
             :class:`ChainOutput`.
@@ -221,41 +232,117 @@ class MCTPDecoder:
                 f"forced must be [B, K] = {(buf.batch_size, k_run)}, got {tuple(forced.shape)}"
             )
         tokens, all_logits = [], []
-        for k in range(k_run):
-            head = stack.heads[k]
-            n = buf.length
-            c = self.next_index[k]
-            if c > n - 1:
-                raise RuntimeError(
-                    f"head {k} has already seen slot {n - 1}; truncate() before re-running"
+        n0 = buf.length
+        if window is not None and forced is None and self._window_ok(k_run, window):
+            run = self._compiled.get((k_run, window)) or self._window_chain(k_run, window)
+            toks, logits = run(torch.tensor(n0, device=buf.device), sampler)
+            buf.length = n0 + k_run
+            self.next_index[:k_run] = [n0 + k for k in range(k_run)]
+            tokens, all_logits = list(toks.unbind(1)), list(logits.unbind(1))
+        else:
+            for k in range(k_run):
+                n = buf.length
+                c = self.next_index[k]
+                if c > n - 1:
+                    raise RuntimeError(
+                        f"head {k} has already seen slot {n - 1}; truncate() before re-running"
+                    )
+                tok, logits = self._head(
+                    k, buf.index[c:n], sampler, None if forced is None else forced[:, k]
                 )
-            idx = buf.index[c:n]
-            x = buf.ids[:, c:n]
-            pos = buf.positions[:, c:n]
-            prev = self.hidden[k, :, c - 1 : n - 1]
-            z = head.fuse(stack.embed(x), prev)
-            cache = self.caches[k]
-            cache.set_positions(idx)
-            mask = decode_mask(idx, buf.valid & (buf.positions > k))
-            y = head.block(
-                z,
-                attention_mask=mask,
-                position_ids=pos,
-                past_key_values=cache,
-                use_cache=True,
-                position_embeddings=stack.position_embeddings(z, pos),
-            )
-            h = stack.norm(y)
-            if k + 1 < stack.num_heads:
-                self.hidden[k + 1, :, c:n] = h
-            logits = stack.head_logits(h[:, -1])  # [B, V']
-            tok = stack.to_global_ids(sampler(logits)) if forced is None else forced[:, k]
-            buf.append(tok[:, None])
-            self.next_index[k] = n
-            tokens.append(tok)
-            if return_logits:
+                buf.length = n + 1
+                self.next_index[k] = n
+                tokens.append(tok)
                 all_logits.append(logits)
         return ChainOutput(
             tokens=torch.stack(tokens, dim=1),
             logits=torch.stack(all_logits, dim=1) if return_logits else None,
+        )
+
+    # ------------------------------------------------------------------ head runs
+    def _head(
+        self,
+        k: int,
+        idx: torch.Tensor,
+        sampler: Callable[[torch.Tensor], torch.Tensor],
+        forced: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head ``k`` processes slots ``idx [T]`` and writes its token to slot ``idx[-1] + 1``.
+
+        Everything is indexed by tensors (no host integers), so the same code runs eagerly,
+        under ``torch.compile`` and inside a CUDA graph.
+
+        Returns:
+            ``(token [B], logits [B, V'])``.
+        """
+        stack, buf = self.stack, self.buffer
+        head = stack.heads[k]
+        x = buf.ids.index_select(1, idx)
+        pos = buf.positions.index_select(1, idx)
+        prev = self.hidden[k].index_select(1, idx - 1)  # h^k_{t-1}
+        z = head.fuse(stack.embed(x), prev)
+        cache = self.caches[k]
+        cache.set_positions(idx)
+        mask = additive(decode_mask(idx, buf.valid & (buf.positions > k)), z.dtype)
+        y = head.block(
+            z,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+            position_embeddings=stack.position_embeddings(z, pos),
+        )
+        h = stack.norm(y)
+        if k + 1 < stack.num_heads:
+            self.hidden[k + 1].index_copy_(1, idx, h.to(self.hidden.dtype))
+        logits = stack.head_logits(h[:, -1])  # [B, V']
+        tok = stack.to_global_ids(sampler(logits)) if forced is None else forced
+        nxt = idx[-1:] + 1
+        buf.ids.index_copy_(1, nxt, tok[:, None])
+        buf.positions.index_copy_(1, nxt, pos[:, -1:] + 1)
+        buf.valid.index_copy_(1, nxt, torch.ones_like(buf.valid[:, :1]))
+        return tok, logits
+
+    def _window_ok(self, k_run: int, window: int) -> bool:
+        """Whether heads ``0..K-1`` can run on fixed windows of ``window`` slots now."""
+        n = self.buffer.length
+        if n - window < 1:
+            return False
+        for k in range(k_run):
+            if self.caches[k].keys[0] is None or n + k - self.next_index[k] > window:
+                return False
+        return True
+
+    def _window_chain(
+        self, k_run: int, window: int
+    ) -> Callable[
+        [torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], tuple[torch.Tensor, torch.Tensor]
+    ]:
+        """The chain of heads ``0..K-1`` on fixed windows (static shapes: compile/graph it).
+
+        Head ``k`` processes the ``window`` slots ending at ``n + k - 1`` (``n`` = length
+        before the chain, a 0-d tensor), re-computing slots it has already seen: their inputs
+        are unchanged, so the cache entries written again are the same.
+        """
+        offsets = torch.arange(window, device=self.buffer.device) - window
+
+        def chain(
+            n: torch.Tensor, sampler: Callable[[torch.Tensor], torch.Tensor]
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            toks, logits = [], []
+            for k in range(k_run):
+                tok, lg = self._head(k, offsets + (n + k), sampler, None)
+                toks.append(tok)
+                logits.append(lg)
+            return torch.stack(toks, dim=1), torch.stack(logits, dim=1)
+
+        return chain
+
+    def compile_chain(self, k_run: int, window: int, **compile_kwargs: object) -> None:
+        """``torch.compile`` the windowed chain of ``k_run`` heads (used by ``step(window=)``).
+
+        On CUDA pass ``mode="reduce-overhead"`` to capture the whole chain as one CUDA graph.
+        """
+        self._compiled[(k_run, window)] = torch.compile(
+            self._window_chain(k_run, window), **compile_kwargs
         )

@@ -85,7 +85,9 @@ def build_demo_model(*, train_steps: int = 150, seed: int = 0, hidden: int = 64,
 def main(argv: list[str] | None = None) -> None:
     """Run the demonstration (see the module docstring)."""
     p = argparse.ArgumentParser(prog="python -m mctp.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("out"), help="folder for the streamed events and audio")
+    p.add_argument(
+        "--out", type=Path, default=Path("out"), help="folder for the streamed events and audio"
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median reported)")
     p.add_argument("--train-steps", type=int, default=150)
     args = p.parse_args(argv)
@@ -96,8 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     t = time.perf_counter()
     backbone, stack, vocab, prompt, answer = build_demo_model(train_steps=args.train_steps)
-    print(f"built and taught the demo model in {time.perf_counter() - t:.1f} s "
-          f"(answer: {len(answer)} tokens, threads {torch.get_num_threads()})\n")
+    print(
+        f"built and taught the demo model in {time.perf_counter() - t:.1f} s "
+        f"(answer: {len(answer)} tokens, threads {torch.get_num_threads()})\n"
+    )
 
     rows = []
     runs: dict[str, list] = {}
@@ -105,8 +109,16 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.repeats):  # interleave modes so that drifts hit all of them alike
         for mode in modes:
             kw = {"verify": True} if mode == "verified" else {}
-            res = generate(backbone, stack, prompt, "vanilla" if mode == "verified" else mode,
-                           len(answer), vocab=vocab, eos_token_id=EOS, **kw)
+            res = generate(
+                backbone,
+                stack,
+                prompt,
+                "vanilla" if mode == "verified" else mode,
+                len(answer),
+                vocab=vocab,
+                eos_token_id=EOS,
+                **kw,
+            )
             runs.setdefault(mode, []).append(res)
     base = None
     for mode in modes:
@@ -116,9 +128,28 @@ def main(argv: list[str] | None = None) -> None:
         base = base or tps
         ttfa = f"{1000 * res.first_audio_s:.1f}" if res.first_audio_s is not None else "-"
         acc = f"{res.acceptance_rate:.2f}" if res.acceptance_rate is not None else "-"
-        rows.append((mode, f"{tps:.0f}", f"{tps / base:.2f}x", str(res.num_backbone_forwards),
-                     str(res.num_mctp_steps), ttfa, acc, "yes" if ok else "NO"))
-    head = ("mode", "tokens/s", "speed-up", "backbone fwd", "MCTP steps", "first audio (ms)", "accept", "exact")
+        rows.append(
+            (
+                mode,
+                f"{tps:.0f}",
+                f"{tps / base:.2f}x",
+                str(res.num_backbone_forwards),
+                str(res.num_mctp_steps),
+                ttfa,
+                acc,
+                "yes" if ok else "NO",
+            )
+        )
+    head = (
+        "mode",
+        "tokens/s",
+        "speed-up",
+        "backbone fwd",
+        "MCTP steps",
+        "first audio (ms)",
+        "accept",
+        "exact",
+    )
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, tuple("-" * w for w in widths), *rows]:
         print("| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |")
@@ -127,16 +158,30 @@ def main(argv: list[str] | None = None) -> None:
     codec = DummyCodec(codebook_size=NUM_AUDIO)
     audio = []
     with open(args.out / "stream_events.jsonl", "w") as f:
-        for ev in generate_stream(backbone, stack, prompt, "boost", len(answer), vocab=vocab, eos_token_id=EOS):
-            f.write(json.dumps({"kind": ev.kind, "row": ev.row, "ids": ev.ids, "ms": round(1000 * ev.time_s, 2)}) + "\n")
+        for ev in generate_stream(
+            backbone, stack, prompt, "boost", len(answer), vocab=vocab, eos_token_id=EOS
+        ):
+            f.write(
+                json.dumps(
+                    {
+                        "kind": ev.kind,
+                        "row": ev.row,
+                        "ids": ev.ids,
+                        "ms": round(1000 * ev.time_s, 2),
+                    }
+                )
+                + "\n"
+            )
             if ev.kind == "audio":
                 audio.append(codec.decode(vocab.to_codes(ev.ids)))
     import soundfile as sf
 
     wav = torch.cat(audio) if audio else torch.zeros(0)
     sf.write(args.out / "stream_audio.wav", wav.numpy(), codec.sample_rate)
-    print(f"\nwrote {args.out / 'stream_events.jsonl'} and {args.out / 'stream_audio.wav'} "
-          f"({wav.numel() / codec.sample_rate:.2f} s of dummy-codec audio)")
+    print(
+        f"\nwrote {args.out / 'stream_events.jsonl'} and {args.out / 'stream_audio.wav'} "
+        f"({wav.numel() / codec.sample_rate:.2f} s of dummy-codec audio)"
+    )
 
 
 if __name__ == "__main__":

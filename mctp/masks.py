@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["decode_mask", "default_position_ids", "segment_ids", "segment_mask", "valid_positions"]
+__all__ = [
+    "additive",
+    "decode_mask",
+    "default_position_ids",
+    "segment_ids",
+    "segment_mask",
+    "valid_positions",
+]
 
 
 def default_position_ids(
@@ -89,3 +96,15 @@ def decode_mask(query_index: torch.Tensor, key_valid: torch.Tensor) -> torch.Ten
     causal = s[None, :] <= query_index[:, None]  # [T, S]
     own = s[None, :] == query_index[:, None]
     return ((causal[None] & key_valid[:, None, :]) | own[None]).unsqueeze(1)
+
+
+def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean mask (True = attend) -> additive float mask (0 / dtype's minimum).
+
+    Additive masks mean the same to every attention implementation (transformers' eager
+    attention adds the mask to the scores; SDPA and :class:`mctp.layers.DecoderBlock` accept
+    both forms), so MCTP heads always receive this form.
+    """
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+        ~mask, torch.finfo(dtype).min
+    )

@@ -25,7 +25,7 @@ from torch import nn
 
 from .layers import RMSNorm
 from .losses import chunked_cross_entropy
-from .masks import default_position_ids, segment_ids, segment_mask, valid_positions
+from .masks import additive, default_position_ids, segment_ids, segment_mask, valid_positions
 from .vocab import OutputVocab
 
 __all__ = ["BackboneParts", "MCTPHead", "MCTPOutput", "MCTPStack", "shift_targets"]
@@ -217,7 +217,12 @@ class MCTPStack(nn.Module):
             last = parts.last_block
 
             def block_factory(_: int) -> nn.Module:
-                return copy.deepcopy(last)
+                block = copy.deepcopy(last)
+                # heads get dense (additive) masks: a copied flash-attention layer runs SDPA
+                cfg = getattr(getattr(block, "self_attn", None), "config", None)
+                if str(getattr(cfg, "_attn_implementation", "")).startswith("flash"):
+                    cfg._attn_implementation = "sdpa"
+                return block
 
         first = MCTPHead(
             block=block_factory(0), hidden_size=parts.hidden_size, rms_eps=parts.rms_eps
@@ -397,7 +402,7 @@ class MCTPStack(nn.Module):
             seg = segment_ids(position_ids, attention_mask, min_position=k + 1)
             y = head.block(
                 z,
-                attention_mask=segment_mask(seg),
+                attention_mask=additive(segment_mask(seg), z.dtype),
                 position_ids=position_ids,
                 position_embeddings=rope,
             )

@@ -135,3 +135,38 @@ def test_flash_attention_packed_equals_sdpa(tiny_hf):
     model.config._attn_implementation = "flash_attention_2"
     flash = HFBackbone(model)(ids, position_ids=pos, return_logits=True).logits
     torch.testing.assert_close(flash, sdpa, atol=5e-2, rtol=5e-2)
+
+
+def test_heads_on_eager_and_sdpa_backbones_agree(tiny_hf):
+    from mctp import MCTPDecoder, TokenBuffer
+
+    outs = []
+    ids = torch.randint(0, 128, (1, 10))
+    for attn in ("sdpa", "eager"):
+        bb = HFBackbone(tiny_hf("qwen2", attn=attn))
+        stack = MCTPStack.from_backbone(bb.parts(), 2)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in stack.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        h = bb(ids).hidden
+        train = stack(h, ids).logits
+        buf = TokenBuffer(1, 16)
+        buf.start(ids[:, :7])
+        dec = MCTPDecoder(stack, buf)
+        dec.write_backbone(0, h[:, :6])
+        step = dec.step(2, forced=ids[:, 7:9], return_logits=True).logits
+        outs.append((train, step))
+    for a, b in zip(outs[0][0], outs[1][0]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(outs[0][1][:, 0], outs[0][0][0][:, 6], atol=1e-4, rtol=1e-4)
+
+
+def test_generate_name_is_the_function_after_importing_the_module():
+    import importlib
+
+    importlib.import_module("mctp.generation")
+    from mctp import generate
+
+    assert callable(generate) and generate.__module__ == "mctp.generation"

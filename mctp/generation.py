@@ -47,6 +47,10 @@ class CachedBackbone(Protocol):
         self, buffer: TokenBuffer, cache: KVCache, start: int, *, all_logits: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
+    def decode(
+        self, buffer: TokenBuffer, cache: KVCache, idx: torch.Tensor, *, all_logits: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
 
 class SpeechIds(Protocol):
     """Ids of the speech tokens (e.g. :class:`mctp.backbones.SpeechVocab`)."""
@@ -221,6 +225,8 @@ class _Engine:
         generator: torch.Generator | None,
         max_len: int | None,
         stop_check_every: int,
+        compile: bool | dict[str, Any],
+        window: int,
     ) -> None:
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, P], got shape {tuple(input_ids.shape)}")
@@ -228,6 +234,8 @@ class _Engine:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if stop_check_every < 1:
             raise ValueError(f"stop_check_every must be >= 1, got {stop_check_every}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
         b, p = input_ids.shape
         if attention_mask is not None:
             if attention_mask.shape != input_ids.shape:
@@ -249,7 +257,7 @@ class _Engine:
             if not 1 <= draft_len <= stack.num_heads:
                 raise ValueError(f"draft_len must be in [1, {stack.num_heads}], got {draft_len}")
         self.draft_len = draft_len or 0
-        slack = (self.draft_len if verify else 0) + 1
+        slack = max(self.draft_len if verify else 0, schedule.max_heads if compile else 0) + 1
         need = p + max_new_tokens + slack
         if max_len is not None and max_len < need:
             raise ValueError(
@@ -291,11 +299,31 @@ class _Engine:
         self.sources: list[int] = []  # per generated slot, shared by all rows
         self.forwards = self.mctp_steps = self.drafted = self.accepted = 0
         self.processed = 0  # slots whose backbone states are in the cache
+        self.head_sampler = lambda logits: self.picker(logits, self.head_index)
+        self.window = window if compile else None
+        self.decode = backbone.decode
+        self.compile_kwargs: dict[str, Any] = {}
+        if compile:
+            self.compile_kwargs = {"dynamic": False}
+            if device.type == "cuda":
+                self.compile_kwargs["mode"] = "reduce-overhead"
+            if isinstance(compile, dict):
+                self.compile_kwargs.update(compile)
+            # one compiled entry per (shape, chain length, mode): allow more than the default 8
+            limit = getattr(torch._dynamo.config, "recompile_limit", 8)
+            torch._dynamo.config.recompile_limit = max(limit, 64)
+            self.decode = torch.compile(backbone.decode, **self.compile_kwargs)
 
     # -- helpers
     @property
     def produced(self) -> int:
-        return self.buffer.length - self.prompt_len
+        """Generated tokens so far (capped at ``max_new_tokens``; the fast path may overshoot)."""
+        return min(self.buffer.length - self.prompt_len, self.max_new)
+
+    @property
+    def end(self) -> int:
+        """One past the last slot that belongs to the result."""
+        return self.prompt_len + self.produced
 
     def _append(self, tokens: torch.Tensor, source: Sequence[int]) -> None:
         """Record new tokens ``[B, T]`` already written to the buffer."""
@@ -306,14 +334,40 @@ class _Engine:
 
     def _backbone(self, all_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         start = self.processed
-        hidden, logits = self.backbone.forward_cached(
-            self.buffer, self.cache, start, all_logits=all_logits
-        )
+        hidden, logits = self._forward(start, all_logits)
         self.forwards += 1
         if self.decoder is not None:
             self.decoder.write_backbone(start, hidden)
         self.processed = self.buffer.length
         return hidden, logits
+
+    def _forward(self, start: int, all_logits: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone over slots ``start..length-1``.
+
+        The prefill runs eagerly. On the fast path a multi-token re-read is widened to the
+        last ``window`` slots (slots already in the cache are written again with the same
+        values), so the compiled decode sees only two shapes: 1 and ``window`` tokens.
+        """
+        n = self.buffer.length
+        if start == 0:
+            return self.backbone.forward_cached(self.buffer, self.cache, 0, all_logits=all_logits)
+        t = n - start
+        if self.window is not None and 1 < t <= self.window <= n:
+            idx = self.buffer.index[n - self.window : n]
+            hidden, logits = self.decode(self.buffer, self.cache, idx, all_logits=all_logits)
+            return hidden[:, -t:], logits[:, -t:] if all_logits else logits
+        return self.decode(
+            self.buffer, self.cache, self.buffer.index[start:n], all_logits=all_logits
+        )
+
+    def _step_heads(self, count: int) -> torch.Tensor:
+        """Run heads ``0..count-1`` (a fixed-window compiled chain when compiling)."""
+        assert self.decoder is not None
+        if self.window is not None and (count, self.window) not in self.decoder._compiled:
+            self.decoder.compile_chain(count, self.window, **self.compile_kwargs)
+        out = self.decoder.step(count, sampler=self.head_sampler, window=self.window)
+        self.mctp_steps += count
+        return out.tokens
 
     def _backbone_token(self) -> None:
         _, logits = self._backbone()
@@ -321,22 +375,25 @@ class _Engine:
         self.buffer.append(tok[:, None])
         self._append(tok[:, None], [BACKBONE])
 
-    def _chain(self, count: int) -> None:
-        assert self.decoder is not None
-        out = self.decoder.step(count, sampler=lambda lg: self.picker(lg, self.head_index))
-        self.mctp_steps += count
-        self._append(out.tokens, list(range(count)))
+    def _chain(self, start: int, count: int) -> None:
+        if self.window is not None:
+            # fast path: always the full run (static shapes); tokens past max_new are cut later
+            count = self.schedule.run_length(start - 1)
+        self._append(self._step_heads(count), list(range(count)))
 
     def _verified_cycle(self) -> None:
         """Draft with the heads, verify with one backbone forward, keep the agreeing prefix."""
         assert self.decoder is not None
         buf = self.buffer
         s0 = self.processed  # slot of the token the last backbone forward produced
-        k = min(self.draft_len, self.max_new - self.produced - 1)
+        k = (
+            self.draft_len
+            if self.window is not None
+            else min(self.draft_len, self.max_new - self.produced - 1)
+        )
         if k > 0:
-            self.decoder.step(k, sampler=lambda lg: self.picker(lg, self.head_index))
-            self.mctp_steps += k
-        hidden, logits = self.backbone.forward_cached(buf, self.cache, s0, all_logits=True)
+            self._step_heads(k)
+        hidden, logits = self._forward(s0, True)
         self.forwards += 1
         choice = logits.argmax(dim=-1)  # [B, k+1]: backbone's token for slots s0+1 .. s0+k+1
         drafts = buf.ids[:, s0 + 1 : s0 + 1 + k]
@@ -374,7 +431,7 @@ class _Engine:
                     yield self.produced
                     return
             else:
-                self._chain(step.count)
+                self._chain(step.start, step.count)
             yield self.produced
 
     def _all_done(self) -> bool:
@@ -388,7 +445,7 @@ class _Engine:
         speech: SpeechIds | None,
     ) -> GenerationResult:
         buf = self.buffer
-        n = buf.length
+        n = self.end
         gen = buf.ids[:, self.prompt_len : n]
         rows, srcs = [], []
         src = torch.tensor(self.sources[: n - self.prompt_len], dtype=torch.long)
@@ -463,6 +520,13 @@ _DOC_ARGS = """
         stop_check_every: Look at the stop flags every this many backbone forwards.
         sync_timings: Synchronise the device after every cycle so that the timings are exact
             (costs a little speed on CUDA; no effect on CPU).
+        compile: The fast path: ``torch.compile`` the backbone's decode step and every MCTP
+            chain with static shapes (``mode="reduce-overhead"`` on CUDA, which captures each
+            as a CUDA graph); heads then run on fixed windows of ``window`` slots. The first
+            call compiles (slow); the caller decides whether that pays off. A dict is passed
+            to ``torch.compile`` (e.g. ``{"backend": "aot_eager"}``).
+        window: Slots per head run on the fast path (>= the longest backlog of the schedule:
+            16 covers Vanilla/Balance/Boost/Turbo).
 """
 
 
@@ -497,6 +561,8 @@ def _setup(
         generator=kw.pop("generator", None),
         max_len=kw.pop("max_len", None),
         stop_check_every=kw.pop("stop_check_every", 8),
+        compile=kw.pop("compile", False),
+        window=kw.pop("window", 16),
     )
 
 
@@ -514,6 +580,8 @@ _KNOWN = {
     "max_len",
     "stop_check_every",
     "sync_timings",
+    "compile",
+    "window",
 }
 
 
@@ -614,7 +682,7 @@ def generate_stream(
         if not cycle_times:
             prefill_s = now
         cycle_times.append((produced, now))
-        new = buf.ids[:, engine.prompt_len : buf.length].tolist()  # one read per cycle
+        new = buf.ids[:, engine.prompt_len : engine.end].tolist()  # one read per cycle
         for r in range(b):
             if ended[r]:
                 continue
