@@ -114,6 +114,7 @@ class StreamEvent:
         row: Batch row.
         ids: Token ids (for audio: the audio token ids without BOA/EOA).
         time_s: Seconds since the call started.
+        forwards: Backbone forwards run so far (the prefill counts as the first).
         result: On the very last event (``kind == "end"`` of the last row), the full
             :class:`GenerationResult`; None otherwise.
     """
@@ -122,6 +123,7 @@ class StreamEvent:
     row: int
     ids: list[int]
     time_s: float
+    forwards: int = 0
     result: GenerationResult | None = None
 
 
@@ -692,16 +694,16 @@ def generate_stream(
                 if in_audio[r]:
                     if tok == speech.eoa:
                         in_audio[r] = False
-                        yield StreamEvent("audio", r, pending[r], now)
+                        yield StreamEvent("audio", r, pending[r], now, engine.forwards)
                         pending[r] = []
                     else:
                         pending[r].append(tok)
                         if audio_chunk is not None and len(pending[r]) >= audio_chunk:
-                            yield StreamEvent("audio", r, pending[r], now)
+                            yield StreamEvent("audio", r, pending[r], now, engine.forwards)
                             pending[r] = []
                 elif tok == speech.boa:
                     if text:
-                        yield StreamEvent("text", r, text, now)
+                        yield StreamEvent("text", r, text, now, engine.forwards)
                         text = []
                     in_audio[r] = True
                 else:
@@ -710,23 +712,22 @@ def generate_stream(
                     ended[r] = True
                     break
             if text:
-                yield StreamEvent("text", r, text, now)
+                yield StreamEvent("text", r, text, now, engine.forwards)
             if ended[r]:
                 if pending[r]:
-                    yield StreamEvent("audio", r, pending[r], now)
+                    yield StreamEvent("audio", r, pending[r], now, engine.forwards)
                     pending[r] = []
-                yield StreamEvent("end", r, [], now)
+                yield StreamEvent("end", r, [], now, engine.forwards)
     result = engine.result(t0, prefill_s, cycle_times, speech)
     for r in range(b):
         if pending[r]:
-            yield StreamEvent("audio", r, pending[r], time.perf_counter() - t0)
+            yield StreamEvent("audio", r, pending[r], time.perf_counter() - t0, engine.forwards)
     last = [r for r in range(b) if not ended[r]]
     for i, r in enumerate(last):
-        yield StreamEvent(
-            "end", r, [], time.perf_counter() - t0, result if i == len(last) - 1 else None
-        )
+        final = result if i == len(last) - 1 else None
+        yield StreamEvent("end", r, [], time.perf_counter() - t0, engine.forwards, final)
     if not last:
-        yield StreamEvent("end", -1, [], time.perf_counter() - t0, result)
+        yield StreamEvent("end", -1, [], time.perf_counter() - t0, engine.forwards, result)
 
 
 generate_stream.__doc__ = (generate_stream.__doc__ or "").replace("{args}", _DOC_ARGS)

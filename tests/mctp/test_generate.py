@@ -135,7 +135,8 @@ def test_stream_first_audio_segment_after_one_forward_and_one_chain(toy, mode):
     first = audio[0]
     # the first audio segment is complete: BOA..EOA of the first chain, 8 audio tokens
     assert first.ids == toy.answer[2:10]
-    # it was emitted in the second cycle: the prefill forward plus one MCTP chain
+    # it was emitted after the prefill forward plus one MCTP chain
+    assert first.forwards == 1
     produced_at_emit = next(p for p, t in result.cycle_times if t >= first.time_s)
     assert produced_at_emit == 11 and result.cycle_times[1][0] == 11
     # events rebuild the answer exactly

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mctp import MCTPStack, mctp_loss, shift_targets
 from mctp.checkpoint import CheckpointError
@@ -232,3 +234,29 @@ def test_load_strict_names_missing_and_unexpected(tiny_lm):
     with pytest.raises(CheckpointError, match=r"missing keys \(1\): heads.0.proj.weight") as e:
         load_strict(stack, sd)
     assert e.value.unexpected == ["heads.0.extra"]
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(lengths=st.lists(st.integers(1, 7), min_size=1, max_size=4), seed=st.integers(0, 2**16))
+def test_packing_property_per_head_losses_add_up(tiny_lm, lengths, seed):
+    """Any packing of samples gives the per-head loss sums and counts of running them alone."""
+    stack = _perturbed_stack(tiny_lm, 3)
+    g = torch.Generator().manual_seed(seed)
+    samples = [torch.randint(0, 97, (1, n), generator=g) for n in lengths]
+    packed = torch.cat(samples, dim=1)
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        out = stack(
+            tiny_lm(packed, pos), packed, position_ids=pos, labels=packed, return_logits=False
+        )
+        sums = torch.zeros(3)
+        counts = torch.zeros(3, dtype=torch.long)
+        for x in samples:
+            one = stack(tiny_lm(x), x, labels=x, return_logits=False)
+            sums += one.loss_sums
+            counts += one.num_targets
+    assert torch.equal(out.num_targets, counts)
+    assert counts.tolist() == [sum(max(n - 2 - k, 0) for n in lengths) for k in range(3)]
+    torch.testing.assert_close(out.loss_sums, sums, atol=1e-3, rtol=1e-4)
