@@ -1,4 +1,6 @@
-"""One engine for ``generate`` and ``generate_stream``: backbone + MCTP heads on a schedule.
+"""The generation engine behind ``generate`` and ``generate_stream`` (``mctp.streaming``).
+
+Backbone + MCTP heads on a schedule.
 
 A schedule (:class:`mctp.interleave.InterleaveSchedule`) says which decoded token comes
 from a backbone forward and which from MCTP head ``k``. After an MCTP chain the next
@@ -30,10 +32,10 @@ from mctp.interleave import BACKBONE, InterleaveSchedule, Mode, Source
 
 from .cache import KVCache
 from .decoding import MCTPDecoder, TokenBuffer
-from .sampling import SamplingConfig, apply_repetition_penalty, sample_logits
+from .sampling import SamplingConfig, SpeechIds, TokenPicker
 from .stack import MCTPStack
 
-__all__ = ["CachedBackbone", "GenerationResult", "StreamEvent", "generate", "generate_stream"]
+__all__ = ["CachedBackbone", "GenerationResult", "generate"]
 
 
 class CachedBackbone(Protocol):
@@ -50,15 +52,6 @@ class CachedBackbone(Protocol):
     def decode(
         self, buffer: TokenBuffer, cache: KVCache, idx: torch.Tensor, *, all_logits: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-class SpeechIds(Protocol):
-    """Ids of the speech tokens (e.g. :class:`mctp.backbones.SpeechVocab`)."""
-
-    boa: int
-    eoa: int
-    audio_start: int
-    audio_stop: int
 
 
 @dataclass
@@ -101,85 +94,6 @@ class GenerationResult:
     def tokens_per_s(self) -> float:
         """Generated tokens (all rows) per second of the whole call."""
         return sum(t.numel() for t in self.tokens) / self.total_s if self.total_s > 0 else 0.0
-
-
-@dataclass
-class StreamEvent:
-    """One item of :func:`generate_stream`.
-
-    Attributes:
-        kind: ``"text"`` (text token ids), ``"audio"`` (one complete audio segment, or a
-            partial one when ``audio_chunk`` is set), or ``"end"`` (the row stopped; ``ids``
-            empty).
-        row: Batch row.
-        ids: Token ids (for audio: the audio token ids without BOA/EOA).
-        time_s: Seconds since the call started.
-        forwards: Backbone forwards run so far (the prefill counts as the first).
-        result: On the very last event (``kind == "end"`` of the last row), the full
-            :class:`GenerationResult`; None otherwise.
-    """
-
-    kind: str
-    row: int
-    ids: list[int]
-    time_s: float
-    forwards: int = 0
-    result: GenerationResult | None = None
-
-
-# --------------------------------------------------------------------------- token choice
-class _Picker:
-    """Chooses tokens from logits with separate text/audio sampling, on the device."""
-
-    def __init__(
-        self,
-        vocab_size: int,
-        speech: SpeechIds | None,
-        text: SamplingConfig,
-        audio: SamplingConfig,
-        generator: torch.Generator | None,
-        device: torch.device,
-        batch_size: int,
-    ) -> None:
-        self.text, self.audio, self.generator = text, audio, generator
-        self.speech = speech
-        self.split = speech is not None and audio != text
-        self.penalty = text.repetition_penalty != 1.0 or audio.repetition_penalty != 1.0
-        self.seen = (
-            torch.zeros(batch_size, vocab_size, dtype=torch.bool, device=device)
-            if self.penalty
-            else None
-        )
-        self.is_audio = None
-        if speech is not None:
-            ids = torch.arange(vocab_size, device=device)
-            self.is_audio = (ids >= speech.audio_start) & (ids < speech.audio_stop)
-
-    def observe(self, ids: torch.Tensor) -> None:
-        """Mark ``ids [B, T]`` as seen (for the repetition penalty)."""
-        if self.seen is not None:
-            self.seen.scatter_(1, ids, True)
-
-    def __call__(self, logits: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-        """``logits [B, V']`` over vocabulary ids ``index`` (None = all) -> local ids ``[B]``."""
-        seen = self.seen if index is None or self.seen is None else self.seen[:, index]
-        text_logits = logits
-        if seen is not None:
-            text_logits = apply_repetition_penalty(logits, seen, self.text.repetition_penalty)
-        choice = sample_logits(text_logits, self.text, self.generator)
-        if not self.split:
-            return choice
-        assert self.is_audio is not None
-        audio_mask = self.is_audio if index is None else self.is_audio[index]
-        audio_logits = (
-            logits
-            if seen is None
-            else apply_repetition_penalty(logits, seen, self.audio.repetition_penalty)
-        )
-        audio_choice = sample_logits(
-            audio_logits.masked_fill(~audio_mask, float("-inf")), self.audio, self.generator
-        )
-        return torch.where(audio_mask[choice], audio_choice, choice)
 
 
 # --------------------------------------------------------------------------- the engine
@@ -285,7 +199,7 @@ class _Engine:
         self.head_index = None
         if stack is not None and stack.output_vocab is not None:
             self.head_index = stack.output_vocab.index.to(device)
-        self.picker = _Picker(
+        self.picker = TokenPicker(
             backbone.vocab_size, speech, text_sampling, audio_sampling, generator, device, b
         )
         self.picker.observe(input_ids)
@@ -633,101 +547,3 @@ def generate(
 
 
 generate.__doc__ = (generate.__doc__ or "").replace("{args}", _DOC_ARGS)
-
-
-@torch.inference_mode()
-def generate_stream(
-    backbone: CachedBackbone,
-    stack: MCTPStack | None,
-    input_ids: torch.Tensor,
-    mode: str | Mode | InterleaveSchedule = "boost",
-    max_new_tokens: int = 256,
-    *,
-    audio_chunk: int | None = None,
-    **kwargs: Any,
-) -> Iterator[StreamEvent]:
-    """Like :func:`generate`, but yields events as soon as tokens exist.
-
-    Text tokens come out after every cycle; an audio segment comes out as soon as its EOA
-    is produced (in Boost/Turbo: after the first backbone forward plus one MCTP chain), or
-    in pieces of ``audio_chunk`` tokens when set (useful for long audio segments). The last
-    event carries the :class:`GenerationResult`.
-    {args}
-        audio_chunk: Emit partial audio segments of this many tokens.
-
-    Yields:
-        :class:`StreamEvent`.
-
-    Raises:
-        ValueError: As :func:`generate`, and when ``vocab`` is missing (audio events need it).
-    """
-    _check_kwargs(kwargs)
-    kwargs.pop("sync_timings", None)
-    speech: SpeechIds | None = kwargs.get("vocab")
-    if speech is None:
-        raise ValueError("generate_stream needs vocab= (speech ids) to find audio segments")
-    if audio_chunk is not None and audio_chunk < 1:
-        raise ValueError(f"audio_chunk must be >= 1, got {audio_chunk}")
-    t0 = time.perf_counter()
-    engine = _setup(backbone, stack, input_ids, mode, max_new_tokens, kwargs)
-    buf = engine.buffer
-    b = buf.batch_size
-    stop = set(engine.stop_ids.tolist())
-    read = [engine.prompt_len] * b
-    in_audio = [False] * b
-    pending: list[list[int]] = [[] for _ in range(b)]
-    ended = [False] * b
-    cycle_times: list[tuple[int, float]] = []
-    prefill_s = 0.0
-    for produced in engine.cycles():
-        now = time.perf_counter() - t0
-        if not cycle_times:
-            prefill_s = now
-        cycle_times.append((produced, now))
-        new = buf.ids[:, engine.prompt_len : engine.end].tolist()  # one read per cycle
-        for r in range(b):
-            if ended[r]:
-                continue
-            text: list[int] = []
-            for tok in new[r][read[r] - engine.prompt_len :]:
-                read[r] += 1
-                if in_audio[r]:
-                    if tok == speech.eoa:
-                        in_audio[r] = False
-                        yield StreamEvent("audio", r, pending[r], now, engine.forwards)
-                        pending[r] = []
-                    else:
-                        pending[r].append(tok)
-                        if audio_chunk is not None and len(pending[r]) >= audio_chunk:
-                            yield StreamEvent("audio", r, pending[r], now, engine.forwards)
-                            pending[r] = []
-                elif tok == speech.boa:
-                    if text:
-                        yield StreamEvent("text", r, text, now, engine.forwards)
-                        text = []
-                    in_audio[r] = True
-                else:
-                    text.append(tok)
-                if tok in stop:
-                    ended[r] = True
-                    break
-            if text:
-                yield StreamEvent("text", r, text, now, engine.forwards)
-            if ended[r]:
-                if pending[r]:
-                    yield StreamEvent("audio", r, pending[r], now, engine.forwards)
-                    pending[r] = []
-                yield StreamEvent("end", r, [], now, engine.forwards)
-    result = engine.result(t0, prefill_s, cycle_times, speech)
-    for r in range(b):
-        if pending[r]:
-            yield StreamEvent("audio", r, pending[r], time.perf_counter() - t0, engine.forwards)
-    last = [r for r in range(b) if not ended[r]]
-    for i, r in enumerate(last):
-        final = result if i == len(last) - 1 else None
-        yield StreamEvent("end", r, [], time.perf_counter() - t0, engine.forwards, final)
-    if not last:
-        yield StreamEvent("end", -1, [], time.perf_counter() - t0, engine.forwards, result)
-
-
-generate_stream.__doc__ = (generate_stream.__doc__ or "").replace("{args}", _DOC_ARGS)

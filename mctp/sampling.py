@@ -9,10 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-__all__ = ["Sampler", "SamplingConfig", "apply_repetition_penalty", "greedy", "sample_logits"]
+__all__ = [
+    "Sampler",
+    "SamplingConfig",
+    "SpeechIds",
+    "TokenPicker",
+    "apply_repetition_penalty",
+    "greedy",
+    "sample_logits",
+]
 
 Sampler = Callable[[torch.Tensor], torch.Tensor]
 
@@ -103,3 +112,80 @@ def sample_logits(
     probs = x.softmax(dim=-1)
     race = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return (probs / race).argmax(dim=-1)
+
+
+class SpeechIds(Protocol):
+    """Ids of the speech tokens (e.g. :class:`mctp.backbones.SpeechVocab`)."""
+
+    boa: int
+    eoa: int
+    audio_start: int
+    audio_stop: int
+
+
+class TokenPicker:
+    """Chooses tokens from logits, on the device, with separate text and audio settings.
+
+    The text setting picks first (it decides the modality); when that pick is an audio token
+    and the audio setting differs, the token is drawn again among the audio tokens with the
+    audio setting. Greedy/greedy is plain argmax.
+
+    Args:
+        vocab_size: Full vocabulary size ``V``.
+        speech: Speech ids (for the audio range), or None (one setting for everything).
+        text: Setting for text tokens (and every token without ``speech``).
+        audio: Setting for audio tokens.
+        generator: Random source.
+        device: Where the bookkeeping tensors live.
+        batch_size: ``B`` (for the repetition-penalty history).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        speech: SpeechIds | None,
+        text: SamplingConfig,
+        audio: SamplingConfig,
+        generator: torch.Generator | None,
+        device: torch.device,
+        batch_size: int,
+    ) -> None:
+        self.text, self.audio, self.generator = text, audio, generator
+        self.speech = speech
+        self.split = speech is not None and audio != text
+        self.penalty = text.repetition_penalty != 1.0 or audio.repetition_penalty != 1.0
+        self.seen = (
+            torch.zeros(batch_size, vocab_size, dtype=torch.bool, device=device)
+            if self.penalty
+            else None
+        )
+        self.is_audio = None
+        if speech is not None:
+            ids = torch.arange(vocab_size, device=device)
+            self.is_audio = (ids >= speech.audio_start) & (ids < speech.audio_stop)
+
+    def observe(self, ids: torch.Tensor) -> None:
+        """Mark ``ids [B, T]`` as seen (for the repetition penalty)."""
+        if self.seen is not None:
+            self.seen.scatter_(1, ids, True)
+
+    def __call__(self, logits: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """``logits [B, V']`` over vocabulary ids ``index`` (None = all) -> local ids ``[B]``."""
+        seen = self.seen if index is None or self.seen is None else self.seen[:, index]
+        text_logits = logits
+        if seen is not None:
+            text_logits = apply_repetition_penalty(logits, seen, self.text.repetition_penalty)
+        choice = sample_logits(text_logits, self.text, self.generator)
+        if not self.split:
+            return choice
+        assert self.is_audio is not None
+        audio_mask = self.is_audio if index is None else self.is_audio[index]
+        audio_logits = (
+            logits
+            if seen is None
+            else apply_repetition_penalty(logits, seen, self.audio.repetition_penalty)
+        )
+        audio_choice = sample_logits(
+            audio_logits.masked_fill(~audio_mask, float("-inf")), self.audio, self.generator
+        )
+        return torch.where(audio_mask[choice], audio_choice, choice)
