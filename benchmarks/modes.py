@@ -146,8 +146,8 @@ def main() -> None:
             **kw,
         )
 
-    run("turbo", {"audio_heads": True})  # warm-up (allocations, kernels)
-    run("vanilla", {})
+    for mode, _, kw in variants:  # warm-up (allocations, kernels, compilation)
+        run(mode, kw)
     times: dict[tuple[str, str], list] = {}
     for _ in range(args.repeats):
         for mode, heads, kw in variants:
