@@ -275,8 +275,18 @@ class HFBackbone(nn.Module):
         pos = buffer.positions.index_select(1, idx)
         x = self.base.embed_tokens(buffer.ids.index_select(1, idx))
         cache.set_positions(idx)
-        mask = self._mask(decode_mask(idx, buffer.valid), x.dtype)
-        hidden = self._layers(x, mask, pos, cache)
+        impl = self.attn_implementation
+        if impl in ("sdpa", "eager"):
+            hidden = self._layers(
+                x, self._mask(decode_mask(idx, buffer.valid), x.dtype), pos, cache
+            )
+        else:
+            # flash-attention kernels take no dense mask: cached decoding runs SDPA (same math)
+            self.config._attn_implementation = "sdpa"
+            try:
+                hidden = self._layers(x, decode_mask(idx, buffer.valid), pos, cache)
+            finally:
+                self.config._attn_implementation = impl
         logits = self.lm_head(hidden if all_logits else hidden[:, -1:])
         return hidden, logits
 

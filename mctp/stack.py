@@ -265,6 +265,16 @@ class MCTPStack(nn.Module):
             output_vocab=output_vocab,
         )
 
+    def decoder(self, buffer: Any, *, dtype: torch.dtype | None = None) -> Any:
+        """Generation-time state for these heads over ``buffer`` (a :class:`mctp.TokenBuffer`).
+
+        Returns:
+            An :class:`mctp.MCTPDecoder` (per-head static KV caches, ``step``/``truncate``/``reset``).
+        """
+        from .decoding import MCTPDecoder
+
+        return MCTPDecoder(self, buffer, dtype=dtype)
+
     # ------------------------------------------------------------------ shared parts
     @property
     def num_heads(self) -> int:

@@ -26,17 +26,46 @@ def _run(code: str, cwd: Path, env: dict[str, str] | None = None) -> str:
 def test_wheel_installs_all_four_namespaces(tmp_path):
     wheels = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels)],
-        check=True, capture_output=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheels),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     (wheel,) = wheels.glob("mctp-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for path in ("mctp/codecs/glm4voice/tokenizer.py", "mctp/interleave/schedule.py", "mctp/backbones/hf.py"):
+    for path in (
+        "mctp/codecs/glm4voice/tokenizer.py",
+        "mctp/interleave/schedule.py",
+        "mctp/backbones/hf.py",
+    ):
         assert path in names
     site = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
-        check=True, capture_output=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(site),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -54,7 +83,9 @@ def test_imports_from_a_checkout_without_install(tmp_path):
     # From the repository root the root's mctp/ is imported first; it must still find codecs/.
     code = "import mctp, mctp.codecs, mctp.backbones, mctp.interleave; print(mctp.codecs.__file__)"
     assert _run(code, ROOT).strip() == str(ROOT / "codecs" / "__init__.py")
-    assert _run("import codecs; print(codecs.__name__)", ROOT).strip() == "codecs"  # stdlib untouched
+    assert (
+        _run("import codecs; print(codecs.__name__)", ROOT).strip() == "codecs"
+    )  # stdlib untouched
 
 
 def test_import_weight():

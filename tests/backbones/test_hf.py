@@ -170,3 +170,17 @@ def test_generate_name_is_the_function_after_importing_the_module():
     from mctp import generate
 
     assert callable(generate) and generate.__module__ == "mctp.generation"
+
+
+def test_cached_decode_runs_sdpa_for_a_flash_configured_model(tiny_hf):
+    """Flash kernels take no dense mask: decoding flips to SDPA for the call and back."""
+    model = tiny_hf("llama")
+    bb = HFBackbone(model)
+    ids = torch.randint(0, 128, (1, 8))
+    ref = bb(ids, return_logits=True).logits
+    model.config._attn_implementation = "flash_attention_2"  # pretend; the kernel is never reached
+    buf = TokenBuffer(1, 12)
+    buf.start(ids)
+    _, logits = bb.forward_cached(buf, bb.new_cache(1, 12), 0, all_logits=True)
+    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+    assert model.config._attn_implementation == "flash_attention_2"
