@@ -145,6 +145,7 @@ class MCTPDecoder:
         self.next_index = [k + 1 for k in range(n)]
         self.backbone_length = 0
         self._compiled: dict[tuple[int, int], Callable] = {}
+        self._length = static_buffer(torch.zeros((), dtype=torch.long, device=buffer.device))
 
     def reset(self) -> None:
         """Forget all progress (the buffers stay allocated)."""
@@ -235,7 +236,7 @@ class MCTPDecoder:
         n0 = buf.length
         if window is not None and forced is None and self._window_ok(k_run, window):
             run = self._compiled.get((k_run, window)) or self._window_chain(k_run, window)
-            toks, logits = run(torch.tensor(n0, device=buf.device), sampler)
+            toks, logits = run(self._length.fill_(n0), sampler)  # a kernel, not a host copy
             buf.length = n0 + k_run
             self.next_index[:k_run] = [n0 + k for k in range(k_run)]
             tokens, all_logits = list(toks.unbind(1)), list(logits.unbind(1))
