@@ -273,7 +273,7 @@ class HFBackbone(nn.Module):
             ``(hidden [B, T, H], logits [B, T or 1, V])``.
         """
         pos = buffer.positions.index_select(1, idx)
-        x = self.base.embed_tokens(buffer.ids.index_select(1, idx))
+        x = buffer.embed(self.base.embed_tokens, idx)
         cache.set_positions(idx)
         impl = self.attn_implementation
         if impl in ("sdpa", "eager"):

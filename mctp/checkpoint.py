@@ -1,14 +1,19 @@
-"""Strict state-dict loading shared by the MCTP heads, backbones and codec adapters."""
+"""Reading checkpoints and loading them strictly (MCTP heads, backbones, codec adapters)."""
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Mapping
+import json
+import os
+import pickle
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["CheckpointError", "load_strict", "strip_prefix"]
+__all__ = ["CheckpointError", "load_strict", "read_state_dict", "strip_prefix"]
 
 
 class CheckpointError(ValueError):
@@ -107,3 +112,119 @@ def load_strict(
     if missing or unexpected or mismatched:
         raise CheckpointError(what or type(module).__name__, missing, unexpected, mismatched)
     module.load_state_dict(kept, strict=True)
+
+
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+"""Single-file checkpoint names looked for in a folder, each also as ``<name>.index.json``."""
+
+_WRAPPERS = ("state_dict", "model_state_dict", "model")
+"""Keys under which training checkpoints nest their state dict (unwrapped in this order)."""
+
+
+def read_state_dict(
+    path: str | os.PathLike[str], keep: Callable[[str], bool] | None = None
+) -> dict[str, torch.Tensor]:
+    """Read the tensors of a checkpoint file or folder onto the CPU.
+
+    ``path`` may be
+
+    * a ``.safetensors`` file;
+    * any other file, read with ``torch.load(weights_only=True)`` (``.bin``, ``.pt``...;
+      memory-mapped when saved in the zip format); a state dict nested under
+      ``state_dict``, ``model_state_dict`` or ``model`` is unwrapped;
+    * a folder holding, in this order of preference, ``model.safetensors``, a sharded
+      ``model.safetensors.index.json``, ``pytorch_model.bin``, a sharded
+      ``pytorch_model.bin.index.json``, or a single ``*.safetensors`` file.
+
+    Args:
+        path: The file or folder.
+        keep: Called with each key as stored; tensors for which it returns False are not
+            returned, not read from safetensors files, and shards whose index entries hold
+            no kept key are not opened. None keeps everything.
+
+    Returns:
+        Key (as stored) -> tensor.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist, a folder holds no weights, or a shard
+            that holds a kept key is missing.
+        ValueError: If a weight file or index cannot be read, or a key is stored in two
+            shards.
+        CheckpointError: If a ``torch.load`` file does not hold a mapping of tensors.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for file in _weight_files(Path(path), keep):
+        part = _read_weight_file(file, keep)
+        twice = sorted(set(part) & set(out))
+        if twice:
+            raise ValueError(f"keys stored in more than one shard: {twice[:10]}")
+        out.update(part)
+    return out
+
+
+def _weight_files(path: Path, keep: Callable[[str], bool] | None) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    for name in _WEIGHT_FILES:
+        if (path / name).is_file():
+            return [path / name]
+        index = path / f"{name}.index.json"
+        if index.is_file():
+            return _shard_files(index, keep)
+    found = sorted(path.glob("*.safetensors"))
+    if len(found) == 1:
+        return found
+    present = sorted(p.name for p in path.iterdir())[:20]
+    raise FileNotFoundError(
+        f"no weights in {path}: expected {' or '.join(_WEIGHT_FILES)} (or a sharded "
+        f"*.index.json), or a single *.safetensors file (files: {present})"
+    )
+
+
+def _shard_files(index: Path, keep: Callable[[str], bool] | None) -> list[Path]:
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot parse {index}: {e}") from e
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if (
+        not isinstance(weight_map, dict)
+        or not weight_map
+        or not all(isinstance(f, str) for f in weight_map.values())
+    ):
+        raise ValueError(f"{index} has no 'weight_map' of key -> shard file name")
+    names = sorted({f for k, f in weight_map.items() if keep is None or keep(k)})
+    files = [index.parent / name for name in names]
+    absent = [f.name for f in files if not f.is_file()]
+    if absent:
+        raise FileNotFoundError(f"shards listed in {index} are missing: {absent}")
+    return files
+
+
+def _read_weight_file(file: Path, keep: Callable[[str], bool] | None) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
+    errors = (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError)
+    try:
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                return {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}
+        try:
+            obj: Any = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip)
+    except errors as e:
+        raise ValueError(f"cannot read checkpoint file {file}: {e}") from e
+    for wrapper in _WRAPPERS:
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{file} (expected a state dict, got {type(obj).__name__})")
+    bad = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{file} (entries that are not tensors)", unexpected=bad)
+    return {k: v for k, v in obj.items() if keep is None or keep(k)}

@@ -51,14 +51,40 @@ class TokenBuffer:
         for t in (self.ids, self.positions, self.valid, self.index):
             static_buffer(t)
         self.length = 0
+        self.prompt_len = 0
+        self.prompt_embeds: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
         """Device of the buffers."""
         return self.ids.device
 
-    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+    def embed(
+        self, embedding: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor
+    ) -> torch.Tensor:
+        """Input embeddings ``[B, T, H]`` of slots ``idx [T]``: ``embedding(ids)``, with the
+        prompt's own embeddings where :meth:`start` was given ``prompt_embeds``."""
+        x = embedding(self.ids.index_select(1, idx))
+        if self.prompt_embeds is None:
+            return x
+        p = self.prompt_len
+        given = self.prompt_embeds.index_select(1, idx.clamp(max=p - 1)).to(x.dtype)
+        return torch.where((idx < p)[None, :, None], given, x)
+
+    def start(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+    ) -> None:
         """Load the prompt ``[B, P]`` (left padding marked by ``attention_mask`` zeros).
+
+        Args:
+            input_ids: ``[B, P]`` prompt ids.
+            attention_mask: ``[B, P]`` (1 = real token), for left-padded batches.
+            prompt_embeds: ``[B, P, H]`` embeddings to use for the prompt instead of the
+                token embeddings (e.g. audio-encoder frames over placeholders); the backbone's
+                prefill and the MCTP heads both read them.
 
         Raises:
             ValueError: On a wrong batch size, an empty prompt or one that fills the buffer.
@@ -80,6 +106,12 @@ class TokenBuffer:
         self.positions[:, :p] = default_position_ids(input_ids, attention_mask)
         self.valid[:, :p] = True if attention_mask is None else attention_mask.bool()
         self.length = p
+        if prompt_embeds is not None and prompt_embeds.shape[:2] != (b, p):
+            raise ValueError(
+                f"prompt_embeds must be [B, P, H] with B, P = {(b, p)}, got {tuple(prompt_embeds.shape)}"
+            )
+        self.prompt_embeds = prompt_embeds
+        self.prompt_len = p
 
     def append(self, ids: torch.Tensor) -> None:
         """Append ``ids [B, T]`` (positions continue from each row's last position).
@@ -278,10 +310,9 @@ class MCTPDecoder:
         """
         stack, buf = self.stack, self.buffer
         head = stack.heads[k]
-        x = buf.ids.index_select(1, idx)
         pos = buf.positions.index_select(1, idx)
         prev = self.hidden[k].index_select(1, idx - 1)  # h^k_{t-1}
-        z = head.fuse(stack.embed(x), prev)
+        z = head.fuse(buf.embed(stack.embed, idx), prev)
         cache = self.caches[k]
         cache.set_positions(idx)
         mask = additive(decode_mask(idx, buf.valid & (buf.positions > k)), z.dtype)

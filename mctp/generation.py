@@ -60,6 +60,7 @@ class GenerationResult:
 
     Attributes:
         sequences: ``[B, P + G]`` prompt and generated ids (``pad_id`` after a row stopped).
+            All tensors of the result are on the CPU and are ordinary (not inference) tensors.
         tokens: Per row, the generated ids up to and including the first stop id.
         sources: Per row, who produced each of ``tokens``: -1 the backbone, ``k`` MCTP head k.
         num_backbone_forwards: Backbone forwards including the prefill.
@@ -130,6 +131,7 @@ class _Engine:
         max_new_tokens: int,
         *,
         attention_mask: torch.Tensor | None,
+        prompt_embeds: torch.Tensor | None,
         speech: SpeechIds | None,
         text_sampling: SamplingConfig,
         audio_sampling: SamplingConfig,
@@ -185,7 +187,7 @@ class _Engine:
         device = input_ids.device
         s = max_len or need
         self.buffer = TokenBuffer(b, s, device)
-        self.buffer.start(input_ids, attention_mask)
+        self.buffer.start(input_ids, attention_mask, prompt_embeds)
         self.cache = backbone.new_cache(b, s)
         self.stack = stack
         if stack is not None and audio_heads:
@@ -360,13 +362,23 @@ class _Engine:
         cycle_times: list[tuple[int, float]],
         speech: SpeechIds | None,
     ) -> GenerationResult:
+        # built outside inference mode so that callers can use the ids in autograd (training)
+        with torch.inference_mode(False):
+            return self._result(t0, prefill_s, cycle_times, speech)
+
+    def _result(
+        self,
+        t0: float,
+        prefill_s: float,
+        cycle_times: list[tuple[int, float]],
+        speech: SpeechIds | None,
+    ) -> GenerationResult:
         buf = self.buffer
         n = self.end
-        gen = buf.ids[:, self.prompt_len : n]
         rows, srcs = [], []
         src = torch.tensor(self.sources[: n - self.prompt_len], dtype=torch.long)
         first_audio_len = None
-        gen_cpu = gen.cpu()
+        gen_cpu = buf.ids[:, self.prompt_len : n].cpu().clone()
         for r in range(buf.batch_size):
             ids = gen_cpu[r]
             if self.stop_ids.numel():
@@ -420,6 +432,10 @@ _DOC_ARGS = """
             :class:`~mctp.interleave.InterleaveSchedule`.
         max_new_tokens: Tokens to generate per row (fewer when every row stops).
         attention_mask: ``[B, P]`` (1 = real token) for left-padded batches.
+        prompt_embeds: ``[B, P, H]`` prompt embeddings to use instead of the token embeddings
+            (VITA-Audio-Plus: audio-encoder frames written over ``<|context_of_audio|>``
+            placeholders with :func:`mctp.codecs.scatter_audio_embeddings`); the backbone's
+            prefill and the MCTP heads both read them.
         vocab: Speech ids (:class:`mctp.backbones.SpeechVocab`): enables separate audio
             sampling, audio-only heads and audio events.
         text_sampling: How text tokens (and every backbone token) are chosen.
@@ -466,6 +482,7 @@ def _setup(
         schedule,
         max_new_tokens,
         attention_mask=kw.pop("attention_mask", None),
+        prompt_embeds=kw.pop("prompt_embeds", None),
         speech=kw.pop("vocab", None),
         text_sampling=text,
         audio_sampling=audio,
@@ -484,6 +501,7 @@ def _setup(
 
 _KNOWN = {
     "attention_mask",
+    "prompt_embeds",
     "vocab",
     "text_sampling",
     "audio_sampling",

@@ -98,6 +98,7 @@ def mctp_loss(
     weight: float = 1.0,
     detach_backbone: bool = False,
     chunk_size: int = 2048,
+    inputs_embeds: torch.Tensor | None = None,
 ) -> MCTPLoss:
     """MCTP training loss: ``weight * mean over heads of each head's token-mean CE``.
 
@@ -115,6 +116,7 @@ def mctp_loss(
         weight: ``mtp_loss_weight``.
         detach_backbone: Stop gradients into the backbone states and embeddings (frozen LLM).
         chunk_size: Rows per cross-entropy block.
+        inputs_embeds: ``[B, T, H]`` embeddings the backbone was fed, when not ``E(input_ids)``.
 
     Returns:
         :class:`MCTPLoss`.
@@ -128,6 +130,7 @@ def mctp_loss(
         return_logits=False,
         detach_backbone=detach_backbone,
         loss_chunk_size=chunk_size,
+        inputs_embeds=inputs_embeds,
     )
     assert out.loss_sums is not None and out.num_targets is not None
     per_head = out.loss_sums / out.num_targets.clamp_min(1).to(out.loss_sums.dtype)

@@ -331,6 +331,7 @@ class MCTPStack(nn.Module):
         num_heads: int | None = None,
         loss_chunk_size: int = 2048,
         outside_vocab: str = "error",
+        inputs_embeds: torch.Tensor | None = None,
     ) -> MCTPOutput:
         """Teacher-forced forward of all heads over a (packed) batch.
 
@@ -347,6 +348,9 @@ class MCTPStack(nn.Module):
             loss_chunk_size: Rows per cross-entropy block.
             outside_vocab: With an output vocabulary, what to do with a target outside it:
                 ``"error"`` (raise) or ``"ignore"`` (drop that target).
+            inputs_embeds: ``[B, T, H]`` the embeddings the backbone was fed (e.g. audio-encoder
+                frames scattered over placeholders); heads then pair ``h^k_{t-1}`` with these
+                instead of ``E(x_t)``, as VITA-Audio-Plus does.
 
         Returns:
             :class:`MCTPOutput`.
@@ -375,12 +379,16 @@ class MCTPStack(nn.Module):
         if position_ids is None:
             position_ids = default_position_ids(input_ids, attention_mask)
 
+        if inputs_embeds is not None and inputs_embeds.shape != hidden.shape:
+            raise ValueError(
+                f"inputs_embeds must be [B, T, H] = {tuple(hidden.shape)}, got {tuple(inputs_embeds.shape)}"
+            )
         if detach_backbone:
             hidden = hidden.detach()
             with torch.no_grad():
-                embeds = self.embed(input_ids)
+                embeds = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.detach()
         else:
-            embeds = self.embed(input_ids)
+            embeds = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
 
         targets = None
         if labels is not None:

@@ -240,3 +240,27 @@ def test_bad_arguments_raise(hf):
         SamplingConfig(temperature=0)
     with pytest.raises(ValueError, match="needs vocab="):
         next(generate_stream(bb, None, ids, "vanilla", 5))
+
+
+def test_prompt_embeds_reach_backbone_and_heads(hf):
+    """Plus-style prompts: given embeddings equal to the token embeddings change nothing; other
+    embeddings change the answer, and cached head logits equal the teacher-forced forward."""
+    _, bb = hf
+    stack = _heads(bb, 10)
+    ids = torch.randint(3, 128, (1, 12))
+    emb = bb.base.embed_tokens(ids).detach()
+    ref = generate(bb, stack, ids, "boost", 20)
+    same = generate(bb, stack, ids, "boost", 20, prompt_embeds=emb)
+    assert torch.equal(same.sequences, ref.sequences)
+    frames = emb.clone()
+    frames[:, 3:8] = torch.randn(1, 5, emb.shape[-1])  # "audio frames" over placeholders
+    plus = generate(bb, stack, ids, "turbo", 11, prompt_embeds=frames)
+    assert not torch.equal(plus.sequences, generate(bb, stack, ids, "turbo", 11).sequences)
+    # teacher-forced check: backbone + heads on the same embeddings
+    seq = plus.sequences
+    full = torch.cat([frames, bb.base.embed_tokens(seq[:, 12:]).detach()], dim=1)
+    hidden = bb(seq, inputs_embeds=full).hidden
+    out = stack(hidden, seq, inputs_embeds=full)
+    # head k produced token 12 + 1 + k from position 12 + k
+    greedy = torch.stack([out.logits[k][0, 12 + k].argmax() for k in range(10)])
+    assert greedy.tolist() == seq[0, 13:23].tolist()
