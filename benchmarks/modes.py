@@ -132,6 +132,10 @@ def main() -> None:
             variants.append((mode, "full", {}))
             variants.append((mode, "audio", {"audio_heads": True}))
 
+    from mctp import GenerationState
+
+    state = GenerationState(backbone, 1, args.prompt + n + 16, args.device)  # reused by every run
+
     def run(mode: str, kw: dict):
         kw = dict(kw)
         m = kw.pop("mode", mode)
@@ -143,6 +147,7 @@ def main() -> None:
             n,
             vocab=speech,
             sync_timings=True,
+            state=state,
             **kw,
         )
 

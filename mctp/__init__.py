@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "CheckpointError": "checkpoint",
     "DecoderBlock": "layers",
     "GenerationResult": "generation",
+    "GenerationState": "generation",
     "KVCache": "cache",
     "MCTPDecoder": "decoding",
     "MCTPHead": "stack",

@@ -35,7 +35,7 @@ from .decoding import MCTPDecoder, TokenBuffer
 from .sampling import SamplingConfig, SpeechIds, TokenPicker
 from .stack import MCTPStack
 
-__all__ = ["CachedBackbone", "GenerationResult", "generate"]
+__all__ = ["CachedBackbone", "GenerationResult", "GenerationState", "generate"]
 
 
 class CachedBackbone(Protocol):
@@ -121,6 +121,71 @@ def _resolve_schedule(
     return schedule
 
 
+class GenerationState:
+    """Pre-allocated buffers (token buffer, backbone cache, head caches) and compiled functions,
+    reusable across :func:`generate` calls.
+
+    ``generate`` builds a throw-away state sized for each call; hold one yourself to keep the
+    allocations, and on the fast path (``compile=True``) the compiled graphs, between calls
+    (CUDA graphs are tied to buffer addresses, so a new state means a new capture)::
+
+        state = GenerationState(backbone, batch_size=1, max_len=4096, device="cuda")
+        for prompt in prompts:
+            res = generate(backbone, stack, prompt, "turbo", 1024, state=state, compile=True)
+
+    Args:
+        backbone: The backbone the state serves.
+        batch_size: ``B`` of every call.
+        max_len: Slots: prompt + new tokens + slack (``max_heads + 1``) must fit.
+        device: Where the buffers live.
+    """
+
+    def __init__(
+        self,
+        backbone: CachedBackbone,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.backbone = backbone
+        self.buffer = TokenBuffer(batch_size, max_len, device)
+        self.cache = backbone.new_cache(batch_size, max_len)
+        self._decoders: dict[tuple[int, tuple[int, ...] | None], MCTPDecoder] = {}
+        self._views: dict[tuple[int, int, int, int, int], MCTPStack] = {}
+        self._decode_fns: dict[str, Any] = {}
+
+    def audio_view(self, stack: MCTPStack, speech: SpeechIds) -> MCTPStack:
+        """``stack`` scoring BOA, EOA and the audio tokens only (built once per stack)."""
+        key = (id(stack.heads), speech.boa, speech.eoa, speech.audio_start, speech.audio_stop)
+        if key not in self._views:
+            ids = [speech.boa, speech.eoa, *range(speech.audio_start, speech.audio_stop)]
+            self._views[key] = stack.with_output_vocab(ids)
+        return self._views[key]
+
+    def decoder(self, stack: MCTPStack) -> MCTPDecoder:
+        """The (reset) head state for ``stack`` over this state's buffer."""
+        vocab = (
+            None
+            if stack.output_vocab is None
+            else tuple(stack.output_vocab.index[[0, -1]].tolist())
+        )
+        key = (id(stack.heads), vocab)
+        dec = self._decoders.get(key)
+        if dec is None or dec.stack.num_heads != stack.num_heads:
+            dec = self._decoders[key] = MCTPDecoder(stack, self.buffer)
+        dec.reset()
+        return dec
+
+    def decode_fn(self, compile_kwargs: dict[str, Any] | None) -> Any:
+        """The backbone's fixed-shape decode, compiled once per set of compile options."""
+        if compile_kwargs is None:
+            return self.backbone.decode
+        key = repr(sorted(compile_kwargs.items()))
+        if key not in self._decode_fns:
+            self._decode_fns[key] = torch.compile(self.backbone.decode, **compile_kwargs)
+        return self._decode_fns[key]
+
+
 class _Engine:
     def __init__(
         self,
@@ -145,6 +210,7 @@ class _Engine:
         stop_check_every: int,
         compile: bool | dict[str, Any],
         window: int,
+        state: GenerationState | None,
     ) -> None:
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, P], got shape {tuple(input_ids.shape)}")
@@ -185,19 +251,25 @@ class _Engine:
         self.max_new, self.pad_id, self.prompt_len = max_new_tokens, pad_id, p
         self.stop_check_every = stop_check_every
         device = input_ids.device
-        s = max_len or need
-        self.buffer = TokenBuffer(b, s, device)
+        if state is None:
+            state = GenerationState(backbone, b, max_len or need, device)
+        elif (
+            state.backbone is not backbone
+            or state.buffer.batch_size != b
+            or state.buffer.max_len < need
+        ):
+            raise ValueError(
+                f"state serves another backbone or size (batch {state.buffer.batch_size}, "
+                f"{state.buffer.max_len} slots); this call needs batch {b} and {need} slots"
+            )
+        self.buffer = state.buffer
         self.buffer.start(input_ids, attention_mask, prompt_embeds)
-        self.cache = backbone.new_cache(b, s)
-        self.stack = stack
+        self.cache = state.cache
         if stack is not None and audio_heads:
             if speech is None:
                 raise ValueError("audio_heads=True needs speech ids (pass vocab=SpeechVocab)")
-            stack = stack.with_output_vocab(
-                [speech.boa, speech.eoa, *range(speech.audio_start, speech.audio_stop)]
-            )
-        self.heads = stack
-        self.decoder = MCTPDecoder(stack, self.buffer) if stack is not None else None
+            stack = state.audio_view(stack, speech)
+        self.decoder = state.decoder(stack) if stack is not None else None
         self.head_index = None
         if stack is not None and stack.output_vocab is not None:
             self.head_index = stack.output_vocab.index.to(device)
@@ -219,7 +291,6 @@ class _Engine:
         self.processed = 0  # slots whose backbone states are in the cache
         self.head_sampler = lambda logits: self.picker(logits, self.head_index)
         self.window = window if compile else None
-        self.decode = backbone.decode
         self.compile_kwargs: dict[str, Any] = {}
         if compile:
             self.compile_kwargs = {"dynamic": False}
@@ -230,7 +301,7 @@ class _Engine:
             # one compiled entry per (shape, chain length, mode): allow more than the default 8
             limit = getattr(torch._dynamo.config, "recompile_limit", 8)
             torch._dynamo.config.recompile_limit = max(limit, 64)
-            self.decode = torch.compile(backbone.decode, **self.compile_kwargs)
+        self.decode = state.decode_fn(self.compile_kwargs if compile else None)
 
     # -- helpers
     @property
@@ -459,6 +530,8 @@ _DOC_ARGS = """
             to ``torch.compile`` (e.g. ``{"backend": "aot_eager"}``).
         window: Slots per head run on the fast path (>= the longest backlog of the schedule:
             16 covers Vanilla/Balance/Boost/Turbo).
+        state: A :class:`GenerationState` to reuse (allocations and compiled graphs);
+            default: a fresh one sized for this call.
 """
 
 
@@ -496,6 +569,7 @@ def _setup(
         stop_check_every=kw.pop("stop_check_every", 8),
         compile=kw.pop("compile", False),
         window=kw.pop("window", 16),
+        state=kw.pop("state", None),
     )
 
 
@@ -516,6 +590,7 @@ _KNOWN = {
     "sync_timings",
     "compile",
     "window",
+    "state",
 }
 
 

@@ -44,16 +44,21 @@ def test_compiled_turbo_gives_the_eager_tokens_without_recompiling(model):
     """Real graphs (aot_eager): traced once, then reused without recompilation."""
     import torch._dynamo
 
+    from mctp import GenerationState
+
     bb, stack = model
     ids = torch.randint(3, 128, (1, 20))
+    other = torch.randint(3, 128, (1, 20))
     ref = generate(bb, stack, ids, "turbo", 40)
+    ref_other = generate(bb, stack, other, "turbo", 40)
     torch._dynamo.reset()
     opts = {"backend": "aot_eager"}
-    first = generate(bb, stack, ids, "turbo", 40, compile=opts)
+    state = GenerationState(bb, batch_size=1, max_len=128)
+    first = generate(bb, stack, ids, "turbo", 40, compile=opts, state=state)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        second = generate(bb, stack, ids, "turbo", 40, compile=opts)
+        second = generate(bb, stack, other, "turbo", 40, compile=opts, state=state)
     assert torch.equal(first.sequences, ref.sequences)
-    assert torch.equal(second.sequences, ref.sequences)
+    assert torch.equal(second.sequences, ref_other.sequences)
 
 
 @pytest.mark.gpu
@@ -67,3 +72,19 @@ def test_cuda_graphs_turbo_matches_eager(model):
         assert torch.equal(fast.sequences, ref.sequences)
     finally:
         bb.cpu(), stack.cpu()
+
+
+def test_state_is_reused_and_checked(model):
+    from mctp import GenerationState
+
+    bb, stack = model
+    state = GenerationState(bb, batch_size=2, max_len=80)
+    ids = torch.randint(3, 128, (2, 10))
+    a = generate(bb, stack, ids, "boost", 30, state=state)
+    b = generate(bb, stack, ids, "turbo", 30, state=state, audio_heads=False)
+    assert torch.equal(a.sequences, generate(bb, stack, ids, "boost", 30).sequences)
+    assert torch.equal(b.sequences, generate(bb, stack, ids, "turbo", 30).sequences)
+    with pytest.raises(ValueError, match="this call needs batch 1"):
+        generate(bb, stack, ids[:1], "boost", 30, state=state)
+    with pytest.raises(ValueError, match="needs batch 2 and 111 slots"):
+        generate(bb, stack, ids, "boost", 100, state=state)
