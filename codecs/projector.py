@@ -12,7 +12,6 @@ tensors carry the prefix ``model.audio_projection.`` (see :data:`VITA_AUDIO_PLUS
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mctp.checkpoint import CheckpointError, load_strict
+from mctp.checkpoint import CheckpointError, load_strict, read_state_dict, strip_prefix
 
 __all__ = [
     "VITA_AUDIO_PLUS_PREFIX",
@@ -88,13 +87,15 @@ class MLPProjector(nn.Module):
         Args:
             path: A ``.safetensors`` file holding the projector (bare keys or keys under
                 :data:`VITA_AUDIO_PLUS_PREFIX`), or a folder with ``model.safetensors`` or a
-                sharded ``model.safetensors.index.json`` (e.g. the VITA-Audio-Plus release).
+                sharded ``model.safetensors.index.json`` (e.g. the VITA-Audio-Plus release);
+                see :func:`load_projector_state_dict`.
             device: Target device.
             dtype: Target dtype.
             eps: LayerNorm epsilon (1e-5 in VITA-Audio-Plus; not stored in checkpoints).
 
         Raises:
             FileNotFoundError: If no checkpoint is found.
+            ValueError: If a checkpoint file cannot be read.
             CheckpointError: If tensors are missing, unexpected or inconsistently shaped.
         """
         state = load_projector_state_dict(path)
@@ -121,58 +122,41 @@ class MLPProjector(nn.Module):
 
         Raises:
             FileNotFoundError: If no checkpoint is found.
+            ValueError: If a checkpoint file cannot be read.
             CheckpointError: On missing, unexpected or mis-shaped tensors.
         """
         load_strict(self, load_projector_state_dict(path), what=f"MLPProjector ({path})")
         return self
 
 
-def _safetensors_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise FileNotFoundError(f"projector checkpoint not found: {path}")
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        shards = sorted({f for k, f in weight_map.items() if k.startswith(VITA_AUDIO_PLUS_PREFIX)})
-        if not shards:
-            raise FileNotFoundError(f"{index} lists no tensor under {VITA_AUDIO_PLUS_PREFIX!r}")
-        return [path / s for s in shards]
-    single = path / "model.safetensors"
-    if single.is_file():
-        return [single]
-    files = sorted(path.glob("*.safetensors"))
-    if len(files) != 1:
-        raise FileNotFoundError(
-            f"expected one .safetensors file or model.safetensors(.index.json) in {path}, found "
-            f"{[f.name for f in files]}"
-        )
-    return files
-
-
 def load_projector_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Read the projector tensors from a safetensors file or folder, without the LLM prefix.
+    """Read the projector tensors from a checkpoint file or folder, without the LLM prefix.
 
     If any key starts with :data:`VITA_AUDIO_PLUS_PREFIX`, only those keys are read (the rest
-    of an LLM checkpoint is skipped) and the prefix is removed; otherwise every key is
-    returned as is.
+    of an LLM checkpoint is skipped, shards without them are not opened) and the prefix is
+    removed; otherwise every key is returned as is.
+
+    Args:
+        path: Anything :func:`mctp.checkpoint.read_state_dict` reads: a ``.safetensors`` (or
+            ``torch.load``) file, or a folder with ``model.safetensors``, a sharded
+            ``model.safetensors.index.json`` or a single ``*.safetensors`` file.
+
+    Returns:
+        Key -> tensor (CPU).
 
     Raises:
-        FileNotFoundError: If no safetensors file is found.
+        FileNotFoundError: If no checkpoint is found, or a sharded checkpoint holds no tensor
+            under the prefix.
+        ValueError: If a file cannot be read.
+        CheckpointError: If a ``torch.load`` file does not hold a state dict of tensors.
     """
-    from safetensors import safe_open
-
-    out: dict[str, torch.Tensor] = {}
-    for file in _safetensors_files(Path(path)):
-        with safe_open(str(file), framework="pt") as f:
-            keys = list(f.keys())
-            prefixed = [k for k in keys if k.startswith(VITA_AUDIO_PLUS_PREFIX)]
-            if prefixed:
-                out.update({k[len(VITA_AUDIO_PLUS_PREFIX) :]: f.get_tensor(k) for k in prefixed})
-            else:
-                out.update({k: f.get_tensor(k) for k in keys})
-    return out
+    prefixed = read_state_dict(path, keep=lambda key: key.startswith(VITA_AUDIO_PLUS_PREFIX))
+    if prefixed:
+        return strip_prefix(prefixed, (VITA_AUDIO_PLUS_PREFIX,))
+    indexes = sorted(Path(path).glob("*.index.json"))  # none when ``path`` is a file
+    if indexes:  # a sharded LLM checkpoint without the projector: fail before reading it
+        raise FileNotFoundError(f"{indexes[0]} lists no tensor under {VITA_AUDIO_PLUS_PREFIX!r}")
+    return read_state_dict(path)  # a bare projector checkpoint
 
 
 def scatter_audio_embeddings(

@@ -23,13 +23,13 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from mctp.checkpoint import load_strict
+from mctp.checkpoint import load_strict, read_state_dict
 
+from .._loading import release_folder
 from .config import DecoderConfig, load_decoder_config
 from .flow import TokenToMelFlow, build_flow
 from .hift import HiFTVocoder, build_hift
@@ -163,23 +163,17 @@ class GLM4VoiceDecoder:
 
         Raises:
             FileNotFoundError: If the folder or one of its files is missing.
-            ValueError: If ``config.yaml`` is invalid or unsupported.
-            mctp.checkpoint.CheckpointError: If a checkpoint has missing, unexpected or
-                shape-mismatched keys for the sizes in ``config.yaml``.
+            ValueError: If ``config.yaml`` is invalid or unsupported, or a ``.pt`` file
+                cannot be read.
+            mctp.checkpoint.CheckpointError: If a ``.pt`` file is not a state dict, or has
+                missing, unexpected or shape-mismatched keys for the sizes in ``config.yaml``.
         """
-        folder = Path(path)
-        missing = [f for f in ("config.yaml", "flow.pt", "hift.pt") if not (folder / f).is_file()]
-        if missing:
-            raise FileNotFoundError(f"GLM-4-Voice decoder folder {folder} lacks {missing}")
+        folder = release_folder(path, "GLM-4-Voice decoder", ("config.yaml", "flow.pt", "hift.pt"))
         cfg = load_decoder_config(folder / "config.yaml")
         flow = build_flow(cfg.flow, sample_rate=cfg.sample_rate, hop_length=cfg.hift.hop_length)
         hift = build_hift(cfg.hift)
         for module, name in ((flow, "flow.pt"), (hift, "hift.pt")):
-            state = torch.load(folder / name, map_location="cpu", weights_only=True)
-            if not isinstance(state, dict):
-                raise ValueError(
-                    f"{folder / name} must hold a state dict, got {type(state).__name__}"
-                )
+            state = read_state_dict(folder / name)
             load_strict(module, state, what=f"GLM-4-Voice {name} ({type(module).__name__})")
         flow.to(device=device, dtype=dtype)
         hift.to(device=device, dtype=dtype)

@@ -14,18 +14,17 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import pickle
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from mctp.checkpoint import CheckpointError, load_strict
+from mctp.checkpoint import CheckpointError, load_strict, read_state_dict
 
+from .._loading import release_folder
 from ..audio import AudioError, check_waveform, load_audio
 from .whisper_vq import WhisperVQEncoder
 
@@ -58,17 +57,7 @@ quantisation, ``ema_*`` are training statistics of the codebook, ``model.decoder
 """
 
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.")
-_SAFETENSORS = "model.safetensors"
-_TORCH_BIN = "pytorch_model.bin"
 _MISSING = object()
-_READ_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    RuntimeError,
-    ValueError,
-    EOFError,
-    pickle.UnpicklingError,
-    SafetensorError,
-)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -207,108 +196,21 @@ def _strip(key: str) -> str:
     return key[len(CHECKPOINT_PREFIX) :] if key.startswith(CHECKPOINT_PREFIX) else key
 
 
-def _weight_files(folder: Path) -> tuple[str, list[Path]]:
-    """(format, files) of the checkpoint in ``folder``: single file first, then shards."""
-    for name, fmt in ((_SAFETENSORS, "safetensors"), (_TORCH_BIN, "torch")):
-        if (folder / name).is_file():
-            return fmt, [folder / name]
-        index = folder / f"{name}.index.json"
-        if index.is_file():
-            weight_map = _read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise ValueError(f"{index} has no 'weight_map'")
-            files = [folder / f for f in sorted(set(weight_map.values()))]
-            absent = [f.name for f in files if not f.is_file()]
-            if absent:
-                raise FileNotFoundError(f"shards listed in {index} are missing: {absent}")
-            return fmt, files
-    present = sorted(p.name for p in folder.iterdir())[:20]
-    raise FileNotFoundError(
-        f"no weights in {folder}: expected {_SAFETENSORS}, {_TORCH_BIN} or a sharded "
-        f"*.index.json (files: {present})"
-    )
-
-
-def read_checkpoint(
-    folder: str | os.PathLike[str], keep: Callable[[str], bool] | None = None
-) -> dict[str, torch.Tensor]:
-    """Read the tensors of a checkpoint folder onto the CPU.
-
-    Supports ``model.safetensors``, sharded ``model.safetensors.index.json``,
-    ``pytorch_model.bin`` and its sharded index, in that order of preference.
-
-    Args:
-        folder: Checkpoint folder.
-        keep: Called with each key as stored; tensors for which it returns False are
-            not read (safetensors only) and not returned. None keeps everything.
-
-    Returns:
-        Key (as stored) -> tensor.
-
-    Raises:
-        FileNotFoundError: If no weight file (or a listed shard) exists.
-        ValueError: If a weight file cannot be read or a key appears in two shards.
-    """
-    fmt, files = _weight_files(Path(folder))
-    out: dict[str, torch.Tensor] = {}
-    for path in files:
-        try:
-            if fmt == "safetensors":
-                with safe_open(str(path), framework="pt", device="cpu") as f:
-                    part = {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}
-            else:
-                part = {k: v for k, v in _torch_load(path).items() if keep is None or keep(k)}
-        except _READ_ERRORS as e:
-            raise ValueError(f"cannot read checkpoint file {path}: {e}") from e
-        twice = sorted(set(part) & set(out))
-        if twice:
-            raise ValueError(f"keys stored in more than one shard: {twice[:10]}")
-        out.update(part)
-    return out
-
-
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise
-        sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} does not hold a flat state dict of tensors")
-    return sd
-
-
-def _ignore_patterns(keys: Sequence[str], num_layers: int) -> tuple[str, ...]:
-    layers = {int(m.group(1)) for k in keys if (m := _LAYER_KEY.match(_strip(k)))}
-    return IGNORED_KEYS + tuple(f"layers.{n}.*" for n in sorted(layers) if n >= num_layers)
-
-
-def _checkpoint_keys(folder: Path) -> list[str]:
-    fmt, files = _weight_files(folder)
-    if fmt != "safetensors":
-        return []
-    keys: list[str] = []
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                keys.extend(f.keys())
-        except _READ_ERRORS as e:
-            raise ValueError(f"cannot read checkpoint file {path}: {e}") from e
-    return keys
+read_checkpoint = read_state_dict
+"""Alias of :func:`mctp.checkpoint.read_state_dict` (the tokenizer's former reader)."""
 
 
 def _load_encoder_weights(encoder: WhisperVQEncoder, folder: Path, what: str) -> None:
     num_layers = len(encoder.layers)
-    listed = _checkpoint_keys(folder)  # lets safetensors skip unused tensors entirely
-    patterns = _ignore_patterns(listed, num_layers)
 
-    def needed(key: str) -> bool:
-        return not any(fnmatch.fnmatchcase(_strip(key), p) for p in patterns)
+    def needed(key: str) -> bool:  # unused tensors are never read from safetensors files
+        short = _strip(key)
+        if any(fnmatch.fnmatchcase(short, p) for p in IGNORED_KEYS):
+            return False
+        layer = _LAYER_KEY.match(short)
+        return layer is None or int(layer.group(1)) < num_layers
 
-    raw = read_checkpoint(folder, keep=needed if listed else None)
-    if not listed:
-        patterns = _ignore_patterns(list(raw), num_layers)
+    raw = read_state_dict(folder, keep=needed)
     state: dict[str, torch.Tensor] = {}
     clashes = []
     for key, value in raw.items():
@@ -321,7 +223,7 @@ def _load_encoder_weights(encoder: WhisperVQEncoder, folder: Path, what: str) ->
             f"{what} (keys present both with and without the {CHECKPOINT_PREFIX!r} prefix)",
             unexpected=clashes,
         )
-    load_strict(encoder, state, ignore=patterns, what=what)
+    load_strict(encoder, state, what=what)
 
 
 class GLM4VoiceTokenizer:
@@ -412,9 +314,7 @@ class GLM4VoiceTokenizer:
             CheckpointError: On missing, unexpected or wrongly shaped tensors (e.g. a
                 ``quantize_vocab_size`` that differs from the codebook's rows).
         """
-        folder = Path(path)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"tokenizer folder not found: {folder}")
+        folder = release_folder(path, "GLM-4-Voice tokenizer")
         config = _read_json(folder / "config.json")
         preprocessor = _read_json(folder / "preprocessor_config.json")
         with torch.device("meta"):

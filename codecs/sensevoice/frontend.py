@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -117,16 +118,12 @@ def kaldi_fbank(
     n = wav.numel()
     length_ms = _window_ms(n, sample_rate, frame_length_ms)
     scaled = wav * _INT16_SCALE
-    if backend == "kaldi-native-fbank":
-        feats = _fbank_knf(
-            scaled, sample_rate, num_mel_bins, length_ms, frame_shift_ms, window, dither, snip_edges
-        )
-    elif backend == "torchaudio":
-        feats = _fbank_torchaudio(
-            scaled, sample_rate, num_mel_bins, length_ms, frame_shift_ms, window, dither, snip_edges
-        )
-    else:
+    compute = _FBANK_BACKENDS.get(backend)
+    if compute is None:
         raise ValueError(f"backend must be 'kaldi-native-fbank' or 'torchaudio', got {backend!r}")
+    feats = compute(
+        scaled, sample_rate, num_mel_bins, length_ms, frame_shift_ms, window, dither, snip_edges
+    )
     if feats.shape[0] == 0:
         raise AudioError(f"waveform of {n} samples gives no fbank frame")
     return feats
@@ -198,6 +195,13 @@ def _fbank_torchaudio(
         snip_edges=snip_edges,
     )
     return out.to(torch.float32)
+
+
+_FBANK_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
+    "kaldi-native-fbank": _fbank_knf,
+    "torchaudio": _fbank_torchaudio,
+}
+"""Fbank implementations by :data:`FbankBackend` name (same positional arguments)."""
 
 
 def apply_lfr(fbank: torch.Tensor, lfr_m: int = 7, lfr_n: int = 6) -> torch.Tensor:

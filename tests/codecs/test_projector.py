@@ -102,6 +102,25 @@ def test_loads_vita_audio_plus_prefix_single_and_sharded(tmp_path: Path) -> None
     torch.testing.assert_close(loaded.mlp[2].weight, sd["mlp.2.weight"])
 
 
+def test_sharded_llm_without_projector_and_torch_file(tmp_path: Path) -> None:
+    llm = tmp_path / "llm"
+    llm.mkdir()
+    save_file({"model.embed_tokens.weight": torch.zeros(5, 12)}, str(llm / "model-1.safetensors"))
+    index = {"weight_map": {"model.embed_tokens.weight": "model-1.safetensors"}}
+    (llm / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(
+        FileNotFoundError, match=r"lists no tensor under 'model\.audio_projection\.'"
+    ):
+        MLPProjector.from_pretrained(llm)
+
+    sd = _state(8, 12)
+    torch.save({VITA_AUDIO_PLUS_PREFIX + k: v for k, v in sd.items()}, tmp_path / "proj.pt")
+    assert set(load_projector_state_dict(tmp_path / "proj.pt")) == set(sd)
+    torch.testing.assert_close(
+        MLPProjector.from_pretrained(tmp_path / "proj.pt").mlp[0].weight, sd["mlp.0.weight"]
+    )
+
+
 def test_strict_loading_errors(tmp_path: Path) -> None:
     sd = _state(8, 12)
     missing = {k: v for k, v in sd.items() if k != "pre_proj_layernorm.bias"}
