@@ -64,7 +64,7 @@ class GenerationResult:
         tokens: Per row, the generated ids up to and including the first stop id.
         sources: Per row, who produced each of ``tokens``: -1 the backbone, ``k`` MCTP head k.
         num_backbone_forwards: Backbone forwards including the prefill.
-        num_mctp_steps: MCTP head runs (one head on one position counts once).
+        num_mctp_steps: MCTP head runs (each run of one head produces one token).
         num_drafted: Verified mode: drafted tokens the backbone checked.
         num_accepted: Verified mode: drafted tokens that were kept.
         prefill_s: Seconds spent in the prefill.
