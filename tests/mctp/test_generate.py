@@ -264,3 +264,16 @@ def test_prompt_embeds_reach_backbone_and_heads(hf):
     # head k produced token 12 + 1 + k from position 12 + k
     greedy = torch.stack([out.logits[k][0, 12 + k].argmax() for k in range(10)])
     assert greedy.tolist() == seq[0, 13:23].tolist()
+
+
+def test_rows_stop_independently(toy):
+    other = torch.randint(3, 60, (1, toy.prompt.shape[1]))
+    ids = torch.cat([toy.prompt, other])
+    res = generate(toy.backbone, toy.stack, ids, "boost", 60, eos_token_id=2, pad_id=0)
+    assert res.tokens[0].tolist() == toy.answer
+    assert res.sources[0].numel() == len(toy.answer)
+    p = toy.prompt.shape[1]
+    # after its stop id the row is padded in `sequences`
+    assert (res.sequences[0, p + len(toy.answer) :] == 0).all()
+    alone = generate(toy.backbone, toy.stack, other, "boost", 60, eos_token_id=2)
+    assert res.tokens[1].tolist() == alone.tokens[0].tolist()
