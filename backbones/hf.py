@@ -24,7 +24,13 @@ from torch import nn
 from mctp.cache import KVCache
 from mctp.decoding import TokenBuffer
 from mctp.losses import chunked_cross_entropy
-from mctp.masks import decode_mask, default_position_ids, segment_ids, segment_mask
+from mctp.masks import (
+    check_batch_shapes,
+    decode_mask,
+    default_position_ids,
+    segment_ids,
+    segment_mask,
+)
 from mctp.stack import BackboneParts, shift_targets
 
 __all__ = ["BackboneOutput", "HFBackbone"]
@@ -202,13 +208,9 @@ class HFBackbone(nn.Module):
             ValueError: On mismatched shapes.
         """
         b, t = input_ids.shape
-        for name, x in (
-            ("position_ids", position_ids),
-            ("attention_mask", attention_mask),
-            ("labels", labels),
-        ):
-            if x is not None and x.shape != (b, t):
-                raise ValueError(f"{name} must be [B, T] = {(b, t)}, got {tuple(x.shape)}")
+        check_batch_shapes(
+            b, t, position_ids=position_ids, attention_mask=attention_mask, labels=labels
+        )
         if position_ids is None:
             position_ids = default_position_ids(input_ids, attention_mask)
         x = self.base.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds

@@ -426,18 +426,8 @@ class _Engine:
     def _all_done(self) -> bool:
         return bool(self.stop_ids.numel()) and bool(self.done.all())
 
+    @torch.inference_mode(False)  # ordinary tensors: callers may train on the ids
     def result(
-        self,
-        t0: float,
-        prefill_s: float,
-        cycle_times: list[tuple[int, float]],
-        speech: SpeechIds | None,
-    ) -> GenerationResult:
-        # built outside inference mode so that callers can use the ids in autograd (training)
-        with torch.inference_mode(False):
-            return self._result(t0, prefill_s, cycle_times, speech)
-
-    def _result(
         self,
         t0: float,
         prefill_s: float,

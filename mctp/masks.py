@@ -108,3 +108,10 @@ def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
         ~mask, torch.finfo(dtype).min
     )
+
+
+def check_batch_shapes(b: int, t: int, **tensors: torch.Tensor | None) -> None:
+    """Raise ``ValueError`` naming the first given tensor whose shape is not ``[b, t]``."""
+    for name, x in tensors.items():
+        if x is not None and x.shape != (b, t):
+            raise ValueError(f"{name} must be [B, T] = {(b, t)}, got {tuple(x.shape)}")

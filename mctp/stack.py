@@ -25,7 +25,14 @@ from torch import nn
 
 from .layers import RMSNorm
 from .losses import chunked_cross_entropy
-from .masks import additive, default_position_ids, segment_ids, segment_mask, valid_positions
+from .masks import (
+    additive,
+    check_batch_shapes,
+    default_position_ids,
+    segment_ids,
+    segment_mask,
+    valid_positions,
+)
 from .vocab import OutputVocab
 
 __all__ = ["BackboneParts", "MCTPHead", "MCTPOutput", "MCTPStack", "shift_targets"]
@@ -364,13 +371,9 @@ class MCTPStack(nn.Module):
             raise ValueError(
                 f"hidden must be [B, T, H] = {(b, t, self.hidden_size)}, got {tuple(hidden.shape)}"
             )
-        for name, x in (
-            ("position_ids", position_ids),
-            ("attention_mask", attention_mask),
-            ("labels", labels),
-        ):
-            if x is not None and x.shape != (b, t):
-                raise ValueError(f"{name} must be [B, T] = {(b, t)}, got {tuple(x.shape)}")
+        check_batch_shapes(
+            b, t, position_ids=position_ids, attention_mask=attention_mask, labels=labels
+        )
         if outside_vocab not in ("error", "ignore"):
             raise ValueError(f"outside_vocab must be 'error' or 'ignore', got {outside_vocab!r}")
         n = self.num_heads if num_heads is None else num_heads
