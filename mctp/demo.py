@@ -154,6 +154,11 @@ def main(argv: list[str] | None = None) -> None:
     for r in [head, tuple("-" * w for w in widths), *rows]:
         print("| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |")
 
+    print(
+        "\n(a 64-wide 2-layer model costs framework overhead, not arithmetic, so the modes run at "
+        "about the same speed here;\n the columns to read are the forward counts, the first audio "
+        "segment and exactness. Speed at real shapes: docs/benchmarks.md)"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     codec = DummyCodec(codebook_size=NUM_AUDIO)
     audio = []
