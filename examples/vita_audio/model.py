@@ -17,7 +17,7 @@ from mctp.streaming import StreamEvent, generate_stream
 
 from .checkpoint import load_vita_audio, save_vita_audio
 
-__all__ = ["VitaAudio"]
+__all__ = ["VitaAudio", "load_tokenizer"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
@@ -91,9 +91,7 @@ class VitaAudio:
         folder = Path(path)
         tokenizer = None
         if any((folder / name).is_file() for name in _TOKENIZER_FILES):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(folder)
+            tokenizer = load_tokenizer(folder)
         elif vocab is None:
             raise ValueError(f"{folder} has no tokenizer files {_TOKENIZER_FILES}: pass vocab=")
         ckpt = load_vita_audio(
@@ -181,3 +179,17 @@ class VitaAudio:
             max_new_tokens,
             **self._kwargs(kwargs),
         )
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The folder's tokenizer; a ``tokenizer.json`` is used verbatim.
+
+    ``AutoTokenizer`` would pick the class from config.json's ``model_type`` (``qwen2`` ->
+    ``Qwen2Tokenizer``, which rebuilds its own pre-tokenizer) and asks about remote code for
+    ``qwen2_mtp`` folders; the generic fast class keeps the stored pipeline exactly.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if (Path(path) / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)

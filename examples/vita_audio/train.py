@@ -63,6 +63,7 @@ from vita_audio.data import (
     make_word_tokenizer,
     synthesize_dataset,
 )
+from vita_audio.model import load_tokenizer
 
 __all__ = ["TrainConfig", "Trainer", "load_config", "main"]
 
@@ -284,20 +285,6 @@ def merged_lora(model: nn.Module) -> Iterator[None]:
     finally:
         for parent, attr, mod in swaps:
             setattr(parent, attr, mod)
-
-
-def load_tokenizer(path: str | Path) -> Any:
-    """The folder's tokenizer; a ``tokenizer.json`` is used verbatim.
-
-    ``AutoTokenizer`` would pick the class from config.json's ``model_type`` (``qwen2`` ->
-    ``Qwen2Tokenizer``, which rebuilds its own pre-tokenizer) and asks about remote code for
-    ``qwen2_mtp`` folders; the generic fast class keeps the stored pipeline exactly.
-    """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    if (Path(path) / "tokenizer.json").is_file():
-        return PreTrainedTokenizerFast.from_pretrained(path)
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
