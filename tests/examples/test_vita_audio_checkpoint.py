@@ -9,17 +9,11 @@ with an index json.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT / "examples") not in sys.path:
-    sys.path.insert(0, str(ROOT / "examples"))
-
-from vita_audio.checkpoint import (  # noqa: E402
+from vita_audio.checkpoint import (
     INDEX_FILE,
     SINGLE_FILE,
     convert_key,
@@ -27,10 +21,12 @@ from vita_audio.checkpoint import (  # noqa: E402
     save_vita_audio,
     to_official_key,
 )
-from vita_audio.model import VitaAudio  # noqa: E402
+from vita_audio.model import VitaAudio
 
-from mctp import generate  # noqa: E402
-from mctp.checkpoint import CheckpointError  # noqa: E402
+from mctp import generate
+from mctp.checkpoint import CheckpointError
+
+ROOT = Path(__file__).resolve().parents[2]
 
 L, N, H, V = 2, 10, 32, 96
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,12 +15,7 @@ import soundfile as sf
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT / "examples") not in sys.path:
-    sys.path.insert(0, str(ROOT / "examples"))
-
-from vita_audio.data import (  # noqa: E402
+from vita_audio.data import (
     IGNORE_INDEX,
     AudioCodes,
     ChatRenderer,
@@ -33,9 +27,11 @@ from vita_audio.data import (  # noqa: E402
     VitaAudioData,
 )
 
-from mctp.backbones import extend_vocab  # noqa: E402
-from mctp.codecs import AudioError, DummyCodec  # noqa: E402
-from mctp.interleave import InterleaveSchedule  # noqa: E402
+from mctp.backbones import extend_vocab
+from mctp.codecs import AudioError, DummyCodec
+from mctp.interleave import InterleaveSchedule
+
+ROOT = Path(__file__).resolve().parents[2]
 
 WORDS = [f"w{i}" for i in range(20)] + "Convert the speech to text. text speech.".split()
 WORDS += ["user", "assistant", "system"]

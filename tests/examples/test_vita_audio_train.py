@@ -12,13 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT / "examples") not in sys.path:
-    sys.path.insert(0, str(ROOT / "examples"))
-
-from vita_audio.checkpoint import load_vita_audio  # noqa: E402
-from vita_audio.train import (  # noqa: E402
+from vita_audio.checkpoint import load_vita_audio
+from vita_audio.train import (
     STATE_FILE,
     TrainConfig,
     Trainer,
@@ -26,6 +21,8 @@ from vita_audio.train import (  # noqa: E402
     make_tiny_assets,
     warmup_cosine,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 TINY.update(num_key_value_heads=2, max_position_embeddings=256)
