@@ -151,12 +151,11 @@ class TokenPicker:
         batch_size: int,
     ) -> None:
         self.text, self.audio, self.generator = text, audio, generator
-        self.speech = speech
         self.split = speech is not None and audio != text
-        self.penalty = text.repetition_penalty != 1.0 or audio.repetition_penalty != 1.0
+        penalty = text.repetition_penalty != 1.0 or audio.repetition_penalty != 1.0
         self.seen = (
             torch.zeros(batch_size, vocab_size, dtype=torch.bool, device=device)
-            if self.penalty
+            if penalty
             else None
         )
         self.is_audio = None
