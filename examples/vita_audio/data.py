@@ -4,9 +4,10 @@ Follows the official ``Qwen2Dataset`` (``vita_audio/data/dataset_qwen2.py``): Ch
 default system prompt; every ``<|audio|>`` (any role, in order) becomes ``BOA <|audio_k|>... EOA``;
 a TTS prompt's text is prepended to the assistant turn; the assistant's text and audio are
 interleaved by an :class:`~mctp.interleave.InterleaveSchedule`; labels are -100 except on the
-assistant content and its ``<|im_end|> \\n``. :class:`DataMixture` samples JSONL files with ratios
-from a seed; :class:`Packer` packs per file (position ids restart at 0 per sample, padding gets
-label -100 and positions continuing the last sample, as officially). Samples longer than
+assistant content and its ``<|im_end|> \\n``. Records come from a
+:class:`~vita_audio.mixture.DataMixture` (JSONL files sampled with ratios from a seed) and are packed
+per file by a :class:`~vita_audio.packing.Packer` (position ids restart at 0 per sample, padding
+gets label -100 and positions continuing the last sample, as officially). Samples longer than
 ``max_len`` are skipped and counted (``on_too_long="skip"``) or raise; a malformed record raises
 :class:`RecordError` with its file and index (``on_error="raise"``) or is skipped and counted.
 See TRAINING.md.
@@ -14,12 +15,11 @@ See TRAINING.md.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,22 +29,20 @@ from mctp.backbones import AUDIO_PLACEHOLDER, SpeechVocab
 from mctp.codecs import AudioTokenizer, load_audio
 from mctp.interleave import InterleaveSchedule
 
+if TYPE_CHECKING:
+    from .mixture import DataMixture
+    from .packing import Pack, Packer
+
 __all__ = [
     "ASR_PROMPT",
     "IGNORE_INDEX",
     "TTS_PROMPT",
     "AudioCodes",
     "ChatRenderer",
-    "DataMixture",
-    "DataSource",
     "DataStats",
-    "Pack",
-    "Packer",
     "RecordError",
     "Sample",
     "VitaAudioData",
-    "make_word_tokenizer",
-    "synthesize_dataset",
 ]
 
 logger = logging.getLogger(__name__)
@@ -288,259 +286,6 @@ def _tts_trick(messages: list[dict[str, str]]) -> list[dict[str, str]]:
     return messages
 
 
-# --------------------------------------------------------------------------- mixture
-@dataclass(frozen=True)
-class DataSource:
-    """One named data source: JSONL files sampled with a ratio.
-
-    Attributes:
-        name: Label (e.g. ``"VITA-MLLM/AudioQA-1M"``).
-        paths: JSONL files; each is its own packing stream (as the official code).
-        ratio: Records drawn per file = ``min(int(n * ratio), num)``; > 1 repeats records.
-        num: Cap on the records drawn per file (None = no cap).
-    """
-
-    name: str
-    paths: tuple[str, ...]
-    ratio: float = 1.0
-    num: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.ratio < 0 or (self.num is not None and self.num < 0):
-            raise ValueError(f"source {self.name!r}: ratio and num must be >= 0")
-
-
-class _Jsonl:
-    """Byte offsets of the non-empty lines of a JSONL file (records read on demand)."""
-
-    def __init__(self, path: Path) -> None:
-        if not path.is_file():
-            raise FileNotFoundError(f"data file not found: {path}")
-        self.path = path
-        offsets, pos = [], 0
-        with path.open("rb") as f:
-            for line in f:
-                if line.strip():
-                    offsets.append(pos)
-                pos += len(line)
-        self.offsets = np.asarray(offsets, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    def read(self, i: int) -> Any:
-        with self.path.open("rb") as f:
-            f.seek(int(self.offsets[i]))
-            line = f.readline()
-        try:
-            return json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RecordError(f"{self.path} record {i}: invalid JSON ({e})") from e
-
-
-class DataMixture:
-    """Several sources mixed with ratios, in an order fixed by a seed.
-
-    Each file is shuffled with ``seed``, the first ``min(int(n * ratio), num)`` indices (taken
-    cyclically, so ratio 2.0 uses every record twice) are kept, and all files' picks are
-    shuffled together with ``seed + epoch``.
-
-    Args:
-        sources: The sources (files of ratio 0 are skipped, as officially).
-        seed: Shuffling seed.
-
-    Raises:
-        ValueError: If there are no sources or every source is empty after sampling.
-        FileNotFoundError: If a listed file does not exist.
-    """
-
-    def __init__(self, sources: Sequence[DataSource], *, seed: int = 42) -> None:
-        if not sources:
-            raise ValueError("a DataMixture needs at least one source")
-        self.sources, self.seed = list(sources), seed
-        self.files: list[tuple[str, _Jsonl]] = []
-        self.picks: list[np.ndarray] = []
-        todo = [(s, p) for s in self.sources if s.ratio and s.num != 0 for p in s.paths]
-        for src, path in tqdm(todo, desc="index jsonl", unit="file", disable=len(todo) < 8):
-            data = _Jsonl(Path(path))
-            n = len(data)
-            used = int(n * src.ratio) if src.num is None else min(int(n * src.ratio), src.num)
-            perm = np.random.default_rng(seed).permutation(n) if n else np.zeros(0, np.int64)
-            self.picks.append(perm[np.arange(used) % n] if n else perm)
-            self.files.append((f"{src.name}:{path}", data))
-        if not sum(len(p) for p in self.picks):
-            raise ValueError("the mixture is empty: every source has 0 records after sampling")
-
-    @classmethod
-    def from_config(
-        cls,
-        cfg: Mapping[str, Any] | str | Path,
-        *,
-        seed: int = 42,
-        ratios: Mapping[str, float] | None = None,
-    ) -> DataMixture:
-        """Build from the official mixture layout ``{"dataset": {name: {ratio, num, data_paths}}}``.
-
-        ``cfg`` may be that mapping or a YAML file holding it; relative data paths are taken
-        relative to the current directory (as the official scripts do).
-
-        Args:
-            cfg: The mixture.
-            seed: Shuffling seed.
-            ratios: Ratio overrides by source name; ``"*"`` sets every other source (stage 4:
-                ``{"VITA-MLLM/AudioQA-1M": 2.0, ..., "*": 0.05}``).
-
-        Raises:
-            ValueError: If the layout is not recognised or ``ratios`` names unknown sources.
-        """
-        if not isinstance(cfg, Mapping):
-            import yaml
-
-            cfg = yaml.safe_load(Path(cfg).read_text())
-        table = cfg.get("dataset") if isinstance(cfg, Mapping) else None
-        if not isinstance(table, Mapping):
-            raise ValueError("a mixture config needs a 'dataset' mapping of sources")
-        ratios = dict(ratios or {})
-        unknown = set(ratios) - set(map(str, table)) - {"*"}
-        if unknown:
-            raise ValueError(f"ratios name unknown sources {sorted(unknown)}; known: {list(table)}")
-        sources = []
-        for name, info in table.items():
-            if not isinstance(info, Mapping) or not info.get("data_paths"):
-                raise ValueError(f"source {name!r} needs 'data_paths'")
-            num = info.get("num")
-            sources.append(
-                DataSource(
-                    name=str(name),
-                    paths=tuple(str(p) for p in info["data_paths"]),
-                    ratio=float(ratios.get(str(name), ratios.get("*", info.get("ratio", 1.0)))),
-                    num=None if num is None else int(num),
-                )
-            )
-        return cls(sources, seed=seed)
-
-    def __len__(self) -> int:
-        """Records per epoch."""
-        return sum(len(p) for p in self.picks)
-
-    def counts(self) -> dict[str, int]:
-        """Records per epoch for each file stream."""
-        return {key: len(p) for (key, _), p in zip(self.files, self.picks)}
-
-    def audio_paths(self) -> list[str]:
-        """Every audio path the mixture's records refer to (reads each picked record once)."""
-        paths: dict[str, None] = {}
-        for (_, data), picks in zip(self.files, self.picks):
-            for i in np.unique(picks).tolist():
-                record = data.read(i)
-                paths.update(
-                    dict.fromkeys((record.get("audios") or []) if isinstance(record, dict) else [])
-                )
-        return list(paths)
-
-    def plan(self, epoch: int = 0) -> np.ndarray:
-        """``[M, 2]`` rows of ``(file index, record index)`` in this epoch's order."""
-        files = np.concatenate([np.full(len(p), f, np.int64) for f, p in enumerate(self.picks)])
-        rows = np.stack((files, np.concatenate(self.picks).astype(np.int64)), axis=1)
-        return rows[np.random.default_rng(self.seed + epoch).permutation(len(rows))]
-
-    def records(self, epoch: int = 0) -> Iterator[tuple[str, str, Any]]:
-        """Yield ``(stream key, location "file:index", record)`` in this epoch's order."""
-        for f, i in self.plan(epoch).tolist():
-            key, data = self.files[f]
-            yield key, f"{data.path}:{i}", data.read(i)
-
-
-# --------------------------------------------------------------------------- packing
-@dataclass
-class Pack:
-    """Samples of one stream concatenated (and padded) to at most ``max_len`` tokens.
-
-    Attributes:
-        input_ids, labels, position_ids: ``[L]`` lists; position ids restart at 0 per sample.
-        lengths: Length of each sample, in order.
-        source: The stream (JSONL file) the samples came from.
-        num_pad: Padding tokens at the end (label -100).
-    """
-
-    input_ids: list[int]
-    labels: list[int]
-    position_ids: list[int]
-    lengths: list[int]
-    source: str
-    num_pad: int = 0
-
-    def batch(self) -> dict[str, torch.Tensor]:
-        """``{"input_ids", "labels", "position_ids"}``, each a ``[1, L]`` long tensor."""
-        return {
-            k: torch.tensor([getattr(self, k)], dtype=torch.long)
-            for k in ("input_ids", "labels", "position_ids")
-        }
-
-
-class Packer:
-    """Per-stream packing: append until the next sample would overflow, then emit.
-
-    Args:
-        max_len: Tokens per pack (official 8192; 2048 in stage 4 per DESIGN).
-        pad_id: Id used for padding.
-        pad: Pad every pack to ``max_len`` (fixed shapes, the official behaviour).
-        on_too_long: ``"skip"`` (count in :attr:`skipped`) or ``"raise"`` for a sample longer
-            than ``max_len``.
-
-    Raises:
-        ValueError: On ``max_len < 1`` or an unknown ``on_too_long``.
-    """
-
-    def __init__(
-        self, max_len: int = 8192, *, pad_id: int = 0, pad: bool = True, on_too_long: str = "skip"
-    ) -> None:
-        if max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {max_len}")
-        if on_too_long not in ("skip", "raise"):
-            raise ValueError(f"on_too_long must be 'skip' or 'raise', got {on_too_long!r}")
-        self.max_len, self.pad_id, self.pad, self.on_too_long = max_len, pad_id, pad, on_too_long
-        self.skipped = 0
-        self._open: dict[str, list[Sample]] = {}
-
-    def add(self, sample: Sample, source: str = "") -> Pack | None:
-        """Add a sample to its stream; returns the stream's previous pack if it had to close.
-
-        Raises:
-            ValueError: If the sample is longer than ``max_len`` and ``on_too_long="raise"``,
-                or its ids and labels differ in length.
-        """
-        if len(sample.input_ids) != len(sample.labels):
-            raise ValueError(f"ids ({len(sample.input_ids)}) and labels ({len(sample.labels)})")
-        if len(sample) > self.max_len or len(sample) == 0:
-            if self.on_too_long == "raise" and len(sample):
-                raise ValueError(f"a sample of {len(sample)} tokens exceeds max_len {self.max_len}")
-            self.skipped += 1
-            return None
-        buf = self._open.setdefault(source, [])
-        out = None
-        if sum(map(len, buf)) + len(sample) > self.max_len:
-            out = self._close(source)
-            buf = self._open.setdefault(source, [])
-        buf.append(sample)
-        return out
-
-    def flush(self) -> list[Pack]:
-        """Close every open stream (end of the data)."""
-        return [self._close(s) for s in list(self._open) if self._open[s]]
-
-    def _close(self, source: str) -> Pack:
-        samples = self._open.pop(source)
-        ids = [t for s in samples for t in s.input_ids]
-        labels = [t for s in samples for t in s.labels]
-        pos = [p for s in samples for p in range(len(s))]
-        pad = self.max_len - len(ids) if self.pad else 0
-        ids += [self.pad_id] * pad
-        labels += [IGNORE_INDEX] * pad
-        pos += list(range(pos[-1] + 1, pos[-1] + 1 + pad))
-        return Pack(ids, labels, pos, [len(s) for s in samples], source, pad)
-
-
 # --------------------------------------------------------------------------- pipeline
 @dataclass
 class DataStats:
@@ -647,85 +392,3 @@ class VitaAudioData:
             if n == 0:
                 raise ValueError(f"epoch {epoch} produced no pack; stats: {self.stats}")
             epoch += 1
-
-
-# --------------------------------------------------------------------------- tiny data
-def make_word_tokenizer(words: Sequence[str]) -> Any:
-    """A word-level transformers tokenizer (space-separated words, ``"\\n"`` a token) with ChatML.
-
-    Holds ``<unk>``, ``"\\n"``, ``words`` and the specials ``<|endoftext|>`` (pad),
-    ``<|im_start|>``, ``<|im_end|>`` (eos); add the speech tokens with ``extend_vocab``.
-    """
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    table = {w: i for i, w in enumerate(dict.fromkeys(["<unk>", "\n", *words]))}
-    core = Tokenizer(models.WordLevel(table, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(r"\n"), "isolated"), pre_tokenizers.Split(" ", "removed")]
-    )
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>")
-    tok.add_special_tokens(
-        {
-            "pad_token": "<|endoftext|>",
-            "eos_token": "<|im_end|>",
-            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
-        }
-    )
-    return tok
-
-
-def synthesize_dataset(
-    folder: str | Path, codec: Any, *, records: int = 8, seed: int = 0, num_words: int = 48
-) -> tuple[dict[str, Any], list[str]]:
-    """Write tiny ASR, TTS, speech-QA and text-only JSONL files with WAVs made by ``codec``.
-
-    Audio is ``codec.decode`` of random codes (4..24 frames), written as float WAV, so a
-    tokenizer like :class:`~mctp.codecs.DummyCodec` recovers the codes exactly.
-
-    Args:
-        folder: Output folder (``<task>.jsonl`` and ``wav/``).
-        codec: Has ``decode(ids) -> wav``, ``sample_rate`` and ``codebook_size``.
-        records: Records per task.
-        seed: Seed of the text and codes.
-        num_words: Size of the random word list (``w0``, ``w1``, ...).
-
-    Returns:
-        ``(mixture mapping in the official layout, every word used)``.
-    """
-    import soundfile as sf
-
-    rng = np.random.default_rng(seed)
-    root = Path(folder)
-    (root / "wav").mkdir(parents=True, exist_ok=True)
-    vocab = [f"w{i}" for i in range(num_words)]
-    count = iter(range(10**9))
-
-    def text(lo: int, hi: int) -> str:
-        return " ".join(rng.choice(vocab, size=int(rng.integers(lo, hi + 1))).tolist())
-
-    def wav() -> str:
-        ids = torch.from_numpy(rng.integers(0, codec.codebook_size, int(rng.integers(4, 25))))
-        path = root / "wav" / f"{next(count):05d}.wav"
-        sf.write(path, codec.decode(ids).numpy(), int(codec.sample_rate), subtype="FLOAT")
-        return str(path.resolve())
-
-    def chat(user: str, assistant: str, audios: list[str]) -> dict[str, Any]:
-        turns = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-        return {"messages": turns, "audios": audios}
-
-    makers = {
-        "asr": lambda: chat(f"{ASR_PROMPT}\n{AUDIO_PLACEHOLDER}", text(3, 8), [wav()]),
-        "tts": lambda: chat(f"{TTS_PROMPT}\n{text(3, 8)}", AUDIO_PLACEHOLDER, [wav()]),
-        "sqa": lambda: chat(
-            AUDIO_PLACEHOLDER, f"{text(3, 8)}\n{AUDIO_PLACEHOLDER}", [wav(), wav()]
-        ),
-        "text": lambda: chat(text(3, 8), text(3, 8), []),
-    }
-    table = {}
-    for task, make in makers.items():
-        path = root / f"{task}.jsonl"
-        path.write_text("".join(json.dumps(make()) + "\n" for _ in range(records)))
-        table[task] = {"ratio": 1.0, "data_paths": [str(path.resolve())]}
-    words = [*vocab, *ASR_PROMPT.split(), *TTS_PROMPT.split(), "user", "assistant", "system"]
-    return {"dataset": table}, words

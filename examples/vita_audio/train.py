@@ -27,14 +27,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
-import dataclasses
 import json
 import math
 import shutil
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -54,169 +51,16 @@ from mctp.interleave import InterleaveSchedule
 from mctp.losses import mctp_loss, total_loss
 from mctp.stack import MCTPStack
 from vita_audio.checkpoint import load_vita_audio, save_vita_audio
-from vita_audio.data import (
-    AudioCodes,
-    ChatRenderer,
-    DataMixture,
-    Packer,
-    VitaAudioData,
-    make_word_tokenizer,
-    synthesize_dataset,
-)
+from vita_audio.config import FROZEN_STAGES, TrainConfig, load_config, merge_config
+from vita_audio.data import AudioCodes, ChatRenderer, VitaAudioData
+from vita_audio.mixture import DataMixture
 from vita_audio.model import load_tokenizer
+from vita_audio.packing import Packer
+from vita_audio.tiny import make_tiny_assets
 
-__all__ = ["TrainConfig", "Trainer", "load_config", "main"]
+__all__ = ["Trainer", "main"]
 
-FROZEN_STAGES = (2, 3)  # the LLM is frozen and its outputs detached
 STATE_FILE = "trainer_state.pt"
-
-
-# --------------------------------------------------------------------------- config
-@dataclass
-class ModelConfig:
-    """Which model to start from and its MCTP heads."""
-
-    path: str | None = None  # official VITA-Audio folder, or a transformers Qwen2 folder
-    tokenizer: str | None = None  # default: ``path``
-    num_heads: int = 0  # stage 1: 0; stage 2: 1 (created); stage 3/4: 10 (grown from head 0)
-    mtp_loss_weight: float = 1.0
-    attn_implementation: str = "sdpa"
-    gradient_checkpointing: bool = False
-    lora: dict[str, Any] | None = None  # add_lora kwargs (r, alpha, ...); stages 1 and 4 only
-
-
-@dataclass
-class DataConfig:
-    """Where the records come from and how they become packs."""
-
-    mixture: Any = None  # official mixture yaml path, or its mapping ({"dataset": {...}})
-    ratios: dict[str, float] | None = None  # source name -> ratio overrides ("*": the rest)
-    codec: str = "dummy"  # load_codec folder or name (e.g. the glm-4-voice-tokenizer folder)
-    codec_kwargs: dict[str, Any] = field(default_factory=dict)
-    audio_root: str | None = None  # relative audio paths are taken from here
-    interleave: list[int] | None = field(default_factory=lambda: [1, 10, 4, 10])
-    max_len: int = 8192
-    pad: bool = True
-    code_cache: str | None = None  # .npz cache of audio codes (read at start, written at saves)
-    prefetch: bool = False  # tokenize every audio file before training
-    on_too_long: str = "skip"
-    on_error: str = "raise"
-
-
-@dataclass
-class OptimConfig:
-    """AdamW + warmup/cosine schedule."""
-
-    lr: float = 6e-5
-    mctp_lr_mult: float = 1.0  # stage 4: 10 (a separate param group for the heads)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.0  # not applied to biases and norm weights
-    warmup_ratio: float = 0.03
-    max_steps: int = 8000
-    global_batch: int = 256  # packs per optimizer step (gradient accumulation)
-    clip: float = 1.0
-
-
-@dataclass
-class RunConfig:
-    """Output, checkpoints, resume, device."""
-
-    out_dir: str = "out/vita_audio"
-    save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
-    save_total_limit: int = 2
-    save_dtype: str | None = None  # e.g. "bfloat16" for smaller checkpoints (resume stays fp32)
-    resume: str | None = None  # a checkpoint folder, or "auto" (latest in out_dir)
-    seed: int = 42
-    device: str = "auto"
-    progress: bool = True
-
-
-@dataclass
-class TrainConfig:
-    """One stage of the recipe (see the module docstring)."""
-
-    stage: int = 1
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> TrainConfig:
-        """Build from nested mappings.
-
-        Raises:
-            ValueError: On unknown keys, a stage outside 1..4 or head counts that do not fit it.
-        """
-        sections = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig}
-        sections["run"] = RunConfig
-        unknown = set(raw) - {"stage", *sections}
-        if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}")
-        parts = {}
-        for name, kind in sections.items():
-            values = dict(raw.get(name) or {})
-            known = {f.name for f in dataclasses.fields(kind)}
-            if set(values) - known:
-                raise ValueError(f"unknown keys in '{name}': {sorted(set(values) - known)}")
-            for f in dataclasses.fields(kind):  # YAML 1.1 reads 1e-4 as a string
-                if f.type == "float" and isinstance(values.get(f.name), str):
-                    values[f.name] = float(values[f.name])
-            if "betas" in values:
-                values["betas"] = tuple(float(b) for b in values["betas"])
-            parts[name] = kind(**values)
-        cfg = cls(stage=int(raw.get("stage", 1)), **parts)
-        cfg.check()
-        return cfg
-
-    def check(self) -> None:
-        """Validate the stage against the heads and LoRA settings.
-
-        Raises:
-            ValueError: If they do not fit.
-        """
-        s, n = self.stage, self.model.num_heads
-        if s not in (1, 2, 3, 4):
-            raise ValueError(f"stage must be 1, 2, 3 or 4, got {s}")
-        if s == 1 and n != 0:
-            raise ValueError(f"stage 1 trains the LLM alone: model.num_heads must be 0, got {n}")
-        if s in FROZEN_STAGES and n < 1:
-            raise ValueError(f"stage {s} trains MCTP heads: model.num_heads must be >= 1, got {n}")
-        if s in FROZEN_STAGES and self.model.lora:
-            raise ValueError(f"stage {s} freezes the LLM: LoRA on it would train nothing")
-        if self.model.path is None:
-            raise ValueError("model.path is required (a VITA-Audio or Qwen2 folder)")
-        if self.data.mixture is None:
-            raise ValueError("data.mixture is required")
-
-
-def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Read a recipe YAML and apply ``key.sub=value`` overrides (values parsed as YAML).
-
-    Raises:
-        ValueError: On an override without ``=``.
-    """
-    import yaml
-
-    cfg = yaml.safe_load(Path(path).read_text()) or {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not key=value")
-        *parents, leaf = key.strip().split(".")
-        node = cfg
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
-    return cfg
 
 
 # --------------------------------------------------------------------------- pieces
@@ -565,36 +409,6 @@ class Trainer:
         return folder
 
 
-# --------------------------------------------------------------------------- tiny assets
-def make_tiny_assets(
-    folder: str | Path, *, seed: int = 0, records: int = 8, **qwen2: Any
-) -> dict[str, Any]:
-    """A random tiny Qwen2 folder (word tokenizer) and a synthetic ASR/TTS/SQA/text dataset.
-
-    Args:
-        folder: Where to write ``model/`` and ``data/``.
-        seed: Seed of the weights and of the data.
-        records: Records per task.
-        **qwen2: ``Qwen2Config`` fields (hidden_size, num_hidden_layers, ...).
-
-    Returns:
-        ``{"model": model folder, "mixture": mixture mapping}``.
-    """
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from mctp.codecs import DummyCodec
-
-    root = Path(folder)
-    mixture, words = synthesize_dataset(root / "data", DummyCodec(), records=records, seed=seed)
-    tok = make_word_tokenizer(words)
-    torch.manual_seed(seed)
-    fields = {"tie_word_embeddings": False, **qwen2, "vocab_size": len(tok)}
-    model = Qwen2ForCausalLM(Qwen2Config(**fields))
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    return {"model": str(root / "model"), "mixture": mixture}
-
-
 def main(cfg: Mapping[str, Any]) -> list[Trainer]:
     """Run one stage, or the ``stages`` list in order (each starts from the previous result).
 
@@ -613,19 +427,19 @@ def main(cfg: Mapping[str, Any]) -> list[Trainer]:
     if tiny is not None:
         out = Path(cfg.get("run", {}).get("out_dir", "out/vita_audio"))
         assets = make_tiny_assets(out / "assets", **tiny)
-        cfg = _merge(
+        cfg = merge_config(
             cfg, {"model": {"path": assets["model"]}, "data": {"mixture": assets["mixture"]}}
         )
     trainers, previous = [], None
     for i, overrides in enumerate(stages):
-        raw = _merge(cfg, overrides)
+        raw = merge_config(cfg, overrides)
         if len(stages) > 1:
             run = raw.setdefault("run", {})
             run["out_dir"] = str(
                 Path(run.get("out_dir", "out/vita_audio")) / f"stage{raw.get('stage', i + 1)}"
             )
         if previous is not None:
-            raw = _merge(raw, {"model": {"path": str(previous), "tokenizer": None}})
+            raw = merge_config(raw, {"model": {"path": str(previous), "tokenizer": None}})
         trainer = Trainer(TrainConfig.from_dict(raw))
         previous = trainer.fit()
         print(f"stage {trainer.cfg.stage}: {trainer.history[-1]} -> {previous}")

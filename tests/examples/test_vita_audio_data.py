@@ -1,4 +1,4 @@
-"""examples/vita_audio/data.py: ChatML rendering, labels, interleaving, packing, mixtures.
+"""examples/vita_audio/data.py, mixture.py, packing.py: ChatML rendering, labels, interleaving, packing, mixtures.
 
 Rendering is checked against ids written out by hand with a word-level tokenizer (every word
 one id, ``"\\n"`` its own token) extended with the speech vocabulary.
@@ -19,13 +19,12 @@ from vita_audio.data import (
     IGNORE_INDEX,
     AudioCodes,
     ChatRenderer,
-    DataMixture,
-    DataSource,
-    Packer,
     RecordError,
     Sample,
     VitaAudioData,
 )
+from vita_audio.mixture import DataMixture, DataSource
+from vita_audio.packing import Packer
 
 from mctp.backbones import extend_vocab
 from mctp.codecs import AudioError, DummyCodec

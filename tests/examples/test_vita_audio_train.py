@@ -13,14 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from vita_audio.checkpoint import load_vita_audio
-from vita_audio.train import (
-    STATE_FILE,
-    TrainConfig,
-    Trainer,
-    load_config,
-    make_tiny_assets,
-    warmup_cosine,
-)
+from vita_audio.config import TrainConfig, load_config
+from vita_audio.tiny import make_tiny_assets
+from vita_audio.train import STATE_FILE, Trainer, warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[2]
 
