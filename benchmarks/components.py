@@ -5,9 +5,14 @@ logits of the last position only, static cache), one MCTP head over a backlog of
 (decoder block only), the shared lm_head for one row (full vocabulary vs BOA/EOA + audio), and one
 4864x896 linear layer over 1 / 11 / 32 rows (GEMM efficiency of the device and dtype).
 
+With ``--compile`` every piece is timed as ``torch.compile`` runs it (static shapes, as the
+fast path of ``generate``); ``--max-autotune`` adds Inductor's GEMM templates (with frozen
+weights on CPU), the setting of ``benchmarks/modes.py --compile --max-autotune``.
+
 Usage::
 
     python benchmarks/components.py --config 0.5b --dtype bfloat16 --threads 2
+    python benchmarks/components.py --config 0.5b --dtype bfloat16 --threads 2 --compile --max-autotune
 """
 
 from __future__ import annotations
@@ -42,11 +47,23 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compile", action="store_true", help="time compiled pieces")
+    p.add_argument("--max-autotune", action="store_true", help="with --compile: GEMM templates")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     dev = args.device
+    kw: dict = {"dynamic": False}
+    if args.max_autotune:
+        kw["mode"] = "max-autotune-no-cudagraphs"
+        if dev == "cpu":
+            import torch._inductor.config as inductor_config
+
+            inductor_config.freezing = True  # CPU GEMM templates need frozen weights
+
+    def maybe_compile(fn):
+        return torch.compile(fn, **kw) if args.compile else fn
 
     from mctp import TokenBuffer
 
@@ -56,52 +73,58 @@ def main() -> None:
     buf.start(torch.randint(0, 1000, (1, 32), device=dev))
     cache = backbone.new_cache(1, 128)
     backbone.forward_cached(buf, cache, 0)
+    decode = maybe_compile(backbone.decode)
     rows = []
     for t in (1, 11, 32):
         buf.length = 32 + t
+        idx = buf.index[32 : 32 + t]
         rows.append(
             (
                 f"backbone forward, {t} new token(s)",
-                timed(lambda: backbone.forward_cached(buf, cache, 32), args.repeats, dev),
+                timed(lambda idx=idx: decode(buf, cache, idx), args.repeats, dev),
             )
         )
     block = stack.heads[0].block
+    run_block = maybe_compile(lambda z, rope: block(z, position_embeddings=rope))
     for t in (1, 11, 33):
         z = torch.randn(1, t, h, dtype=dtype, device=dev)
         rope = backbone.base.rotary_emb(z, torch.arange(t, device=dev)[None])
         rows.append(
             (
                 f"MCTP head block, backlog of {t}",
-                timed(lambda z=z, rope=rope: block(z, position_embeddings=rope), args.repeats, dev),
+                timed(lambda z=z, rope=rope: run_block(z, rope), args.repeats, dev),
             )
         )
     x = torch.randn(1, h, dtype=dtype, device=dev)
-    w_audio = backbone.lm_head.weight[speech.boa : speech.audio_stop]
+    audio = torch.nn.Linear(h, speech.audio_stop - speech.boa, bias=False, device=dev, dtype=dtype)
+    audio.weight.data = backbone.lm_head.weight[speech.boa : speech.audio_stop]
+    lm_full, lm_audio = maybe_compile(backbone.lm_head), maybe_compile(audio)
     rows.append(
         (
             f"lm_head, 1 row, full vocabulary ({backbone.vocab_size})",
-            timed(lambda: backbone.lm_head(x), args.repeats, dev),
+            timed(lambda: lm_full(x), args.repeats, dev),
         )
     )
     rows.append(
         (
-            f"lm_head, 1 row, BOA..audio rows ({w_audio.shape[0]})",
-            timed(lambda: torch.nn.functional.linear(x, w_audio), args.repeats, dev),
+            f"lm_head, 1 row, BOA..audio rows ({audio.weight.shape[0]})",
+            timed(lambda: lm_audio(x), args.repeats, dev),
         )
     )
     for dt in sorted({dtype, torch.float32}, key=str):
-        w = torch.randn(4864, 896, dtype=dt, device=dev)
+        lin = maybe_compile(torch.nn.Linear(896, 4864, bias=False, device=dev, dtype=dt))
         for r in (1, 11, 32):
             a = torch.randn(r, 896, dtype=dt, device=dev)
             rows.append(
                 (
                     f"linear 4864x896, {r} row(s), {str(dt).split('.')[1]}",
-                    timed(lambda a=a, w=w: torch.nn.functional.linear(a, w), 4 * args.repeats, dev),
+                    timed(lambda a=a, lin=lin: lin(a), 4 * args.repeats, dev),
                 )
             )
     name = torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu"
     print(
-        f"config {args.config}, device {dev} ({name}), dtype {args.dtype}, threads {torch.get_num_threads()}, median of {args.repeats}\n"
+        f"config {args.config}, device {dev} ({name}), dtype {args.dtype}, threads {torch.get_num_threads()}, median of {args.repeats}, "
+        f"compile {'off' if not args.compile else kw}\n"
     )
     width = max(len(r[0]) for r in rows)
     print(f"| {'piece'.ljust(width)} | ms |\n| {'-' * width} | --- |")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -59,6 +61,25 @@ def test_compiled_turbo_gives_the_eager_tokens_without_recompiling(model):
         second = generate(bb, stack, other, "turbo", 40, compile=opts, state=state)
     assert torch.equal(first.sequences, ref.sequences)
     assert torch.equal(second.sequences, ref_other.sequences)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="Inductor on CPU needs a C++ compiler")
+def test_inductor_cpu_turbo_gives_the_eager_tokens(model):
+    """Inductor's generated CPU kernels with frozen weights (the CPU setting of the benchmarks)."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    bb, stack = model
+    ids = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(1))
+    ref = generate(bb, stack, ids, "turbo", 40)
+    torch._dynamo.reset()
+    try:
+        with inductor_config.patch(freezing=True):
+            fast = generate(bb, stack, ids, "turbo", 40, compile=True, window=11)
+    finally:
+        torch._dynamo.reset()  # frozen graphs hold this model's weights as constants
+    assert torch.equal(fast.sequences, ref.sequences)
 
 
 @pytest.mark.gpu
