@@ -19,10 +19,42 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["build_demo_model", "main"]
+__all__ = ["build_demo_model", "main", "teach_answer"]
 
 BOA, EOA, PLACEHOLDER, EOS = 250, 251, 249, 2
 AUDIO_START, NUM_AUDIO = 252, 64
+
+
+def teach_answer(
+    backbone: torch.nn.Module,
+    stack: torch.nn.Module,
+    prompt: torch.Tensor,
+    answer: list[int],
+    *,
+    steps: int,
+    lr: float,
+) -> None:
+    """Train backbone and heads (Adam, full batch) to continue ``prompt [1, P]`` with ``answer``.
+
+    The loss is the backbone's LM loss on the answer plus the MCTP loss; both models are left
+    in eval mode.
+    """
+    from mctp import mctp_loss
+
+    seq = torch.cat([prompt, torch.tensor([answer], device=prompt.device)], dim=1)
+    labels = seq.clone()
+    labels[:, : prompt.shape[1]] = -100
+    opt = torch.optim.Adam([*backbone.parameters(), *stack.parameters()], lr=lr)
+    backbone.train()
+    stack.train()
+    for _ in range(steps):
+        out = backbone(seq, labels=labels)
+        loss = out.loss + mctp_loss(stack, out.hidden, seq, labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    backbone.eval()
+    stack.eval()
 
 
 def build_demo_model(*, train_steps: int = 150, seed: int = 0, hidden: int = 64, layers: int = 2):
@@ -33,7 +65,7 @@ def build_demo_model(*, train_steps: int = 150, seed: int = 0, hidden: int = 64,
     """
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from mctp import MCTPStack, mctp_loss
+    from mctp import MCTPStack
     from mctp.backbones import AUDIO_PLACEHOLDER, HFBackbone, SpeechVocab
     from mctp.backbones import BOA as BOA_S
     from mctp.backbones import EOA as EOA_S
@@ -59,20 +91,7 @@ def build_demo_model(*, train_steps: int = 150, seed: int = 0, hidden: int = 64,
     text = torch.randint(3, 200, (13,), generator=g).tolist()
     audio = torch.randint(AUDIO_START, AUDIO_START + NUM_AUDIO, (40,), generator=g).tolist()
     answer = [*InterleaveSchedule.boost().interleave(text, audio, BOA, EOA), EOS]
-    seq = torch.cat([prompt, torch.tensor([answer])], dim=1)
-    labels = seq.clone()
-    labels[:, : prompt.shape[1]] = -100
-    opt = torch.optim.Adam([*model.parameters(), *stack.parameters()], lr=1e-2)
-    model.train()
-    stack.train()
-    for _ in range(train_steps):
-        out = backbone(seq, labels=labels)
-        loss = out.loss + mctp_loss(stack, out.hidden, seq, labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    stack.eval()
+    teach_answer(backbone, stack, prompt, answer, steps=train_steps, lr=1e-2)
     vocab = SpeechVocab(
         special={BOA_S: BOA, EOA_S: EOA, AUDIO_PLACEHOLDER: PLACEHOLDER},
         audio_start=AUDIO_START,

@@ -25,10 +25,11 @@ class Toy:
 @pytest.fixture(scope="session")
 def toy(request) -> Toy:
     """Backbone + 10 MCTP heads that reproduce one Boost-layout answer (greedy)."""
-    from mctp import MCTPStack, mctp_loss
+    from mctp import MCTPStack
     from mctp.backbones import AUDIO_PLACEHOLDER, HFBackbone, SpeechVocab
     from mctp.backbones import BOA as BOA_S
     from mctp.backbones import EOA as EOA_S
+    from mctp.demo import teach_answer
 
     make = request.getfixturevalue("tiny_hf")
     g = torch.Generator().manual_seed(5)
@@ -43,20 +44,8 @@ def toy(request) -> Toy:
     text = torch.randint(3, 60, (9,), generator=g).tolist()
     audio = torch.randint(AUDIO_START, AUDIO_START + NUM_AUDIO, (24,), generator=g).tolist()
     answer = [*InterleaveSchedule.boost().interleave(text, audio, BOA, EOA), EOS]
-    seq = torch.cat([prompt, torch.tensor([answer])], dim=1)
-    labels = seq.clone()
-    labels[:, : prompt.shape[1]] = -100
-    params = [*model.parameters(), *stack.parameters()]
-    opt = torch.optim.Adam(params, lr=2e-2)
     torch.manual_seed(0)
-    model.train(), stack.train()
-    for _ in range(120):
-        out = bb(seq, labels=labels)
-        loss = out.loss + mctp_loss(stack, out.hidden, seq, labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval(), stack.eval()
+    teach_answer(bb, stack, prompt, answer, steps=120, lr=2e-2)
     vocab = SpeechVocab(
         special={BOA_S: BOA, EOA_S: EOA, AUDIO_PLACEHOLDER: PLACEHOLDER},
         audio_start=AUDIO_START,
