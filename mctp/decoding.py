@@ -177,7 +177,9 @@ class MCTPDecoder:
         self.next_index = [k + 1 for k in range(n)]
         self.backbone_length = 0
         self._compiled: dict[tuple[int, int], Callable] = {}
+        self._fills: dict[tuple[int, int], Callable] = {}
         self._length = static_buffer(torch.zeros((), dtype=torch.long, device=buffer.device))
+        self._fill_start = static_buffer(torch.zeros((), dtype=torch.long, device=buffer.device))
 
     def reset(self) -> None:
         """Forget all progress (the buffers stay allocated)."""
@@ -223,6 +225,7 @@ class MCTPDecoder:
         forced: torch.Tensor | None = None,
         return_logits: bool = False,
         window: int | None = None,
+        catch_up: int = 0,
     ) -> ChainOutput:
         """Run heads ``0..K-1`` once each, appending one token per head to the buffer.
 
@@ -240,6 +243,10 @@ class MCTPDecoder:
                 ``torch.compile``/CUDA graphs (see :meth:`compile_chain`). Falls back to the
                 exact-backlog path when a head's backlog is longer than the window, its cache
                 is not allocated yet, or the sequence is shorter than the window.
+            catch_up: With ``window``: a head whose backlog is longer than the window (the
+                first chain after a prefill) first processes the excess in at most this many
+                extra windows of ``window`` slots (fixed shapes too, see :meth:`compile_chain`)
+                instead of falling back to the exact-backlog path. 0 = never.
 
         Returns:
             :class:`ChainOutput`.
@@ -266,6 +273,8 @@ class MCTPDecoder:
             )
         tokens, all_logits = [], []
         n0 = buf.length
+        if window is not None and forced is None and catch_up > 0:
+            self._catch_up(k_run, window, catch_up)
         if window is not None and forced is None and self._window_ok(k_run, window):
             run = self._compiled.get((k_run, window)) or self._window_chain(k_run, window)
             toks, logits = run(self._length.fill_(n0), sampler)  # a kernel, not a host copy
@@ -309,6 +318,22 @@ class MCTPDecoder:
             ``(token [B], logits [B, V'])``.
         """
         stack, buf = self.stack, self.buffer
+        h, pos = self._head_states(k, idx)
+        logits = stack.head_logits(h[:, -1])  # [B, V']
+        tok = stack.to_global_ids(sampler(logits)) if forced is None else forced
+        nxt = idx[-1:] + 1
+        buf.ids.index_copy_(1, nxt, tok[:, None])
+        buf.positions.index_copy_(1, nxt, pos[:, -1:] + 1)
+        buf.valid.index_copy_(1, nxt, torch.ones_like(buf.valid[:, :1]))
+        return tok, logits
+
+    def _head_states(self, k: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head ``k``'s block over slots ``idx [T]``: writes its cache and ``h^{k+1}``.
+
+        Returns:
+            ``(normed outputs [B, T, H], positions [B, T])``.
+        """
+        stack, buf = self.stack, self.buffer
         head = stack.heads[k]
         pos = buf.positions.index_select(1, idx)
         prev = self.hidden[k].index_select(1, idx - 1)  # h^k_{t-1}
@@ -327,13 +352,7 @@ class MCTPDecoder:
         h = stack.norm(y)
         if k + 1 < stack.num_heads:
             self.hidden[k + 1].index_copy_(1, idx, h.to(self.hidden.dtype))
-        logits = stack.head_logits(h[:, -1])  # [B, V']
-        tok = stack.to_global_ids(sampler(logits)) if forced is None else forced
-        nxt = idx[-1:] + 1
-        buf.ids.index_copy_(1, nxt, tok[:, None])
-        buf.positions.index_copy_(1, nxt, pos[:, -1:] + 1)
-        buf.valid.index_copy_(1, nxt, torch.ones_like(buf.valid[:, :1]))
-        return tok, logits
+        return h, pos
 
     def _window_ok(self, k_run: int, window: int) -> bool:
         """Whether heads ``0..K-1`` can run on fixed windows of ``window`` slots now."""
@@ -370,11 +389,63 @@ class MCTPDecoder:
 
         return chain
 
+    def _catch_up_plan(self, k_run: int, window: int, limit: int) -> list[list[int]] | None:
+        """Window starts per head that bring every backlog down to ``window`` (None: not possible).
+
+        Head ``k``'s chain window will cover slots ``e = n + k - window .. n + k - 1``; slots
+        ``next_index[k] .. e - 1`` are processed first, in windows of ``window`` slots. The last
+        one is moved back to end at ``e`` (re-computing seen slots, which changes nothing), or,
+        where that would start before slot 1, starts at slot 1 and reaches into the chain's
+        window: those slots get provisional entries that the chain overwrites before any query
+        reads them (a head only reads cache slots up to the one it is computing).
+        """
+        n = self.buffer.length
+        if n - window < 1:
+            return None
+        plan: list[list[int]] = []
+        for k in range(k_run):
+            if self.caches[k].keys[0] is None:
+                return None  # allocated by the first (exact-backlog) run
+            e, s = n + k - window, self.next_index[k]
+            starts: list[int] = []
+            while s < e:
+                starts.append(max(1, min(s, e - window)))
+                s = starts[-1] + window
+            if len(starts) > limit:
+                return None
+            plan.append(starts)
+        return plan
+
+    def _catch_up(self, k_run: int, window: int, limit: int) -> None:
+        plan = self._catch_up_plan(k_run, window, limit)
+        if plan is None or not any(plan):
+            return
+        n = self.buffer.length
+        for k, starts in enumerate(plan):
+            for a in starts:
+                fill = self._fills.get((k, window)) or self._fill(k, window)
+                fill(self._fill_start.fill_(a))
+            if starts:
+                self.next_index[k] = n + k - window
+
+    def _fill(self, k: int, window: int) -> Callable[[torch.Tensor], None]:
+        """Head ``k`` over the ``window`` slots from a 0-d start tensor (no token produced)."""
+        offsets = torch.arange(window, device=self.buffer.device)
+
+        def fill(start: torch.Tensor) -> None:
+            self._head_states(k, offsets + start)
+
+        return fill
+
     def compile_chain(self, k_run: int, window: int, **compile_kwargs: object) -> None:
-        """``torch.compile`` the windowed chain of ``k_run`` heads (used by ``step(window=)``).
+        """``torch.compile`` the windowed chain of ``k_run`` heads (used by ``step(window=)``)
+        and each of these heads' catch-up window (used by ``step(catch_up=)``).
 
         On CUDA pass ``mode="reduce-overhead"`` to capture the whole chain as one CUDA graph.
         """
         self._compiled[(k_run, window)] = torch.compile(
             self._window_chain(k_run, window), **compile_kwargs
         )
+        for k in range(k_run):
+            if (k, window) not in self._fills:
+                self._fills[(k, window)] = torch.compile(self._fill(k, window), **compile_kwargs)

@@ -127,7 +127,9 @@ class GenerationState:
 
     ``generate`` builds a throw-away state sized for each call; hold one yourself to keep the
     allocations, and on the fast path (``compile=True``) the compiled graphs, between calls
-    (CUDA graphs are tied to buffer addresses, so a new state means a new capture)::
+    (CUDA graphs are tied to buffer addresses, so a new state means a new capture). The first
+    call on a state allocates the caches with an eager prefill and first chain; from the second
+    on, short prompts are prefilled and caught up in compiled windows (``prefill_windows``)::
 
         state = GenerationState(backbone, batch_size=1, max_len=4096, device="cuda")
         for prompt in prompts:
@@ -210,6 +212,7 @@ class _Engine:
         stop_check_every: int,
         compile: bool | dict[str, Any],
         window: int,
+        prefill_windows: int,
         state: GenerationState | None,
     ) -> None:
         if input_ids.ndim != 2:
@@ -220,6 +223,8 @@ class _Engine:
             raise ValueError(f"stop_check_every must be >= 1, got {stop_check_every}")
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
+        if prefill_windows < 0:
+            raise ValueError(f"prefill_windows must be >= 0, got {prefill_windows}")
         b, p = input_ids.shape
         if attention_mask is not None:
             if attention_mask.shape != input_ids.shape:
@@ -291,6 +296,7 @@ class _Engine:
         self.processed = 0  # slots whose backbone states are in the cache
         self.head_sampler = lambda logits: self.picker(logits, self.head_index)
         self.window = window if compile else None
+        self.prefill_windows = prefill_windows
         self.compile_kwargs: dict[str, Any] = {}
         if compile:
             self.compile_kwargs = {"dynamic": False}
@@ -333,12 +339,15 @@ class _Engine:
     def _forward(self, start: int, all_logits: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Backbone over slots ``start..length-1``.
 
-        The prefill runs eagerly. On the fast path a multi-token re-read is widened to the
-        last ``window`` slots (slots already in the cache are written again with the same
-        values), so the compiled decode sees only two shapes: 1 and ``window`` tokens.
+        On the fast path a multi-token re-read is widened to the last ``window`` slots (slots
+        already in the cache are written again with the same values), so the compiled decode
+        sees only two shapes: 1 and ``window`` tokens. The prefill runs eagerly, or through
+        the compiled window (see :meth:`_prefill_in_windows`).
         """
         n = self.buffer.length
         if start == 0:
+            if not all_logits and self._prefill_in_windows(n):
+                return self._windowed_prefill(n)
             return self.backbone.forward_cached(self.buffer, self.cache, 0, all_logits=all_logits)
         t = n - start
         if self.window is not None and 1 < t <= self.window <= n:
@@ -349,12 +358,34 @@ class _Engine:
             self.buffer, self.cache, self.buffer.index[start:n], all_logits=all_logits
         )
 
+    def _prefill_in_windows(self, n: int) -> bool:
+        """Whether the prompt (``n`` slots) is prefilled as ``window``-slot decodes: on the fast
+        path, with an allocated cache (a reused state), and at most ``prefill_windows`` of them
+        (a few graph replays beat one eager forward on short prompts, not on long ones)."""
+        w = self.window
+        allocated = getattr(self.cache, "keys", [None])[0] is not None
+        return w is not None and allocated and w <= n <= self.prefill_windows * w
+
+    def _windowed_prefill(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill in windows ``[0, w), [w, 2w), ...``, the last moved back to end at ``n``."""
+        w = self.window
+        assert w is not None
+        parts, done = [], 0
+        while done < n:
+            end = min(done + w, n)
+            hidden, logits = self.decode(self.buffer, self.cache, self.buffer.index[end - w : end])
+            parts.append(hidden[:, w - (end - done) :].clone())  # graph outputs get reused
+            done = end
+        return torch.cat(parts, dim=1), logits
+
     def _step_heads(self, count: int) -> torch.Tensor:
         """Run heads ``0..count-1`` (a fixed-window compiled chain when compiling)."""
         assert self.decoder is not None
         if self.window is not None and (count, self.window) not in self.decoder._compiled:
             self.decoder.compile_chain(count, self.window, **self.compile_kwargs)
-        out = self.decoder.step(count, sampler=self.head_sampler, window=self.window)
+        out = self.decoder.step(
+            count, sampler=self.head_sampler, window=self.window, catch_up=self.prefill_windows
+        )
         self.mctp_steps += count
         return out.tokens
 
@@ -520,6 +551,10 @@ _DOC_ARGS = """
             to ``torch.compile`` (e.g. ``{"backend": "aot_eager"}``).
         window: Slots per head run on the fast path (>= the longest backlog of the schedule:
             16 covers Vanilla/Balance/Boost/Turbo).
+        prefill_windows: On the fast path with a reused ``state`` (allocated caches), a prompt of
+            ``window`` to ``prefill_windows * window`` slots is prefilled as that many compiled
+            ``window``-slot decodes, and the first chain's heads process the prompt backlog in
+            as many compiled windows, instead of eager multi-token forwards (0: always eager).
         state: A :class:`GenerationState` to reuse (allocations and compiled graphs);
             default: a fresh one sized for this call.
 """
@@ -559,6 +594,7 @@ def _setup(
         stop_check_every=kw.pop("stop_check_every", 8),
         compile=kw.pop("compile", False),
         window=kw.pop("window", 16),
+        prefill_windows=kw.pop("prefill_windows", 4),
         state=kw.pop("state", None),
     )
 
@@ -580,6 +616,7 @@ _KNOWN = {
     "sync_timings",
     "compile",
     "window",
+    "prefill_windows",
     "state",
 }
 

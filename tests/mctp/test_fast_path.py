@@ -41,26 +41,77 @@ def test_fixed_windows_verified_mode(model):
     assert torch.equal(fast.sequences, ref.sequences)
 
 
+@pytest.mark.parametrize(
+    ("mode", "prompt_len", "window"),
+    [("turbo", 40, 11), ("boost", 30, 11), ("balance", 20, 16), ("vanilla", 33, 11)],
+)
+def test_reused_state_prefills_and_catches_up_in_windows(model, mode, prompt_len, window):
+    """With allocated caches the prompt is prefilled as window decodes and head backlogs longer
+    than the window (the first chain's, Boost's 4 text tokens + 10 with window 11) run as extra
+    windows: no eager multi-token forward at all, and the same tokens."""
+    from mctp import GenerationState
+    from mctp.decoding import MCTPDecoder
+
+    bb, stack = model
+    g = torch.Generator().manual_seed(prompt_len)
+    ids = torch.randint(3, 128, (2, prompt_len), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # a left-padded row
+    eager_prefills: list[int] = []
+    exact_backlogs: list[int] = []  # eager head runs over their exact backlog
+    head, forward_cached = MCTPDecoder._head, type(bb).forward_cached
+
+    def spy_head(self, k, idx, *a):
+        if idx.numel() != window:
+            exact_backlogs.append(idx.numel())
+        return head(self, k, idx, *a)
+
+    def spy_prefill(self, *a, **k):
+        eager_prefills.append(1)
+        return forward_cached(self, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MCTPDecoder, "_head", spy_head)
+        mp.setattr(type(bb), "forward_cached", spy_prefill)
+        ref = generate(bb, stack, ids, mode, 40, attention_mask=mask)
+        state = GenerationState(bb, batch_size=2, max_len=128)
+        kw = dict(attention_mask=mask, compile={"backend": "eager"}, window=window, state=state)
+        generate(bb, stack, ids, mode, 40, **kw)  # the first call allocates the caches
+        eager_prefills.clear(), exact_backlogs.clear()
+        fast = generate(bb, stack, ids, mode, 40, **kw)
+        assert not eager_prefills and not exact_backlogs
+        off = generate(bb, stack, ids, mode, 40, **kw, prefill_windows=0)
+        assert eager_prefills == [1]
+        assert (max(exact_backlogs, default=0) > window) == (mode != "vanilla")
+    assert torch.equal(fast.sequences, ref.sequences)
+    assert torch.equal(off.sequences, ref.sequences)
+
+
+def test_prefill_windows_is_checked(model):
+    bb, stack = model
+    with pytest.raises(ValueError, match="prefill_windows must be >= 0"):
+        generate(bb, stack, torch.randint(3, 128, (1, 8)), "turbo", 4, prefill_windows=-1)
+
+
 @pytest.mark.slow
 def test_compiled_turbo_gives_the_eager_tokens_without_recompiling(model):
-    """Real graphs (aot_eager): traced once, then reused without recompilation."""
+    """Real graphs (aot_eager): traced on the first calls of a state (the first allocates the
+    caches, the second traces the windowed prefill and catch-up), then reused as they are."""
     import torch._dynamo
 
     from mctp import GenerationState
 
     bb, stack = model
-    ids = torch.randint(3, 128, (1, 20))
-    other = torch.randint(3, 128, (1, 20))
-    ref = generate(bb, stack, ids, "turbo", 40)
-    ref_other = generate(bb, stack, other, "turbo", 40)
+    prompts = [torch.randint(3, 128, (1, 20)) for _ in range(3)]
+    refs = [generate(bb, stack, ids, "turbo", 40) for ids in prompts]
     torch._dynamo.reset()
     opts = {"backend": "aot_eager"}
     state = GenerationState(bb, batch_size=1, max_len=128)
-    first = generate(bb, stack, ids, "turbo", 40, compile=opts, state=state)
+    outs = [generate(bb, stack, ids, "turbo", 40, compile=opts, state=state) for ids in prompts[:2]]
     with torch._dynamo.config.patch(error_on_recompile=True):
-        second = generate(bb, stack, other, "turbo", 40, compile=opts, state=state)
-    assert torch.equal(first.sequences, ref.sequences)
-    assert torch.equal(second.sequences, ref_other.sequences)
+        outs.append(generate(bb, stack, prompts[2], "turbo", 40, compile=opts, state=state))
+    for out, ref in zip(outs, refs):
+        assert torch.equal(out.sequences, ref.sequences)
 
 
 @pytest.mark.slow
@@ -70,16 +121,22 @@ def test_inductor_cpu_turbo_gives_the_eager_tokens(model):
     import torch._dynamo
     import torch._inductor.config as inductor_config
 
+    from mctp import GenerationState
+
     bb, stack = model
     ids = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(1))
     ref = generate(bb, stack, ids, "turbo", 40)
     torch._dynamo.reset()
     try:
         with inductor_config.patch(freezing=True):
-            fast = generate(bb, stack, ids, "turbo", 40, compile=True, window=11)
+            state = GenerationState(bb, batch_size=1, max_len=128)
+            kw = dict(compile=True, window=11, state=state)
+            first = generate(bb, stack, ids, "turbo", 40, **kw)
+            second = generate(bb, stack, ids, "turbo", 40, **kw)  # windowed prefill, catch-up
     finally:
         torch._dynamo.reset()  # frozen graphs hold this model's weights as constants
-    assert torch.equal(fast.sequences, ref.sequences)
+    assert torch.equal(first.sequences, ref.sequences)
+    assert torch.equal(second.sequences, ref.sequences)
 
 
 @pytest.mark.gpu
@@ -87,10 +144,14 @@ def test_cuda_graphs_turbo_matches_eager(model):
     bb, stack = model
     bb, stack = bb.cuda(), stack.cuda()
     try:
-        ids = torch.randint(3, 128, (1, 20), device="cuda")
+        from mctp import GenerationState
+
+        ids = torch.randint(3, 128, (1, 40), device="cuda")
         ref = generate(bb, stack, ids, "turbo", 60)
-        fast = generate(bb, stack, ids, "turbo", 60, compile=True)
-        assert torch.equal(fast.sequences, ref.sequences)
+        state = GenerationState(bb, batch_size=1, max_len=128, device="cuda")
+        for _ in range(3):  # allocate; capture the windowed prefill and catch-up; replay
+            fast = generate(bb, stack, ids, "turbo", 60, compile=True, state=state)
+            assert torch.equal(fast.sequences, ref.sequences)
     finally:
         bb.cpu(), stack.cpu()
 
