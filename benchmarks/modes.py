@@ -8,20 +8,23 @@ Vanilla. MCTP modes are reported twice: heads scoring the full vocabulary (as th
 heads restricted to BOA/EOA + the 16,384 audio tokens (exact for these modes).
 
 "decode tok/s" leaves the prefill out (tokens after the first over the time after it): the
-steady state that the paper's 4096-token runs measure. "First audio" is the time from the call until the tokens of the first audio segment exist
-(Table 9's quantity): the end of the schedule's first m-run for Balance/Boost/Turbo; for
-Vanilla, the same 11 tokens Boost needs (text + BOA + 8 audio + EOA) all made by the backbone.
+steady state that the paper's 4096-token runs measure. "First audio" is the time from the call
+until the tokens of the first audio segment exist (Table 9's quantity): the end of the
+schedule's first m-run for Balance/Boost/Turbo; for Vanilla, the same 11 tokens Boost needs
+(text + BOA + 8 audio + EOA) all made by the backbone.
 
 Usage::
 
-    python benchmarks/modes.py --config 0.5b --new-tokens 64 --repeats 3       # CPU
+    python benchmarks/modes.py --config 0.5b --new-tokens 128 --repeats 3      # CPU
+    python benchmarks/modes.py --config 0.5b --new-tokens 128 --compile --max-autotune --window 11
     python benchmarks/modes.py --config 7b --device cuda --dtype bfloat16 --new-tokens 1024 --compile
 
 ``--compile`` times the fast path (``generate(compile=...)``) for every mode, Vanilla included:
 CUDA graphs on CUDA; on CPU ``--max-autotune`` adds Inductor's GEMM templates with frozen
-weights (bf16 weights, fp32 arithmetic in registers: the fastest multi-row bf16 GEMM we found
-on CPUs without bf16 matrix units, 3.5x faster than eager's at 11 rows). ``--window`` sets the fixed backlog window of the fast path (11
-is the smallest that covers these schedules: 1 backbone token + 10 head tokens).
+weights (bf16 weights, fp32 arithmetic in registers: the fastest multi-row bf16 GEMM we found on
+CPUs without bf16 matrix units, 3.5x faster than eager's at 11 rows). ``--window`` sets the
+fixed window of the fast path: 11 = Turbo's backlog (1 backbone token + 10 head tokens); the
+longer backlogs of Boost (4 text tokens + 10) catch up in an extra compiled window.
 """
 
 from __future__ import annotations

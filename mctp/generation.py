@@ -549,8 +549,9 @@ _DOC_ARGS = """
             as a CUDA graph); heads then run on fixed windows of ``window`` slots. The first
             call compiles (slow); the caller decides whether that pays off. A dict is passed
             to ``torch.compile`` (e.g. ``{"backend": "aot_eager"}``).
-        window: Slots per head run on the fast path (>= the longest backlog of the schedule:
-            16 covers Vanilla/Balance/Boost/Turbo).
+        window: Slots per head run on the fast path; 16 covers every backlog of Vanilla,
+            Balance, Boost and Turbo, and longer backlogs catch up in extra windows (see
+            ``prefill_windows``; on a fresh state they run eagerly).
         prefill_windows: On the fast path with a reused ``state`` (allocated caches), a prompt of
             ``window`` to ``prefill_windows * window`` slots is prefilled as that many compiled
             ``window``-slot decodes, and the first chain's heads process the prompt backlog in
