@@ -87,6 +87,30 @@ def test_reused_state_prefills_and_catches_up_in_windows(model, mode, prompt_len
     assert torch.equal(off.sequences, ref.sequences)
 
 
+def test_catch_up_plan_expected_windows(model):
+    """Window starts per head for hand-checked backlogs (chain window of head k: n+k-W..n+k-1)."""
+    from mctp import GenerationState
+
+    bb, stack = model
+    state = GenerationState(bb, batch_size=1, max_len=128)
+    dec = state.decoder(stack)
+    assert dec._catch_up_plan(10, 11, 4) is None  # caches not allocated yet
+    generate(bb, stack, torch.randint(3, 128, (1, 30)), "turbo", 12, state=state)
+    dec = state.decoder(stack)  # reset: head k has seen nothing but its first slot k + 1
+    state.buffer.length = 31
+    # head 0 must cover slots 1..19 before its chain window 20..30: windows at 1 and 9 (moved back)
+    assert dec._catch_up_plan(3, 11, 4) == [[1, 9], [2, 10], [3, 11]]
+    assert dec._catch_up_plan(3, 11, 1) is None  # needs 2 windows per head
+    # the window would start before slot 1: it starts at 1 and reaches into the chain window
+    state.buffer.length = 21
+    assert dec._catch_up_plan(2, 16, 4) == [[1], [1]]
+    state.buffer.length = 16
+    assert dec._catch_up_plan(2, 16, 4) is None  # no room for a chain window (n - W < 1)
+    state.buffer.length = 31
+    dec.next_index[:2] = [20, 21]  # backlogs already within the window
+    assert dec._catch_up_plan(2, 11, 4) == [[], []]
+
+
 def test_prefill_windows_is_checked(model):
     bb, stack = model
     with pytest.raises(ValueError, match="prefill_windows must be >= 0"):
