@@ -147,6 +147,20 @@ def test_stream_first_audio_segment_after_one_forward_and_one_chain(toy, mode):
     assert events[-1].kind == "end"
 
 
+def test_stream_on_a_reused_fast_path_state(toy):
+    """Second call on a state: windowed prefill (6 slots as windows of 5) and catch-up windows
+    for every head backlog; the stream is the same and still starts after one forward."""
+    from mctp import GenerationState
+
+    state = GenerationState(toy.backbone, batch_size=1, max_len=128)
+    kw = dict(vocab=toy.vocab, eos_token_id=2, compile={"backend": "eager"}, window=5, state=state)
+    for _ in range(2):
+        events = list(generate_stream(toy.backbone, toy.stack, toy.prompt, "boost", 80, **kw))
+        assert events[-1].result.tokens[0].tolist() == toy.answer
+        first = next(e for e in events if e.kind == "audio")
+        assert first.ids == toy.answer[2:10] and first.forwards == 1
+
+
 def test_stream_audio_chunks_split_long_segments(toy):
     events = list(
         generate_stream(
