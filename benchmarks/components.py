@@ -22,7 +22,7 @@ import statistics
 import time
 
 import torch
-from modes import build  # benchmarks/modes.py
+from modes import autotune_mode, build  # benchmarks/modes.py
 
 
 def timed(fn, repeats: int, device: str) -> float:
@@ -56,11 +56,7 @@ def main() -> None:
     dev = args.device
     kw: dict = {"dynamic": False}
     if args.max_autotune:
-        kw["mode"] = "max-autotune-no-cudagraphs"
-        if dev == "cpu":
-            import torch._inductor.config as inductor_config
-
-            inductor_config.freezing = True  # CPU GEMM templates need frozen weights
+        kw.update(autotune_mode(dev, cudagraphs=False))  # frozen weights on CPU
 
     def maybe_compile(fn):
         return torch.compile(fn, **kw) if args.compile else fn

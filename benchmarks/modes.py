@@ -88,6 +88,21 @@ def build(name: str, device: str, dtype: torch.dtype, num_heads: int = 10):
     return backbone, stack, speech, weight_bytes
 
 
+def autotune_mode(device: str, *, cudagraphs: bool) -> dict:
+    """``torch.compile`` kwargs for Inductor's max-autotune GEMMs (CUDA graphs on CUDA if asked).
+
+    Off CUDA this also sets ``torch._inductor.config.freezing``: the CPU GEMM templates need
+    frozen weights, and the global config is what is read when compiling
+    (``torch.compile(options={"freezing": True})`` is ignored).
+    """
+    if not device.startswith("cuda"):
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+    cuda_graphs = cudagraphs and device.startswith("cuda")
+    return {"mode": "max-autotune" if cuda_graphs else "max-autotune-no-cudagraphs"}
+
+
 def first_segment_end(mode: str) -> int:
     from mctp.interleave import InterleaveSchedule
 
@@ -155,15 +170,7 @@ def main() -> None:
     if args.compile:
         compile_arg = True
         if args.max_autotune:
-            compile_arg = {"mode": "max-autotune-no-cudagraphs"}
-            if args.device.startswith("cuda"):
-                compile_arg = {"mode": "max-autotune"}
-            else:
-                # Inductor's CPU GEMM templates need frozen weights (read from the global
-                # config when compiling: torch.compile(options={"freezing": True}) is ignored)
-                import torch._inductor.config as inductor_config
-
-                inductor_config.freezing = True
+            compile_arg = autotune_mode(args.device, cudagraphs=True)
     state = GenerationState(backbone, 1, args.prompt + n + 32, args.device)  # reused by every run
 
     def run(mode: str, kw: dict):
@@ -215,7 +222,7 @@ def main() -> None:
         f"compile {compile_arg if args.compile else 'off'}"
         + (
             ", frozen weights"
-            if args.compile and args.max_autotune and args.device == "cpu"
+            if args.compile and args.max_autotune and not args.device.startswith("cuda")
             else ""
         )
         + (f", window {args.window}" if args.compile else "")

@@ -60,6 +60,11 @@ class KVCache:
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self._positions: torch.Tensor | None = None
 
+    @property
+    def allocated(self) -> bool:
+        """Whether every layer's buffers exist (after the first forward through the cache)."""
+        return all(k is not None for k in self.keys)
+
     def set_positions(self, positions: torch.Tensor) -> None:
         """Set the sequence indices ``[T]`` (long) the next ``update`` calls write to."""
         self._positions = positions

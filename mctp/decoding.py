@@ -360,7 +360,7 @@ class MCTPDecoder:
         if n - window < 1:
             return False
         for k in range(k_run):
-            if self.caches[k].keys[0] is None or n + k - self.next_index[k] > window:
+            if not self.caches[k].allocated or n + k - self.next_index[k] > window:
                 return False
         return True
 
@@ -404,7 +404,7 @@ class MCTPDecoder:
             return None
         plan: list[list[int]] = []
         for k in range(k_run):
-            if self.caches[k].keys[0] is None:
+            if not self.caches[k].allocated:
                 return None  # allocated by the first (exact-backlog) run
             e, s = n + k - window, self.next_index[k]
             starts: list[int] = []

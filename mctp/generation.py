@@ -363,8 +363,7 @@ class _Engine:
         path, with an allocated cache (a reused state), and at most ``prefill_windows`` of them
         (a few graph replays beat one eager forward on short prompts, not on long ones)."""
         w = self.window
-        allocated = getattr(self.cache, "keys", [None])[0] is not None
-        return w is not None and allocated and w <= n <= self.prefill_windows * w
+        return w is not None and self.cache.allocated and w <= n <= self.prefill_windows * w
 
     def _windowed_prefill(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefill in windows ``[0, w), [w, 2w), ...``, the last moved back to end at ``n``."""

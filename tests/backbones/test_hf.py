@@ -62,7 +62,9 @@ def test_cached_forward_equals_uncached(family, tiny_hf):
     buf = TokenBuffer(2, 16)
     buf.start(ids[:, :5])
     cache = bb.new_cache(2, 16)
+    assert not cache.allocated  # buffers are made by the first forward, at the layers' shapes
     h, logits = bb.forward_cached(buf, cache, 0)
+    assert cache.allocated
     torch.testing.assert_close(h, ref.hidden[:, :5], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits[:, -1], ref.logits[:, 4], atol=1e-4, rtol=1e-4)
     # one token, then a multi-token re-read, then a rollback and a re-read
