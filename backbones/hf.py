@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from mctp.cache import KVCache
+from mctp.compat import call_block
 from mctp.decoding import TokenBuffer
 from mctp.losses import chunked_cross_entropy
 from mctp.masks import (
@@ -166,13 +167,13 @@ class HFBackbone(nn.Module):
     ) -> torch.Tensor:
         rope = self.base.rotary_emb(x, position_ids)
         for layer in self.base.layers:
-            x = layer(
+            x = call_block(
+                layer,
                 x,
                 attention_mask=mask,
                 position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=cache is not None,
                 position_embeddings=rope,
+                cache=cache,
             )
         return self.base.norm(x)
 

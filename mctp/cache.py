@@ -1,6 +1,6 @@
 """Pre-allocated key/value caches with the transformers ``update`` protocol.
 
-A transformers 5 attention layer calls ``past_key_values.update(k, v, layer_idx)`` and
+A transformers 5 attention layer calls ``cache.update(k, v, layer_idx, ...)`` and
 attends over what it returns. :class:`KVCache` answers that call by writing ``k, v`` into
 fixed buffers at the sequence indices set with :meth:`KVCache.set_positions` (a tensor,
 so the write is the same kernel every step and can be captured in a CUDA graph) and
@@ -70,9 +70,13 @@ class KVCache:
         self._positions = positions
 
     def update(
-        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs: object = None
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``key, value [B, kv_heads, T, D]`` at the current indices; return full buffers.
+
+        Extra positional or keyword arguments (``cache_kwargs`` up to transformers 5.23,
+        ``kwargs=`` from 5.24) are accepted and ignored: positions come from
+        :meth:`set_positions`.
 
         Returns:
             ``(keys, values)``, each ``[B, kv_heads, max_len, D]``.

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import KVCache, static_buffer
+from .compat import call_block
 from .masks import additive, decode_mask, default_position_ids
 from .sampling import greedy
 from .stack import MCTPStack
@@ -341,13 +342,13 @@ class MCTPDecoder:
         cache = self.caches[k]
         cache.set_positions(idx)
         mask = additive(decode_mask(idx, buf.valid & (buf.positions > k)), z.dtype)
-        y = head.block(
+        y = call_block(
+            head.block,
             z,
             attention_mask=mask,
             position_ids=pos,
-            past_key_values=cache,
-            use_cache=True,
             position_embeddings=stack.position_embeddings(z, pos),
+            cache=cache,
         )
         h = stack.norm(y)
         if k + 1 < stack.num_heads:

@@ -6,7 +6,7 @@ with rotary embeddings, SwiGLU MLP) whose parameter names equal those of transfo
 ``input_layernorm``...), so state dicts move freely between the two. It is called exactly
 like a transformers 5 decoder layer::
 
-    out = block(x, attention_mask=mask, position_embeddings=(cos, sin), past_key_values=cache)
+    out = block(x, attention_mask=mask, position_embeddings=(cos, sin), cache=cache)
 
 which lets :class:`~mctp.stack.MCTPStack` drive either kind of block through one code path.
 """
@@ -124,12 +124,12 @@ class Attention(nn.Module):
         x: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_values: Any = None,
+        cache: Any = None,
     ) -> torch.Tensor:
         """``x [B, T, H]`` -> ``[B, T, H]``.
 
         ``attention_mask`` is a boolean ``[B, 1, T, S]`` (True = may attend) or None for plain
-        causal attention; ``past_key_values`` has ``update(k, v, layer_idx) -> (K, V)``.
+        causal attention; ``cache`` has ``update(k, v, layer_idx) -> (K, V)``.
         """
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
@@ -137,8 +137,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         rep = self.num_heads // self.num_kv_heads
         if rep > 1:
             k = k.repeat_interleave(rep, dim=1)
@@ -199,7 +199,7 @@ class DecoderBlock(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Any = None,
+        cache: Any = None,
         use_cache: bool | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Any,
@@ -210,7 +210,8 @@ class DecoderBlock(nn.Module):
             hidden_states: ``[B, T, H]``.
             attention_mask: Boolean ``[B, 1, T, S]`` (True = attend) or None (causal).
             position_ids: Unused (positions enter through ``position_embeddings``).
-            past_key_values: Cache with ``update(k, v, layer_idx)``, or None.
+            cache: Cache with ``update(k, v, layer_idx)``, or None (the name transformers
+                layers use from 5.24 on).
             use_cache: Unused; present for signature compatibility.
             position_embeddings: ``(cos, sin)``, each ``[B, T, head_dim]``.
             **kwargs: Ignored extra attention arguments (e.g. flash-attn sequence lengths).
@@ -227,6 +228,6 @@ class DecoderBlock(nn.Module):
             self.input_layernorm(hidden_states),
             position_embeddings,
             attention_mask,
-            past_key_values,
+            cache,
         )
         return h + self.mlp(self.post_attention_layernorm(h))

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compat import call_block
 from .layers import RMSNorm
 from .losses import chunked_cross_entropy
 from .masks import (
@@ -69,7 +70,7 @@ class MCTPHead(nn.Module):
 
     Args:
         block: A decoder block called as ``block(x, attention_mask=, position_ids=,
-            past_key_values=, position_embeddings=)`` returning ``[B, T, H]`` (a
+            cache=, position_embeddings=)`` returning ``[B, T, H]`` (a
             transformers decoder layer or :class:`mctp.layers.DecoderBlock`).
         hidden_size: ``H``.
         rms_eps: Epsilon of the two input norms.
@@ -421,7 +422,8 @@ class MCTPStack(nn.Module):
             prev = torch.cat((h.new_zeros(b, 1, self.hidden_size), h[:, :-1]), dim=1)  # h^k_{t-1}
             z = head.fuse(embeds, prev)
             seg = segment_ids(position_ids, attention_mask, min_position=k + 1)
-            y = head.block(
+            y = call_block(
+                head.block,
                 z,
                 attention_mask=additive(segment_mask(seg), z.dtype),
                 position_ids=position_ids,
