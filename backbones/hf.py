@@ -243,6 +243,40 @@ class HFBackbone(nn.Module):
         """A static KV cache for all layers (buffers allocated on the first forward)."""
         return KVCache(self.num_layers, batch_size, max_len)
 
+    def setup_caches(
+        self,
+        batch_size: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        """A static KV cache for all layers with every buffer allocated now.
+
+        Args:
+            batch_size: ``B``.
+            max_len: Largest sequence index + 1 the cache can hold.
+            dtype: Buffer dtype (default: the model's).
+            device: Buffer device (default: the model's).
+
+        Returns:
+            :class:`~mctp.cache.KVCache` with ``[B, kv_heads, max_len, head_dim]`` buffers.
+        """
+        weight = self.lm_head.weight
+        heads, dims = [], []
+        for layer in self.base.layers:
+            attn = layer.self_attn
+            d = int(
+                getattr(attn, "head_dim", 0)
+                or self.config.hidden_size // self.config.num_attention_heads
+            )
+            heads.append(attn.k_proj.out_features // d)
+            dims.append(d)
+        cache = KVCache(self.num_layers, batch_size, max_len)
+        return cache.allocate(
+            heads, dims, dtype=dtype or weight.dtype, device=device or weight.device
+        )
+
     @torch.inference_mode()
     def forward_cached(
         self, buffer: TokenBuffer, cache: KVCache, start: int, *, all_logits: bool = False

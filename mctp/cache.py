@@ -27,9 +27,8 @@ def static_buffer(t: torch.Tensor) -> torch.Tensor:
 class KVCache:
     """Static KV cache for ``num_layers`` layers, buffers ``[B, kv_heads, max_len, head_dim]``.
 
-    Buffers are allocated on the first :meth:`update` of each layer (when the head layout
-    is known), so the cache works for any attention module; allocate before capturing a
-    CUDA graph by running one forward (the prefill).
+    Buffers are allocated up front by :meth:`allocate` (what backbones' ``setup_caches``
+    does), or else on the first :meth:`update` of each layer, when the head layout is known.
 
     Args:
         num_layers: Number of layers sharing this object (the backbone: all of them).
@@ -65,12 +64,53 @@ class KVCache:
         """Whether every layer's buffers exist (after the first forward through the cache)."""
         return all(k is not None for k in self.keys)
 
+    def allocate(
+        self,
+        num_kv_heads: int | list[int],
+        head_dim: int | list[int],
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> KVCache:
+        """Allocate every layer's buffers up front (before the first forward).
+
+        Args:
+            num_kv_heads: Key/value heads, one int for all layers or one per layer.
+            head_dim: Per-head size, one int or one per layer.
+            dtype: Buffer dtype.
+            device: Buffer device.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ValueError: If a per-layer list has the wrong length or a size is not positive.
+        """
+        heads = [num_kv_heads] * self.num_layers if isinstance(num_kv_heads, int) else num_kv_heads
+        dims = [head_dim] * self.num_layers if isinstance(head_dim, int) else head_dim
+        if len(heads) != self.num_layers or len(dims) != self.num_layers:
+            raise ValueError(
+                f"need {self.num_layers} per-layer sizes, got {len(heads)} heads and {len(dims)} dims"
+            )
+        if min(heads) < 1 or min(dims) < 1:
+            raise ValueError(f"kv heads {heads} and head dims {dims} must be >= 1")
+        for i, (h, d) in enumerate(zip(heads, dims)):
+            shape = (self.batch_size, h, self.max_len, d)
+            self.keys[i] = static_buffer(torch.zeros(shape, dtype=dtype, device=device))
+            self.values[i] = static_buffer(torch.zeros(shape, dtype=dtype, device=device))
+        return self
+
     def set_positions(self, positions: torch.Tensor) -> None:
         """Set the sequence indices ``[T]`` (long) the next ``update`` calls write to."""
         self._positions = positions
 
     def update(
-        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        layer_idx: int,
+        *args: object,
+        **kwargs: object,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``key, value [B, kv_heads, T, D]`` at the current indices; return full buffers.
 
