@@ -54,6 +54,7 @@ class TokenBuffer:
         self.length = 0
         self.prompt_len = 0
         self.prompt_embeds: torch.Tensor | None = None
+        self.heads_read_prompt_embeds = False
 
     @property
     def device(self) -> torch.device:
@@ -61,12 +62,21 @@ class TokenBuffer:
         return self.ids.device
 
     def embed(
-        self, embedding: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor
+        self,
+        embedding: Callable[[torch.Tensor], torch.Tensor],
+        idx: torch.Tensor,
+        *,
+        for_heads: bool = False,
     ) -> torch.Tensor:
         """Input embeddings ``[B, T, H]`` of slots ``idx [T]``: ``embedding(ids)``, with the
-        prompt's own embeddings where :meth:`start` was given ``prompt_embeds``."""
+        prompt's own embeddings where :meth:`start` was given ``prompt_embeds``.
+
+        With ``for_heads`` (the MCTP heads' inputs) the prompt embeddings are used only when
+        :meth:`start` was given ``heads_read_prompt_embeds=True``: by default heads embed the
+        token ids, placeholders included, as VITA-Audio-Plus does.
+        """
         x = embedding(self.ids.index_select(1, idx))
-        if self.prompt_embeds is None:
+        if self.prompt_embeds is None or (for_heads and not self.heads_read_prompt_embeds):
             return x
         p = self.prompt_len
         given = self.prompt_embeds.index_select(1, idx.clamp(max=p - 1)).to(x.dtype)
@@ -77,6 +87,8 @@ class TokenBuffer:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
+        *,
+        heads_read_prompt_embeds: bool = False,
     ) -> None:
         """Load the prompt ``[B, P]`` (left padding marked by ``attention_mask`` zeros).
 
@@ -84,11 +96,15 @@ class TokenBuffer:
             input_ids: ``[B, P]`` prompt ids.
             attention_mask: ``[B, P]`` (1 = real token), for left-padded batches.
             prompt_embeds: ``[B, P, H]`` embeddings to use for the prompt instead of the
-                token embeddings (e.g. audio-encoder frames over placeholders); the backbone's
-                prefill and the MCTP heads both read them.
+                token embeddings (e.g. audio-encoder frames over placeholders), read by the
+                backbone's prefill. The MCTP heads embed the prompt's token ids (VITA-Audio-Plus
+                semantics) unless ``heads_read_prompt_embeds``.
+            heads_read_prompt_embeds: Opt-in: the MCTP heads read ``prompt_embeds`` too (for
+                heads trained that way, see ``inputs_embeds`` of :meth:`MCTPStack.forward`).
 
         Raises:
-            ValueError: On a wrong batch size, an empty prompt or one that fills the buffer.
+            ValueError: On a wrong batch size, an empty prompt or one that fills the buffer,
+                or ``heads_read_prompt_embeds`` without ``prompt_embeds``.
         """
         b, p = input_ids.shape
         if b != self.batch_size:
@@ -111,7 +127,10 @@ class TokenBuffer:
             raise ValueError(
                 f"prompt_embeds must be [B, P, H] with B, P = {(b, p)}, got {tuple(prompt_embeds.shape)}"
             )
+        if heads_read_prompt_embeds and prompt_embeds is None:
+            raise ValueError("heads_read_prompt_embeds=True needs prompt_embeds")
         self.prompt_embeds = prompt_embeds
+        self.heads_read_prompt_embeds = heads_read_prompt_embeds
         self.prompt_len = p
 
     def append(self, ids: torch.Tensor) -> None:
@@ -338,7 +357,7 @@ class MCTPDecoder:
         head = stack.heads[k]
         pos = buf.positions.index_select(1, idx)
         prev = self.hidden[k].index_select(1, idx - 1)  # h^k_{t-1}
-        z = head.fuse(buf.embed(stack.embed, idx), prev)
+        z = head.fuse(buf.embed(stack.embed, idx, for_heads=True), prev)
         cache = self.caches[k]
         cache.set_positions(idx)
         mask = additive(decode_mask(idx, buf.valid & (buf.positions > k)), z.dtype)

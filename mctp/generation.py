@@ -199,6 +199,7 @@ class _Engine:
         *,
         attention_mask: torch.Tensor | None,
         prompt_embeds: torch.Tensor | None,
+        heads_read_prompt_embeds: bool,
         speech: SpeechIds | None,
         text_sampling: SamplingConfig,
         audio_sampling: SamplingConfig,
@@ -268,7 +269,12 @@ class _Engine:
                 f"{state.buffer.max_len} slots); this call needs batch {b} and {need} slots"
             )
         self.buffer = state.buffer
-        self.buffer.start(input_ids, attention_mask, prompt_embeds)
+        self.buffer.start(
+            input_ids,
+            attention_mask,
+            prompt_embeds,
+            heads_read_prompt_embeds=heads_read_prompt_embeds,
+        )
         self.cache = state.cache
         if stack is not None and audio_heads:
             if speech is None:
@@ -525,8 +531,11 @@ _DOC_ARGS = """
         attention_mask: ``[B, P]`` (1 = real token) for left-padded batches.
         prompt_embeds: ``[B, P, H]`` prompt embeddings to use instead of the token embeddings
             (VITA-Audio-Plus: audio-encoder frames written over ``<|context_of_audio|>``
-            placeholders with :func:`mctp.codecs.scatter_audio_embeddings`); the backbone's
-            prefill and the MCTP heads both read them.
+            placeholders with :func:`mctp.codecs.scatter_audio_embeddings`), read by the
+            backbone's prefill only: the MCTP heads embed the prompt's token ids, placeholders
+            included, as the official VITA-Audio-Plus does.
+        heads_read_prompt_embeds: Opt-in (off by default): the MCTP heads read
+            ``prompt_embeds`` too, for heads trained with ``inputs_embeds`` (not Plus).
         vocab: Speech ids (:class:`mctp.backbones.SpeechVocab`): enables separate audio
             sampling, audio-only heads and audio events.
         text_sampling: How text tokens (and every backbone token) are chosen.
@@ -581,6 +590,7 @@ def _setup(
         max_new_tokens,
         attention_mask=kw.pop("attention_mask", None),
         prompt_embeds=kw.pop("prompt_embeds", None),
+        heads_read_prompt_embeds=kw.pop("heads_read_prompt_embeds", False),
         speech=kw.pop("vocab", None),
         text_sampling=text,
         audio_sampling=audio,
@@ -602,6 +612,7 @@ def _setup(
 _KNOWN = {
     "attention_mask",
     "prompt_embeds",
+    "heads_read_prompt_embeds",
     "vocab",
     "text_sampling",
     "audio_sampling",

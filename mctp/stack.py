@@ -356,9 +356,11 @@ class MCTPStack(nn.Module):
             loss_chunk_size: Rows per cross-entropy block.
             outside_vocab: With an output vocabulary, what to do with a target outside it:
                 ``"error"`` (raise) or ``"ignore"`` (drop that target).
-            inputs_embeds: ``[B, T, H]`` the embeddings the backbone was fed (e.g. audio-encoder
-                frames scattered over placeholders); heads then pair ``h^k_{t-1}`` with these
-                instead of ``E(x_t)``, as VITA-Audio-Plus does.
+            inputs_embeds: Opt-in, off by default: ``[B, T, H]`` embeddings for the heads to
+                pair ``h^k_{t-1}`` with instead of ``E(x_t)`` (e.g. the audio-encoder frames the
+                backbone was fed). VITA-Audio-Plus does NOT do this: its MTP modules embed the
+                placeholder token ids while the frames replace the placeholders in the backbone
+                only, so leave this None to train or score a Plus model.
 
         Returns:
             :class:`MCTPOutput`.

@@ -256,28 +256,167 @@ def test_bad_arguments_raise(hf):
         next(generate_stream(bb, None, ids, "vanilla", 5))
 
 
-def test_prompt_embeds_reach_backbone_and_heads(hf):
-    """Plus-style prompts: given embeddings equal to the token embeddings change nothing; other
-    embeddings change the answer, and cached head logits equal the teacher-forced forward."""
-    _, bb = hf
+# --------------------------------------------------------------- VITA-Audio-Plus semantics
+# An independent, uncached re-implementation of the official Plus model in plain torch: the
+# audio frames replace the placeholder embeddings in the backbone only, MTP module k embeds
+# the token ids (placeholders included) and runs on the positions k+1..T-1 of the sequence.
+
+
+def _ref_rms(x, w, eps):
+    x32 = x.float()
+    return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _ref_qwen2_layer(layer, x, pos, cfg):
+    """One Qwen2 decoder layer on ``x [1, T, H]`` at positions ``pos [T]`` (causal)."""
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = cfg.hidden_size // nh
+    a = layer.self_attn
+    hn = _ref_rms(x, layer.input_layernorm.weight, cfg.rms_norm_eps)
+    t = x.shape[1]
+    q = a.q_proj(hn).view(1, t, nh, d).transpose(1, 2)
+    k = a.k_proj(hn).view(1, t, nkv, d).transpose(1, 2)
+    v = a.v_proj(hn).view(1, t, nkv, d).transpose(1, 2)
+    theta = cfg.rope_parameters["rope_theta"]
+    inv = 1.0 / theta ** (torch.arange(0, d, 2).float() / d)
+    ang = pos.float()[:, None] * inv[None]
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+
+    def rot(u):
+        u1, u2 = u[..., : d // 2], u[..., d // 2 :]
+        return u * cos + torch.cat([-u2, u1], -1) * sin
+
+    q, k = rot(q), rot(k)
+    k = k.repeat_interleave(nh // nkv, dim=1)
+    v = v.repeat_interleave(nh // nkv, dim=1)
+    att = (q @ k.transpose(-1, -2)) / d**0.5
+    att = att.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    o = (att.softmax(-1) @ v).transpose(1, 2).reshape(1, t, nh * d)
+    x = x + a.o_proj(o)
+    m = layer.mlp
+    hn = _ref_rms(x, layer.post_attention_layernorm.weight, cfg.rms_norm_eps)
+    return x + m.down_proj(torch.nn.functional.silu(m.gate_proj(hn)) * m.up_proj(hn))
+
+
+def _ref_plus_logits(model, stack, ids, prompt_embeds, head_prompt_embeds=None):
+    """Official Plus forward on ``ids [1, T]``: backbone logits ``[1, T, V]`` and, per MTP
+    module ``k``, its logits at positions ``k+1..T-1`` (``[1, T-k-1, V]``)."""
+    cfg = model.config
+    emb = model.model.embed_tokens
+    p = prompt_embeds.shape[1]
+
+    def embeds(over):
+        x = emb(ids)
+        return x if over is None else torch.cat([over, x[:, p:]], dim=1)
+
+    hid = model.model(inputs_embeds=embeds(prompt_embeds)).last_hidden_state  # h^0, [1, T, H]
+    heads_in = embeds(head_prompt_embeds)  # the official model: token ids (None)
+    t = ids.shape[1]
+    h, logits = hid, []
+    for k, head in enumerate(stack.heads):
+        if k + 1 >= t:
+            break
+        z = head.proj(
+            torch.cat(
+                [
+                    _ref_rms(heads_in[:, k + 1 :], head.embed_norm.weight, cfg.rms_norm_eps),
+                    _ref_rms(h[:, :-1], head.hidden_norm.weight, cfg.rms_norm_eps),
+                ],
+                dim=-1,
+            )
+        )
+        y = _ref_qwen2_layer(head.block, z, torch.arange(k + 1, t), cfg)
+        h = _ref_rms(y, model.model.norm.weight, cfg.rms_norm_eps)  # h^{k+1}, positions k+1..
+        logits.append(model.lm_head(h))
+    return model.lm_head(hid), logits
+
+
+def _ref_boost_slot(i, ratio=(1, 10, 4, 10)):
+    """-1 when decoded token ``i`` comes from the backbone, else the MTP module index."""
+    start, j = 0, 0
+    while True:
+        t, a = ratio[j], ratio[j + 1]
+        if i < start + t:
+            return -1
+        if i < start + t + a:
+            return i - start - t
+        start, j = start + t + a, min(j + 2, len(ratio) - 2)
+
+
+def _ref_plus_generate(model, stack, ids, prompt_embeds, n, head_prompt_embeds=None):
+    """Greedy official Boost generation, recomputing everything for every token."""
+    seq = ids
+    for i in range(n):
+        main, heads = _ref_plus_logits(model, stack, seq, prompt_embeds, head_prompt_embeds)
+        k = _ref_boost_slot(i)
+        tok = (main if k < 0 else heads[k])[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, tok], dim=1)
+    return seq
+
+
+def _plus_setup(tiny_hf):
+    model = tiny_hf("qwen2", seed=4)
+    bb = HFBackbone(model)
     stack = _heads(bb, 10)
-    ids = torch.randint(3, 128, (1, 12))
-    emb = bb.base.embed_tokens(ids).detach()
-    ref = generate(bb, stack, ids, "boost", 20)
-    same = generate(bb, stack, ids, "boost", 20, prompt_embeds=emb)
-    assert torch.equal(same.sequences, ref.sequences)
-    frames = emb.clone()
-    frames[:, 3:8] = torch.randn(1, 5, emb.shape[-1])  # "audio frames" over placeholders
-    plus = generate(bb, stack, ids, "turbo", 11, prompt_embeds=frames)
-    assert not torch.equal(plus.sequences, generate(bb, stack, ids, "turbo", 11).sequences)
-    # teacher-forced check: backbone + heads on the same embeddings
-    seq = plus.sequences
-    full = torch.cat([frames, bb.base.embed_tokens(seq[:, 12:]).detach()], dim=1)
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, 99, (1, 12), generator=g)
+    ids[:, 3:8] = 99  # <|context_of_audio|> placeholders
+    with torch.no_grad():
+        frames = bb.base.embed_tokens(ids).clone()
+        frames[:, 3:8] = 3.0 * torch.randn(1, 5, frames.shape[-1], generator=g)
+    return model, bb, stack, ids, frames
+
+
+@torch.no_grad()
+def test_plus_heads_embed_placeholder_ids_teacher_forced(tiny_hf):
+    """Teacher-forced head logits (training forward and cached decoder) equal the official Plus
+    model's: frames in the backbone, placeholder ids in the heads."""
+    from mctp import TokenBuffer
+
+    model, bb, stack, ids, frames = _plus_setup(tiny_hf)
+    g = torch.Generator().manual_seed(8)
+    seq = torch.cat([ids, torch.randint(3, 128, (1, 11), generator=g)], dim=1)  # [1, 23]
+    ref_main, ref_heads = _ref_plus_logits(model, stack, seq, frames)
+    full = torch.cat([frames, bb.base.embed_tokens(seq[:, 12:])], dim=1)
     hidden = bb(seq, inputs_embeds=full).hidden
-    out = stack(hidden, seq, inputs_embeds=full)
-    # head k produced token 12 + 1 + k from position 12 + k
-    greedy = torch.stack([out.logits[k][0, 12 + k].argmax() for k in range(10)])
-    assert greedy.tolist() == seq[0, 13:23].tolist()
+    out = stack(hidden, seq)
+    for k in range(10):
+        torch.testing.assert_close(out.logits[k][:, k + 1 :], ref_heads[k], atol=1e-4, rtol=1e-4)
+    # the opt-in (heads read the frames) is a different model
+    other = stack(hidden, seq, inputs_embeds=full)
+    assert not torch.allclose(other.logits[0][:, 4:8], ref_heads[0][:, 3:7], atol=1e-2)
+
+    # cached decoder: prefill the prompt with frames, then force the 10 tokens through the heads
+    buf, cache = TokenBuffer(1, 32), bb.new_cache(1, 32)
+    buf.start(ids, prompt_embeds=frames)
+    dec = stack.decoder(buf)
+    h0, logits0 = bb.forward_cached(buf, cache, 0)
+    dec.write_backbone(0, h0)
+    torch.testing.assert_close(logits0[:, -1], ref_main[:, 11], atol=1e-4, rtol=1e-4)
+    buf.append(seq[:, 12:13])  # the backbone's token
+    chain = dec.step(10, forced=seq[:, 13:23], return_logits=True)
+    for k in range(10):  # head k, at position 12 + k, predicts token 13 + k
+        torch.testing.assert_close(chain.logits[:, k], ref_heads[k][:, 11], atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_plus_boost_output_equals_official_semantics(tiny_hf):
+    """Boost with audio frames in the prompt gives the official Plus tokens; the opt-in
+    ``heads_read_prompt_embeds`` gives those of heads that read the frames, and they differ."""
+    model, bb, stack, ids, frames = _plus_setup(tiny_hf)
+    n = 30
+    ref = _ref_plus_generate(model, stack, ids, frames, n)
+    res = generate(bb, stack, ids, "boost", n, prompt_embeds=frames)
+    assert res.sequences.tolist() == ref.tolist()
+    ref_opt = _ref_plus_generate(model, stack, ids, frames, n, head_prompt_embeds=frames)
+    opt = generate(bb, stack, ids, "boost", n, prompt_embeds=frames, heads_read_prompt_embeds=True)
+    assert opt.sequences.tolist() == ref_opt.tolist()
+    assert ref_opt.tolist() != ref.tolist()
+    # prompt embeddings equal to the token embeddings change nothing
+    same = generate(bb, stack, ids, "boost", n, prompt_embeds=bb.base.embed_tokens(ids))
+    assert torch.equal(same.sequences, generate(bb, stack, ids, "boost", n).sequences)
+    with pytest.raises(ValueError, match="heads_read_prompt_embeds=True needs prompt_embeds"):
+        generate(bb, stack, ids, "boost", 5, heads_read_prompt_embeds=True)
 
 
 def test_rows_stop_independently(toy):
