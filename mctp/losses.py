@@ -116,7 +116,9 @@ def mctp_loss(
         weight: ``mtp_loss_weight``.
         detach_backbone: Stop gradients into the backbone states and embeddings (frozen LLM).
         chunk_size: Rows per cross-entropy block.
-        inputs_embeds: ``[B, T, H]`` embeddings the backbone was fed, when not ``E(input_ids)``.
+        inputs_embeds: Opt-in ``[B, T, H]`` embeddings for the heads instead of
+            ``E(input_ids)``; leave None for VITA-Audio-Plus, whose heads embed the placeholder
+            ids while the frames reach the backbone only (see :meth:`MCTPStack.forward`).
 
     Returns:
         :class:`MCTPLoss`.
