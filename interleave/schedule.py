@@ -114,11 +114,22 @@ class InterleaveSchedule:
     def from_ratio(
         cls, ratio: Sequence[int], *, num_heads: int | None = None
     ) -> InterleaveSchedule:
-        """Build a schedule from a ratio list (same checks as the constructor).
+        """Build a schedule from a ratio list, as stored in official generation configs.
+
+        A ratio whose audio counts are all 0 (the official Vanilla ``[8192, 0]``: the
+        pattern ``"M" * 8192`` repeated, so the backbone produces every token) gives
+        :meth:`vanilla`; any other ratio gets the constructor's checks.
+
+        Args:
+            ratio: ``[T1, A1, ..., Tn, An]``.
+            num_heads: As for the constructor.
 
         Raises:
-            ValueError: See :class:`InterleaveSchedule`.
+            ValueError: See :class:`InterleaveSchedule` (a 0 audio count next to non-zero
+                ones is refused).
         """
+        if not isinstance(ratio, str | bytes) and _is_vanilla_ratio(ratio):
+            return cls.vanilla(num_heads=num_heads)
         return cls(ratio, num_heads=num_heads)
 
     @classmethod
@@ -566,6 +577,20 @@ def _check_ratio(ratio: Sequence[int]) -> tuple[int, ...]:
                 f"{value} in {tuple(values)}{hint}"
             )
     return tuple(values)
+
+
+def _is_vanilla_ratio(ratio: Sequence[int]) -> bool:
+    """Whether ``ratio`` is a well-formed list whose audio counts are all 0 (e.g. ``[8192, 0]``)."""
+    try:
+        items = list(ratio)
+    except TypeError:
+        return False
+    if not items or len(items) % 2:
+        return False
+    if any(isinstance(v, bool) or not hasattr(type(v), "__index__") for v in items):
+        return False
+    values = [operator.index(v) for v in items]
+    return all(t >= 1 for t in values[::2]) and all(a == 0 for a in values[1::2])
 
 
 def _check_num_heads(num_heads: int | None) -> int | None:

@@ -178,6 +178,19 @@ def test_modes_and_fields() -> None:
     assert Mode("boost") is Mode.BOOST and Mode.BOOST == "boost"
 
 
+@pytest.mark.parametrize("ratio", [[8192, 0], (1, 0), [3, 0, 5, 0]])
+def test_from_ratio_all_zero_audio_is_vanilla(ratio: list[int]) -> None:
+    """The official generation configs store Vanilla as ``[8192, 0]``."""
+    sched = InterleaveSchedule.from_ratio(ratio, num_heads=1)
+    assert sched == InterleaveSchedule.vanilla(num_heads=1) and sched.mode is Mode.VANILLA
+    assert not sched.uses_mctp and sched.max_heads == 0 and sched.pattern(9) == "M" * 9
+    with pytest.raises(ValueError, match=r"use InterleaveSchedule\.vanilla"):
+        InterleaveSchedule(ratio)  # the constructor keeps refusing it
+    for bad in ([8192, 0, 1], [0, 0], [True, 0], [8192, 0, 4, 10]):
+        with pytest.raises(ValueError):
+            InterleaveSchedule.from_ratio(bad)
+
+
 def test_repr_eq_hash_pickle() -> None:
     sched = InterleaveSchedule([1, 4, 3, 8, 4, 10], num_heads=10)
     assert (
