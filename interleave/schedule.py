@@ -58,7 +58,9 @@ class InterleaveSchedule:
 
     Args:
         ratio: ``[T1, A1, ..., Tn, An]``: even length ``>= 2``, every ``T >= 1``, every
-            ``A >= 2`` (it counts BOA and EOA).
+            ``A >= 1``: an ``A >= 2`` counts BOA and EOA; ``A = 1`` is a lone MCTP slot with
+            no audio segment around it (the official default ``[1, 1]`` of a one-head model,
+            inference only: such a ratio has no training-data layout).
         num_heads: Number of MCTP heads the model has. When given, every ``A`` must be
             ``<= num_heads`` (an ``m``-run of length ``A`` uses heads ``0 .. A-1``).
         name: Display label; defaults to the mode's name when the ratio is a preset.
@@ -66,7 +68,7 @@ class InterleaveSchedule:
 
     Raises:
         ValueError: For an empty or odd-length ratio, a non-int entry, a text count
-            ``<= 0``, an audio count ``< 2``, a bad ``num_heads``, or an audio count larger
+            ``<= 0``, an audio count ``< 1``, a bad ``num_heads``, or an audio count larger
             than ``num_heads``.
     """
 
@@ -409,6 +411,11 @@ class InterleaveSchedule:
                 "use the schedule of the model's training ratio (e.g. "
                 "InterleaveSchedule.from_ratio(...) or .boost()) to lay out training data"
             )
+        if min(self._ratio[1::2]) < 2:
+            raise ValueError(
+                f"{what}() is undefined for ratio {self._ratio}: an audio count of 1 is a lone "
+                "MCTP slot (inference only) with no BOA/EOA segment to lay out"
+            )
 
     def interleave(
         self, text_ids: Sequence[int], audio_ids: Sequence[int], boa_id: int, eoa_id: int
@@ -431,7 +438,7 @@ class InterleaveSchedule:
             ``text_1 + [BOA] + audio_1 + [EOA] + text_2 + ...`` as a new list.
 
         Raises:
-            ValueError: For a Vanilla schedule, ``boa_id == eoa_id``, non-int ids, or a text
+            ValueError: For a Vanilla schedule or one with an audio count of 1, ``boa_id == eoa_id``, non-int ids, or a text
                 or audio id equal to ``boa_id``/``eoa_id``.
         """
         self._require_layout("interleave")
@@ -460,7 +467,7 @@ class InterleaveSchedule:
             ``(text_ids, audio_ids)``.
 
         Raises:
-            ValueError: For a Vanilla schedule, ``boa_id == eoa_id``, unbalanced or nested
+            ValueError: For a Vanilla schedule or one with an audio count of 1, ``boa_id == eoa_id``, unbalanced or nested
                 tags, or (with ``strict``) chunk sizes that do not follow the ratio.
         """
         self._require_layout("deinterleave")
@@ -566,15 +573,16 @@ def _check_ratio(ratio: Sequence[int]) -> tuple[int, ...]:
             raise ValueError(
                 f"ratio[{pos}] is a text count and must be >= 1, got {value} in {tuple(values)}"
             )
-        if pos % 2 == 1 and value < 2:
+        if pos % 2 == 1 and value < 1:
             hint = (
-                "; use InterleaveSchedule.vanilla() for backbone-only decoding"
+                "; use InterleaveSchedule.vanilla() (or from_ratio with every audio count 0) "
+                "for backbone-only decoding"
                 if value == 0
                 else ""
             )
             raise ValueError(
-                f"ratio[{pos}] is an audio count (BOA and EOA included) and must be >= 2, got "
-                f"{value} in {tuple(values)}{hint}"
+                f"ratio[{pos}] is an audio count (BOA and EOA included, 1 = a lone MCTP slot) "
+                f"and must be >= 1, got {value} in {tuple(values)}{hint}"
             )
     return tuple(values)
 
@@ -640,7 +648,10 @@ def _expand(
         runs += [0] * (text - 1) + [audio]
         spans.append((len(heads), len(heads) + audio))
         heads += range(audio)
-        roles += [Role.BOA, *[Role.AUDIO] * (audio - 2), Role.EOA] if audio else []
+        if audio == 1:  # a lone MCTP slot: no tags around it
+            roles.append(Role.AUDIO)
+        elif audio:
+            roles += [Role.BOA, *[Role.AUDIO] * (audio - 2), Role.EOA]
         segs += [seg] * audio
         runs += [-1] * audio
     return tuple(heads), tuple(roles), tuple(segs), tuple(runs), tuple(spans)

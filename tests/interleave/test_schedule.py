@@ -191,6 +191,24 @@ def test_from_ratio_all_zero_audio_is_vanilla(ratio: list[int]) -> None:
             InterleaveSchedule.from_ratio(bad)
 
 
+def test_lone_mctp_slot_runs() -> None:
+    """``[1, 1]``: the official default ``[1, K]`` of a one-head model alternates M and m."""
+    sched = InterleaveSchedule.from_ratio([1, 1], num_heads=1)
+    assert sched.pattern(8) == "MmMmMmMm" and sched.max_heads == 1 and sched.uses_mctp
+    assert [sched.head(i) for i in range(4)] == [BACKBONE, 0, BACKBONE, 0]
+    assert sched.role(1) is Role.AUDIO and sched.run_length(0) == 1
+    assert sched.cost(7) == (4, 3) and sched.segment(2) == (5, 6)
+    mixed = InterleaveSchedule([2, 1, 1, 4])
+    assert mixed.pattern(10) == "MMmMmmmmMm"
+    assert [mixed.role(i) for i in range(4, 8)] == [Role.BOA, Role.AUDIO, Role.AUDIO, Role.EOA]
+    with pytest.raises(ValueError, match="lone MCTP slot"):
+        sched.interleave([5], [7], 1, 2)
+    with pytest.raises(ValueError, match="lone MCTP slot"):
+        mixed.deinterleave([5], 1, 2)
+    with pytest.raises(ValueError, match="num_heads=0"):
+        InterleaveSchedule([1, 1], num_heads=0)
+
+
 def test_repr_eq_hash_pickle() -> None:
     sched = InterleaveSchedule([1, 4, 3, 8, 4, 10], num_heads=10)
     assert (
@@ -243,7 +261,10 @@ def test_num_heads_check() -> None:
         (5, r"ratio must be a sequence of ints, got int 5"),
         ([0, 10], r"ratio\[0\] is a text count and must be >= 1, got 0"),
         ([1, 10, -4, 10], r"ratio\[2\] is a text count and must be >= 1, got -4"),
-        ([1, 1], r"ratio\[1\] is an audio count \(BOA and EOA included\) and must be >= 2, got 1"),
+        (
+            [1, -1],
+            r"ratio\[1\] is an audio count \(BOA and EOA included, .*\) and must be >= 1, got -1",
+        ),
         ([1, 10, 4, 0], r"ratio\[3\] .* got 0 .*use InterleaveSchedule.vanilla\(\)"),
     ],
 )
