@@ -444,13 +444,20 @@ def _official_config(
     model_type: str,
     dtype: torch.dtype,
     base: Mapping[str, Any] | None,
+    folder: Path,
 ) -> dict[str, Any]:
-    """config.json in the official layout (transformers 4.48 field names)."""
+    """config.json in the official layout (transformers 4.48 field names).
+
+    ``auto_map`` is written only when the code files it names are in ``folder``: without them
+    ``trust_remote_code`` loading fails, while the official package registers the model type.
+    """
     import transformers
 
     arch, auto_config, auto_model = MODEL_TYPES[model_type]
     out: dict[str, Any] = {
-        k: v for k, v in (base or {}).items() if k not in ("layer_types", "rope_parameters")
+        k: v
+        for k, v in (base or {}).items()
+        if k not in ("layer_types", "rope_parameters", "auto_map")
     }
     for name in _COPIED_FIELDS:
         out[name] = getattr(backbone_config, name, None)
@@ -464,10 +471,12 @@ def _official_config(
     out.pop("rope_scaling", None)
     if rope.get("rope_type", "default") != "default":
         out["rope_scaling"] = rope
+    auto_map = {"AutoConfig": auto_config, "AutoModelForCausalLM": auto_model}
+    if all((folder / f"{ref.split('.')[0]}.py").is_file() for ref in auto_map.values()):
+        out["auto_map"] = auto_map
     out.update(
         model_type=model_type,
         architectures=[arch],
-        auto_map={"AutoConfig": auto_config, "AutoModelForCausalLM": auto_model},
         num_hidden_layers=num_layers + num_heads,
         num_nextn_predict_layers=num_heads,
         mtp_loss_weight=float(mtp_loss_weight),
@@ -499,6 +508,23 @@ def _check_stack(backbone: HFBackbone, stack: MCTPStack, eps: float) -> None:
                 raise ValueError(f"head {i}'s {name} has eps {got}, the config says {eps}")
 
 
+def _check_mode(ratio: Sequence[int], stack: MCTPStack | None) -> list[int]:
+    """``ratio`` as a list, after checking that :func:`load_vita_audio`'s users can run it."""
+    from mctp.interleave import InterleaveSchedule
+
+    try:
+        schedule = InterleaveSchedule.from_ratio(ratio)
+    except ValueError as err:
+        raise ValueError(f"mtp_inference_mode {ratio!r}: {err}") from err
+    heads = 0 if stack is None else stack.num_heads
+    if schedule.max_heads > heads:
+        raise ValueError(
+            f"mtp_inference_mode {list(schedule.ratio)} runs {schedule.max_heads} MCTP heads in "
+            f"a row but the checkpoint has {heads}; the folder would not load with that mode"
+        )
+    return [int(x) for x in ratio]
+
+
 def save_vita_audio(
     backbone: HFBackbone,
     stack: MCTPStack | None,
@@ -522,8 +548,10 @@ def save_vita_audio(
     ``model-0000k-of-0000n.safetensors`` shards with ``model.safetensors.index.json``.
     Weight files of an earlier save in the same folder are removed first. The official code
     loads the folder with ``AutoModelForCausalLM`` after ``import
-    vita_audio.models.qwen2_mtp_v4_48_3`` (or with its ``configuration_qwen2.py`` and
-    ``modeling_qwen2.py`` copied next to the weights and ``trust_remote_code=True``).
+    vita_audio.models.qwen2_mtp_v4_48_3``, which registers the model type. ``auto_map``
+    (for ``trust_remote_code=True``) is written only when the official
+    ``configuration_qwen2.py`` and ``modeling_qwen2.py`` are already in ``path``: mctp does
+    not ship them, and an ``auto_map`` naming absent files makes the folder unloadable.
 
     Args:
         backbone: A :class:`~mctp.backbones.HFBackbone` around a transformers Qwen2 model.
@@ -536,7 +564,8 @@ def save_vita_audio(
         base_config: Config fields to keep (e.g. ``VitaAudioCheckpoint.config``); fields
             derived from the modules override them.
         mtp_inference_mode: Official generation schedule written to generation_config.json
-            (e.g. ``[1, 10, 4, 10]`` for Boost; the official default is ``[1, N]``).
+            (e.g. ``[1, 10, 4, 10]`` for Boost, ``[8192, 0]`` for Vanilla; the official
+            default, when absent, is ``[1, N]``). Checked against the number of heads.
         tokenizer: Saved into the folder with ``save_pretrained`` when given.
 
     Returns:
@@ -544,8 +573,9 @@ def save_vita_audio(
 
     Raises:
         ValueError: If the backbone is not a Qwen2 model, the stack does not belong to it or
-            its heads are not Qwen2 decoder layers, ``extra`` has foreign keys, or
-            ``shard_size`` cannot be read.
+            its heads are not Qwen2 decoder layers, ``extra`` has foreign keys,
+            ``shard_size`` cannot be read, or ``mtp_inference_mode`` is not a valid ratio or
+            needs more MCTP heads than ``stack`` has (checked before anything is written).
     """
     from safetensors.torch import save_file
 
@@ -563,6 +593,7 @@ def save_vita_audio(
     num_layers = backbone.num_layers
     if stack is not None:
         _check_stack(backbone, stack, float(config.rms_norm_eps))
+    mode = None if mtp_inference_mode is None else _check_mode(mtp_inference_mode, stack)
 
     tensors: dict[str, torch.Tensor] = {}
     sources: list[Mapping[str, torch.Tensor]] = [backbone.model.state_dict()]
@@ -617,12 +648,13 @@ def save_vita_audio(
         model_type=model_type,
         dtype=tensors["model.embed_tokens.weight"].dtype,
         base=base_config,
+        folder=folder,
     )
     (folder / "config.json").write_text(json.dumps(official, indent=2) + "\n")
     generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     generation = {k: v for k, v in generation.items() if v is not None}
-    if mtp_inference_mode is not None:
-        generation["mtp_inference_mode"] = [int(x) for x in mtp_inference_mode]
+    if mode is not None:
+        generation["mtp_inference_mode"] = mode
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)

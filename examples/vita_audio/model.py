@@ -17,7 +17,7 @@ from mctp.streaming import StreamEvent, generate_stream
 
 from .checkpoint import load_vita_audio, save_vita_audio
 
-__all__ = ["VitaAudio", "load_tokenizer"]
+__all__ = ["VitaAudio", "load_tokenizer", "official_ratio"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
@@ -77,8 +77,10 @@ class VitaAudio:
             vocab: Speech ids; required when the folder has no tokenizer files, otherwise
                 read from the tokenizer.
             mode: Default generation mode; None takes ``mtp_inference_mode`` from the
-                folder's generation_config.json when present, else Boost (Vanilla for a
-                checkpoint without MCTP heads).
+                folder's generation_config.json when present (the official Vanilla
+                ``[8192, 0]`` included), else the official default ``[1, N]`` for ``N``
+                MCTP heads (Turbo for 10 heads, ``[1, 1]`` for a one-head stage-2
+                checkpoint; Vanilla without heads).
             device: Where the weights go.
             dtype: Cast the weights to this dtype (default: as stored).
             attn_implementation: Backbone attention implementation.
@@ -103,10 +105,12 @@ class VitaAudio:
         generation = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
         if mode is None:
             ratio = generation.get("mtp_inference_mode")
-            if ratio is not None:
+            if ratio is None:  # the official default: [1, N]
+                ratio = [1, ckpt.num_heads] if ckpt.num_heads else [1, 0]
+            try:
                 mode = InterleaveSchedule.from_ratio(ratio)
-            else:
-                mode = "vanilla" if ckpt.stack is None else "boost"
+            except ValueError as err:
+                raise ValueError(f"{gen_file}: mtp_inference_mode {ratio!r}: {err}") from err
         return cls(
             backbone=ckpt.backbone,
             stack=ckpt.stack,
@@ -117,8 +121,17 @@ class VitaAudio:
         )
 
     def save_pretrained(self, path: str | Path, **kwargs: Any) -> Path:
-        """Save in the official format (and the tokenizer); ``kwargs`` go to ``save_vita_audio``."""
+        """Save in the official format, loadable by :meth:`from_pretrained`.
+
+        The tokenizer and the default mode (as ``mtp_inference_mode``, Vanilla as the official
+        ``[8192, 0]``) are written too unless ``kwargs`` say otherwise; ``kwargs`` go to
+        :func:`~vita_audio.checkpoint.save_vita_audio`.
+
+        Raises:
+            ValueError: As :func:`~vita_audio.checkpoint.save_vita_audio`.
+        """
         kwargs.setdefault("tokenizer", self.tokenizer)
+        kwargs.setdefault("mtp_inference_mode", official_ratio(self.mode))
         return save_vita_audio(self.backbone, self.stack, path, **kwargs)
 
     def _kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -179,6 +192,18 @@ class VitaAudio:
             max_new_tokens,
             **self._kwargs(kwargs),
         )
+
+
+def official_ratio(mode: str | Mode | InterleaveSchedule) -> list[int]:
+    """The ``mtp_inference_mode`` list the official generation config stores for ``mode``.
+
+    Vanilla is written as ``[8192, 0]``, as in the official generation configs.
+
+    Raises:
+        ValueError: For an unknown mode name.
+    """
+    schedule = mode if isinstance(mode, InterleaveSchedule) else InterleaveSchedule.from_mode(mode)
+    return [8192, 0] if not schedule.uses_mctp else list(schedule.ratio)
 
 
 def load_tokenizer(path: str | Path) -> Any:

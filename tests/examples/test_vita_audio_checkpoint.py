@@ -369,7 +369,6 @@ def test_round_trip_save_load(official, loaded, tmp_path, shard_size):
     for field in (
         "model_type",
         "architectures",
-        "auto_map",
         "num_hidden_layers",
         "num_nextn_predict_layers",
         "mtp_loss_weight",
@@ -380,6 +379,8 @@ def test_round_trip_save_load(official, loaded, tmp_path, shard_size):
         "torch_dtype",
     ):
         assert written[field] == config[field], field
+    # auto_map would name configuration_qwen2.py/modeling_qwen2.py, which are not written
+    assert "auto_map" not in written
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["mtp_inference_mode"] == [1, 10, 4, 10]
 
@@ -467,7 +468,7 @@ def test_vita_audio_from_pretrained(official, loaded, tmp_path):
     speech = extend_vocab(tok, num_audio_tokens=32)  # 40 words + 20 tags + 32 codes -> 96 rows
     assert speech.vocab_size == V
     folder = save_vita_audio(loaded.backbone, loaded.stack, tmp_path / "with_tok", tokenizer=tok)
-    model = VitaAudio.from_pretrained(folder)
+    model = VitaAudio.from_pretrained(folder, mode="boost")
     assert model.vocab == speech and model.tokenizer is not None and model.mode == "boost"
     assert model.eos_token_id == 2
     # The official generation_config.json's schedule becomes the default mode.
@@ -491,6 +492,98 @@ def test_vita_audio_from_pretrained(official, loaded, tmp_path):
     assert VitaAudio.from_pretrained(bare, vocab=speech, mode="turbo").vocab == speech
     with pytest.raises(ValueError, match="unknown interleave mode"):
         VitaAudio.from_pretrained(bare, vocab=speech, mode="fast")
+
+
+# ------------------------------------------------------------- modes and loadable folders
+@pytest.mark.parametrize(
+    ("ratio", "expected"),
+    [(None, (1, 10)), ([8192, 0], None), ([1, 4, 3, 8, 4, 10], (1, 4, 3, 8, 4, 10))],
+)
+def test_from_pretrained_reads_the_official_modes(loaded, tmp_path, ratio, expected):
+    """No mtp_inference_mode: the official default [1, N] (Turbo); [8192, 0]: Vanilla."""
+    from mctp.backbones import extend_vocab
+
+    speech = extend_vocab(_word_tokenizer(40), num_audio_tokens=32)
+    folder = save_vita_audio(
+        loaded.backbone, loaded.stack, tmp_path / "m", mtp_inference_mode=ratio
+    )
+    model = VitaAudio.from_pretrained(folder, vocab=speech)
+    if expected is None:
+        assert not model.mode.uses_mctp
+        assert model.generate(torch.tensor([[5, 17, 3]]), max_new_tokens=6).num_mctp_steps == 0
+    else:
+        assert model.mode.ratio == expected
+
+
+def test_one_head_stage2_checkpoint_opens_without_a_mode(tmp_path):
+    """The recipe's stage-2 checkpoint (one head, no mode) runs [1, 1]: backbone, head 0, ..."""
+    from mctp.backbones import extend_vocab
+
+    speech = extend_vocab(_word_tokenizer(40), num_audio_tokens=32)
+    ck = load_vita_audio(_write(tmp_path / "n1", _config(1), _tensors(1)))
+    folder = save_vita_audio(ck.backbone, ck.stack, tmp_path / "out")
+    assert "mtp_inference_mode" not in json.loads((folder / "generation_config.json").read_text())
+    model = VitaAudio.from_pretrained(folder, vocab=speech)
+    assert model.mode.ratio == (1, 1)
+    res = model.generate(torch.tensor([[5, 17, 3]]), max_new_tokens=6, eos_token_id=None)
+    assert res.sources[0].tolist() == [-1, 0, -1, 0, -1, 0]
+
+
+def test_save_refuses_a_mode_the_folder_cannot_run(loaded, tmp_path):
+    """A Boost mode for a 4-head stack is refused at save time, before anything is written."""
+    four = load_vita_audio(_write(tmp_path / "n4", _config(4), _tensors(4)))
+    with pytest.raises(ValueError, match=r"runs 10 MCTP heads in a row but the checkpoint has 4"):
+        save_vita_audio(
+            four.backbone, four.stack, tmp_path / "x", mtp_inference_mode=[1, 10, 4, 10]
+        )
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match=r"has 0"):
+        save_vita_audio(four.backbone, None, tmp_path / "y", mtp_inference_mode=[1, 4])
+    with pytest.raises(ValueError, match=r"mtp_inference_mode \[1, 10, 4\]"):
+        save_vita_audio(
+            loaded.backbone, loaded.stack, tmp_path / "z", mtp_inference_mode=[1, 10, 4]
+        )
+    model = VitaAudio(backbone=four.backbone, stack=four.stack, mode="vanilla")
+    model.mode = "boost"  # a mode the constructor would have refused
+    with pytest.raises(ValueError, match="checkpoint has 4"):
+        model.save_pretrained(tmp_path / "w")
+
+
+def test_vita_audio_save_pretrained_round_trip(loaded, tmp_path):
+    """What VitaAudio.save_pretrained writes opens with from_pretrained: same mode, tokens."""
+    from mctp.backbones import extend_vocab
+    from mctp.interleave import InterleaveSchedule
+
+    tok = _word_tokenizer(40)
+    speech = extend_vocab(tok, num_audio_tokens=32)
+    ids = torch.tensor([[5, 17, 3, 88]])
+    for mode in ("balance", "vanilla", InterleaveSchedule([2, 6])):
+        model = VitaAudio(
+            backbone=loaded.backbone, stack=loaded.stack, vocab=speech, mode=mode, tokenizer=tok
+        )
+        folder = model.save_pretrained(tmp_path / str(mode))
+        config = json.loads((folder / "config.json").read_text())
+        assert "auto_map" not in config and config["model_type"] == "qwen2_mtp"
+        again = VitaAudio.from_pretrained(folder)
+        expected = mode if isinstance(mode, InterleaveSchedule) else None
+        expected = expected or InterleaveSchedule.from_mode(mode)
+        assert again.mode == expected and again.vocab == speech
+        first = model.generate(ids, max_new_tokens=16, eos_token_id=None)
+        second = again.generate(ids, max_new_tokens=16, eos_token_id=None)
+        assert torch.equal(first.sequences, second.sequences)
+
+
+def test_auto_map_only_with_the_code_files(loaded, tmp_path):
+    folder = tmp_path / "with_code"
+    folder.mkdir()
+    (folder / "configuration_qwen2.py").write_text("# the official file\n")
+    (folder / "modeling_qwen2.py").write_text("# the official file\n")
+    save_vita_audio(loaded.backbone, loaded.stack, folder, base_config=loaded.config)
+    written = json.loads((folder / "config.json").read_text())
+    assert written["auto_map"] == loaded.config["auto_map"]
+    (folder / "modeling_qwen2.py").unlink()
+    save_vita_audio(loaded.backbone, loaded.stack, folder, base_config=loaded.config)
+    assert "auto_map" not in json.loads((folder / "config.json").read_text())
 
 
 def test_dtype_cast(official, tmp_path):
