@@ -247,6 +247,39 @@ def test_loaded_model_computes_the_official_arithmetic(official, loaded):
             torch.testing.assert_close(heads[k][:, k + 1 :], h[:, k + 1 :], atol=1e-4, rtol=1e-4)
 
 
+def test_packed_row_label_shift_at_sample_ends(loaded):
+    """Packed row, every label scored: mctp scores head k at t only when t+1 continues t's
+    sample; the official trainer (ForCausalLMLoss over the positions with id > k, compacted)
+    shifts across sample ends, scoring the last token of a sample on the next sample's token
+    at position k+1. Both numbers are computed here from the heads' logits; they differ."""
+    from mctp import mctp_loss
+
+    g = torch.Generator().manual_seed(3)
+    lens = [14, 17, 15]  # every sample longer than N + 1: each head sees all three
+    ids = torch.randint(3, V, (1, sum(lens)), generator=g)
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    labels = ids.clone()  # every label scored (e.g. pre-training-style rows)
+    ce = torch.nn.functional.cross_entropy
+    with torch.no_grad():
+        hidden = loaded.backbone(ids, position_ids=pos).hidden
+        out = loaded.stack(hidden, ids, position_ids=pos, labels=labels)
+        ours = mctp_loss(loaded.stack, hidden, ids, labels, position_ids=pos).loss
+        mine, official = [], []
+        for k in range(N):
+            keep = pos[0] > k
+            lg, lb, p = out.logits[k][0][keep], labels[0][keep], pos[0][keep]
+            official.append(ce(lg[:-1], lb[1:]))  # the official shift on the compacted row
+            cont = p[1:] == p[:-1] + 1  # ours: stop at sample ends
+            mine.append(ce(lg[:-1][cont], lb[1:][cont]))
+            # one target fewer per inner sample end (2 here)
+            assert int(out.num_targets[k]) == int(cont.sum()) == len(lb) - 1 - 2
+    torch.testing.assert_close(ours, torch.stack(mine).mean())
+    official_loss = torch.stack(official).mean()
+    assert abs(float(official_loss) - float(ours)) > 1e-3
+    # the numbers docs/mctp.md quotes
+    assert abs(float(ours) - 8.4682) < 1e-3 and abs(float(official_loss) - 8.3964) < 1e-3
+
+
 def test_generate_boost_with_the_loaded_stack(loaded):
     ids = torch.tensor([[5, 17, 3, 88]])
     out = generate(loaded.backbone, loaded.stack, ids, "boost", 30)
