@@ -7,10 +7,14 @@ checks the released folders.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["release_folder"]
+import torch
+
+from mctp.checkpoint import CheckpointError
+
+__all__ = ["check_finite", "release_folder"]
 
 
 def release_folder(path: str | os.PathLike[str], what: str, files: Sequence[str] = ()) -> Path:
@@ -35,3 +39,27 @@ def release_folder(path: str | os.PathLike[str], what: str, files: Sequence[str]
     if missing:
         raise FileNotFoundError(f"{what} folder {folder} lacks {missing}")
     return folder
+
+
+def check_finite(state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Refuse a checkpoint whose floating-point tensors hold NaN or infinite values.
+
+    Such weights load without complaint and then silently produce garbage (every id 0, NaN
+    audio), so they are caught at load time.
+
+    Args:
+        state: The state dict read from the checkpoint.
+        what: Name of the checkpoint for the message.
+
+    Raises:
+        CheckpointError: Naming every tensor (up to 10) with NaN or infinite values.
+    """
+    bad = [
+        f"{key} ({int(torch.isnan(v).sum())} NaN, {int(torch.isinf(v).sum())} inf)"
+        for key, v in state.items()
+        if isinstance(v, torch.Tensor)
+        and v.is_floating_point()
+        and not bool(torch.isfinite(v).all())
+    ]
+    if bad:
+        raise CheckpointError(f"{what}: tensors with NaN or infinite values: {bad[:10]}")

@@ -4,8 +4,9 @@ The three protocols are structural (``typing.Protocol``): any object with these
 attributes and methods is accepted; nothing has to inherit from them.
 
 Conventions shared by all codecs:
-    * Waveforms are float32 tensors in ``[-1, 1]``, shape ``[T]`` (mono) at the codec's
-      ``sample_rate``; batched inputs are lists of such tensors (lengths may differ).
+    * Waveforms are float32 tensors in ``[-1, 1]``, shape ``[T]`` (mono); batched inputs are
+      lists of such tensors (lengths may differ). ``encode(audio, sample_rate=sr)`` takes
+      their rate and resamples to the codec's ``sample_rate`` (None: already at it).
     * Token ids are ``torch.long`` tensors of shape ``[N]``.
 """
 
@@ -33,11 +34,15 @@ class AudioTokenizer(Protocol):
     frame_rate: float
     codebook_size: int
 
-    def encode(self, audio: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def encode(
+        self, audio: Sequence[torch.Tensor], *, sample_rate: int | None = None
+    ) -> list[torch.Tensor]:
         """Tokenize a batch of waveforms.
 
         Args:
-            audio: Waveforms, each ``[T_i]`` float32 at ``sample_rate``.
+            audio: A list of waveforms, each ``[T_i]`` float32 in ``[-1, 1]``.
+            sample_rate: Their rate in Hz; None means the codec's ``sample_rate``. Another
+                rate is resampled (or refused with ``AudioError``), never misread.
 
         Returns:
             One ``[N_i]`` long tensor per waveform.
@@ -59,11 +64,15 @@ class AudioEncoder(Protocol):
     frame_rate: float
     output_dim: int
 
-    def encode(self, audio: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def encode(
+        self, audio: Sequence[torch.Tensor], *, sample_rate: int | None = None
+    ) -> list[torch.Tensor]:
         """Encode a batch of waveforms.
 
         Args:
-            audio: Waveforms, each ``[T_i]`` float32 at ``sample_rate``.
+            audio: A list of waveforms, each ``[T_i]`` float32 in ``[-1, 1]``.
+            sample_rate: Their rate in Hz; None means the codec's ``sample_rate``. Another
+                rate is resampled (or refused with ``AudioError``), never misread.
 
         Returns:
             One ``[F_i, D]`` float tensor per waveform.

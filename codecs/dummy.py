@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .audio import check_waveform
+from .audio import prepare_waveform
 
 __all__ = ["DummyCodec", "DummyStream"]
 
@@ -55,18 +55,27 @@ class DummyCodec:
         """Build the codec; ``path`` is ignored (the codec has no files)."""
         return cls(**kwargs)  # type: ignore[arg-type]
 
-    def encode(self, audio: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def encode(
+        self, audio: Sequence[torch.Tensor], *, sample_rate: int | None = None
+    ) -> list[torch.Tensor]:
         """Ids of the dominant tone of each frame (ceil(T / hop) ids per waveform).
 
         Args:
-            audio: Waveforms ``[T_i]`` at ``sample_rate``.
+            audio: A list of waveforms ``[T_i]``.
+            sample_rate: Their rate (resampled when it differs); None: :attr:`sample_rate`.
 
         Returns:
-            ``[ceil(T_i / hop)]`` long tensors.
+            ``[ceil(T_i / hop)]`` long tensors (``T_i`` at :attr:`sample_rate`).
+
+        Raises:
+            TypeError: If ``audio`` is a tensor rather than a list of tensors.
+            AudioError: On an invalid waveform or ``sample_rate``.
         """
+        if isinstance(audio, torch.Tensor):
+            raise TypeError("encode takes a list of 1-D waveforms; wrap a single one as [wav]")
         out = []
-        for wav in audio:
-            wav = check_waveform(wav)
+        for i, wav in enumerate(audio):
+            wav = prepare_waveform(wav, sample_rate, self.sample_rate, what=f"audio[{i}]")
             n = -(-wav.numel() // self.hop)
             frames = torch.nn.functional.pad(wav, (0, n * self.hop - wav.numel())).view(n, self.hop)
             spec = torch.fft.rfft(frames, dim=-1).abs()[:, 1 : self.codebook_size + 1]

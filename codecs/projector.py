@@ -21,6 +21,8 @@ from torch import nn
 
 from mctp.checkpoint import CheckpointError, load_strict, read_state_dict, strip_prefix
 
+from ._loading import check_finite
+
 __all__ = [
     "VITA_AUDIO_PLUS_PREFIX",
     "MLPProjector",
@@ -108,6 +110,7 @@ class MLPProjector(nn.Module):
             )
         hidden, dim = first.shape
         model = cls(int(dim), int(hidden), eps=eps)
+        check_finite(state, f"MLPProjector ({path})")
         load_strict(model, state, what=f"MLPProjector ({path})")
         return model.to(device=device, dtype=dtype)
 
@@ -125,7 +128,9 @@ class MLPProjector(nn.Module):
             ValueError: If a checkpoint file cannot be read.
             CheckpointError: On missing, unexpected or mis-shaped tensors.
         """
-        load_strict(self, load_projector_state_dict(path), what=f"MLPProjector ({path})")
+        state = load_projector_state_dict(path)
+        check_finite(state, f"MLPProjector ({path})")
+        load_strict(self, state, what=f"MLPProjector ({path})")
         return self
 
 

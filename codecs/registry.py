@@ -56,17 +56,39 @@ def available_codecs() -> list[str]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+    """A JSON object file; ``{}`` when absent.
+
+    Raises:
+        ValueError: If the file exists but cannot be read or parsed, or holds no object.
+    """
+    if not path.is_file():
         return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot parse {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _is_glm4voice_tokenizer(folder: Path) -> bool:
-    cfg = _read_json(folder / "config.json")
-    return "quantize_vocab_size" in cfg and (
-        any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
-    )
+    """GLM-4-Voice tokenizer folder: a WhisperVQ ``config.json`` and weights.
+
+    Raises:
+        ValueError: If ``config.json`` exists but cannot be parsed.
+        FileNotFoundError: If a folder that looks like one (weights and a
+            ``preprocessor_config.json``) has no ``config.json``.
+    """
+    weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+    config = folder / "config.json"
+    looks_like = weights and (folder / "preprocessor_config.json").is_file()
+    if looks_like and not config.is_file():
+        raise FileNotFoundError(
+            f"{folder} holds weights and preprocessor_config.json but no config.json"
+        )
+    cfg = _read_json(config)
+    return "quantize_vocab_size" in cfg and weights
 
 
 def _is_glm4voice_decoder(folder: Path) -> bool:
@@ -86,14 +108,33 @@ def _is_sensevoice(folder: Path) -> bool:
 def detect_codec(path: str | os.PathLike[str]) -> str:
     """Name of the codec whose files ``path`` holds.
 
+    A detector that raises (e.g. on an unparsable ``config.json`` of a folder that looks
+    like its codec) gives its reason: when no codec matches, that reason is the error.
+
     Raises:
-        FileNotFoundError: If ``path`` is not a folder.
-        ValueError: If no registered codec recognises the folder, or several do.
+        FileNotFoundError: If ``path`` is not a folder, or a codec's folder lacks a file it
+            needs (e.g. ``config.json``).
+        ValueError: If no registered codec recognises the folder (with the reasons detectors
+            gave, such as a ``config.json`` parse error), or several do.
     """
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"codec checkpoint folder not found: {folder}")
-    hits = [s.name for s in _REGISTRY.values() if s.detect is not None and s.detect(folder)]
+    hits: list[str] = []
+    errors: list[tuple[str, Exception]] = []
+    for spec in _REGISTRY.values():
+        if spec.detect is None:
+            continue
+        try:
+            if spec.detect(folder):
+                hits.append(spec.name)
+        except (OSError, ValueError) as e:
+            errors.append((spec.name, e))
+    if not hits and errors:
+        first = errors[0][1]
+        reasons = "; ".join(f"{n}: {e}" for n, e in errors)
+        kind = FileNotFoundError if isinstance(first, FileNotFoundError) else ValueError
+        raise kind(f"cannot load the codec folder {folder}: {reasons}") from first
     if not hits:
         files = sorted(p.name for p in folder.iterdir())[:20]
         raise ValueError(
@@ -120,8 +161,9 @@ def load_codec(
         The adapter (an ``AudioTokenizer``, ``AudioEncoder`` or ``AudioDecoder``).
 
     Raises:
-        FileNotFoundError: If the folder does not exist.
-        ValueError: If the codec cannot be determined or ``name`` is unknown.
+        FileNotFoundError: If the folder does not exist or lacks a file its codec needs.
+        ValueError: If the codec cannot be determined (a config file that cannot be parsed
+            is named with its parse error) or ``name`` is unknown.
     """
     path: Path | None
     if name is None and str(path_or_name) in _REGISTRY and not Path(path_or_name).exists():

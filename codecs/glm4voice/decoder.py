@@ -29,7 +29,7 @@ import torch
 
 from mctp.checkpoint import load_strict, read_state_dict
 
-from .._loading import release_folder
+from .._loading import check_finite, release_folder
 from .config import DecoderConfig, load_decoder_config
 from .flow import TokenToMelFlow, build_flow
 from .hift import HiFTVocoder, build_hift
@@ -174,7 +174,9 @@ class GLM4VoiceDecoder:
         hift = build_hift(cfg.hift)
         for module, name in ((flow, "flow.pt"), (hift, "hift.pt")):
             state = read_state_dict(folder / name)
-            load_strict(module, state, what=f"GLM-4-Voice {name} ({type(module).__name__})")
+            what = f"GLM-4-Voice {name} ({type(module).__name__})"
+            check_finite(state, what)
+            load_strict(module, state, what=what)
         flow.to(device=device, dtype=dtype)
         hift.to(device=device, dtype=dtype)
         return cls(
@@ -316,11 +318,17 @@ class GLM4VoiceDecoder:
             ``(wav [T * hop_length] float32, source [T * hop_length] float32)``.
 
         Raises:
-            ValueError: If ``mel`` is not ``[M, T]`` with ``T >= 1``.
+            ValueError: If ``mel`` is not ``[M, T]`` with ``T >= 1`` or holds NaN or infinite
+                values (HiFT would return NaN audio).
         """
         if mel.ndim != 2 or mel.shape[0] != self.flow.output_size or mel.shape[1] < 1:
             raise ValueError(
                 f"mel must have shape [{self.flow.output_size}, T>=1], got {tuple(mel.shape)}"
+            )
+        if not bool(torch.isfinite(mel).all()):
+            raise ValueError(
+                f"mel holds {int(torch.isnan(mel).sum())} NaN and {int(torch.isinf(mel).sum())} "
+                "infinite values; HiFT would turn them into NaN audio"
             )
         cache = None if cache_source is None else cache_source.reshape(1, 1, -1).to(self.device)
         wav, src = self.hift(

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from mctp.checkpoint import CheckpointError, load_strict, read_state_dict
 
-from .._loading import release_folder
-from ..audio import AudioError, check_waveform, load_audio
+from .._loading import check_finite, release_folder
+from ..audio import AudioError, check_waveform, load_audio, prepare_waveform
 from .whisper_vq import WhisperVQEncoder
 
 __all__ = [
@@ -223,6 +223,7 @@ def _load_encoder_weights(encoder: WhisperVQEncoder, folder: Path, what: str) ->
             f"{what} (keys present both with and without the {CHECKPOINT_PREFIX!r} prefix)",
             unexpected=clashes,
         )
+    check_finite(state, what)
     load_strict(encoder, state, what=what)
 
 
@@ -369,7 +370,7 @@ class GLM4VoiceTokenizer:
             raise ValueError("log_mel needs at least one waveform")
         arrays = []
         for i, wav in enumerate(slices):
-            wav = self._checked(wav, i)
+            wav = self._checked(wav, i, range_warning=False)  # encode() warned already
             if wav.numel() > self.chunk_samples:
                 raise ValueError(
                     f"slice {i} has {wav.numel()} samples, more than chunk_samples={self.chunk_samples}"
@@ -389,14 +390,18 @@ class GLM4VoiceTokenizer:
         return mel, mask
 
     @staticmethod
-    def _checked(wav: torch.Tensor, index: int) -> torch.Tensor:
+    def _checked(wav: torch.Tensor, index: int, *, range_warning: bool = True) -> torch.Tensor:
         try:
-            return check_waveform(wav)
+            return check_waveform(wav, range_warning=range_warning)
         except AudioError as e:
             raise AudioError(f"audio[{index}]: {e}") from e
 
     def _run(
-        self, audio: Sequence[torch.Tensor], batch_size: int | None, progress: bool | None
+        self,
+        audio: Sequence[torch.Tensor],
+        batch_size: int | None,
+        progress: bool | None,
+        sample_rate: int | None,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(ids [N_i], features [N_i, D]) per input."""
         if isinstance(audio, torch.Tensor):
@@ -405,7 +410,7 @@ class GLM4VoiceTokenizer:
         slices: list[torch.Tensor] = []
         owner: list[int] = []
         for i, wav in enumerate(audio):
-            wav = self._checked(wav, i)
+            wav = prepare_waveform(wav, sample_rate, self.sample_rate, what=f"audio[{i}]")
             for start in range(0, wav.numel(), self.chunk_samples):
                 slices.append(wav[start : start + self.chunk_samples])
                 owner.append(i)
@@ -433,41 +438,48 @@ class GLM4VoiceTokenizer:
         self,
         audio: Sequence[torch.Tensor],
         *,
+        sample_rate: int | None = None,
         batch_size: int | None = None,
         progress: bool | None = None,
     ) -> list[torch.Tensor]:
-        """Tokenize 16 kHz waveforms.
+        """Tokenize waveforms.
 
         Each waveform is cut into ``chunk_samples`` slices that are tokenized independently;
         all slices of the call are batched together (``batch_size`` at a time, longest
-        first). Resampling is the caller's business (see :meth:`encode_file`).
+        first). Waveforms at another rate must say so with ``sample_rate``: they are resampled
+        with soxr (an 8 kHz clip read as 16 kHz would give half the ids, silently).
 
         Args:
-            audio: Waveforms ``[T_i]`` float at ``sample_rate``.
+            audio: Waveforms ``[T_i]`` float in ``[-1, 1]``.
+            sample_rate: Their rate in Hz; None means :attr:`sample_rate` (16 kHz).
             batch_size: Slices per forward pass (default: the constructor's).
             progress: Show a tqdm bar; None shows one when there is more than one batch.
 
         Returns:
-            One long tensor ``[ceil(T_i / 1280)]`` (summed over slices) per waveform, on the CPU.
+            One long tensor ``[ceil(T'_i / 1280)]`` (``T'_i`` samples at 16 kHz, summed over
+            slices) per waveform, on the CPU.
 
         Raises:
             TypeError: If ``audio`` is a tensor rather than a list of tensors.
-            AudioError: On an empty, non-1-D, non-float or non-finite waveform.
+            AudioError: On an empty, non-1-D, non-float or non-finite waveform or a bad
+                ``sample_rate``.
             ValueError: If ``batch_size`` is not positive.
         """
-        return [ids for ids, _ in self._run(audio, batch_size, progress)]
+        return [ids for ids, _ in self._run(audio, batch_size, progress, sample_rate)]
 
     def encode_features(
         self,
         audio: Sequence[torch.Tensor],
         *,
+        sample_rate: int | None = None,
         batch_size: int | None = None,
         progress: bool | None = None,
     ) -> list[torch.Tensor]:
         """Pooled hidden states right before quantisation (one row per id of :meth:`encode`).
 
         Args:
-            audio: Waveforms ``[T_i]`` float at ``sample_rate``.
+            audio: Waveforms ``[T_i]`` float in ``[-1, 1]``.
+            sample_rate: Their rate in Hz (resampled when it is not 16 kHz); None: 16 kHz.
             batch_size: Slices per forward pass (default: the constructor's).
             progress: Show a tqdm bar; None shows one when there is more than one batch.
 
@@ -479,7 +491,7 @@ class GLM4VoiceTokenizer:
             AudioError: On an invalid waveform.
             ValueError: If ``batch_size`` is not positive.
         """
-        return [feats for _, feats in self._run(audio, batch_size, progress)]
+        return [feats for _, feats in self._run(audio, batch_size, progress, sample_rate)]
 
     def encode_file(self, path: str | os.PathLike[str]) -> torch.Tensor:
         """Load an audio file (mono mixdown, resampled to 16 kHz) and tokenize it.

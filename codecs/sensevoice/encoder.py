@@ -24,8 +24,14 @@ from torch import nn
 
 from mctp.checkpoint import CheckpointError, load_strict, read_state_dict, strip_prefix
 
-from .._loading import release_folder
-from ..audio import check_waveform, load_audio
+from .._loading import check_finite, release_folder
+from ..audio import (
+    AudioError,
+    check_waveform,
+    load_audio,
+    prepare_waveform,
+    resampled_length,
+)
 from .frontend import FbankBackend, SenseVoiceFrontend, load_cmvn
 from .sanm import (
     PositionwiseFeedForward,
@@ -347,9 +353,9 @@ class SenseVoiceEncoder:
                     mismatched=[("embed.weight", tuple(embed.shape), (need, int(embed.shape[1])))],
                 )
         model = build_sensevoice_model(cfg, num_queries=num_queries)
-        load_strict(
-            model, state, ignore=_IGNORED_KEYS, what=f"SenseVoiceSmall ({folder / 'model.pt'})"
-        )
+        what = f"SenseVoiceSmall ({folder / 'model.pt'})"
+        check_finite(state, what)
+        load_strict(model, state, ignore=_IGNORED_KEYS, what=what)
         model = model.to(device=device, dtype=dtype)
         return cls(
             model=model,
@@ -359,15 +365,26 @@ class SenseVoiceEncoder:
             batch_size=batch_size,
         )
 
-    def num_frames(self, num_samples: int) -> int:
+    def num_frames(self, num_samples: int, *, sample_rate: int | None = None) -> int:
         """Frames :meth:`encode` returns for ``num_samples`` samples: ``ceil(T_fbank / 6) + 4``.
 
         This is the number of ``<|context_of_audio|>`` placeholders VITA-Audio-Plus puts
-        between ``<|begin_of_audio|>`` and ``<|end_of_audio|>``.
+        between ``<|begin_of_audio|>`` and ``<|end_of_audio|>``. It raises exactly where
+        :meth:`encode` refuses a waveform of that length.
+
+        Args:
+            num_samples: Waveform length.
+            sample_rate: Its rate, as given to :meth:`encode` (None: :attr:`sample_rate`).
 
         Raises:
             ValueError: If ``num_samples`` is not positive.
+            AudioError: If such a waveform is too short for the front end (see
+                :attr:`SenseVoiceFrontend.min_samples`).
         """
+        if num_samples > 0 and sample_rate is not None and sample_rate != self.sample_rate:
+            num_samples = resampled_length(num_samples, sample_rate, self.sample_rate)
+            if num_samples == 0:
+                raise AudioError(f"no sample is left after resampling to {self.sample_rate} Hz")
         return self.frontend.num_frames(num_samples) + self.num_query_frames
 
     def features(self, wav: torch.Tensor) -> torch.Tensor:
@@ -424,16 +441,19 @@ class SenseVoiceEncoder:
         self,
         audio: Sequence[torch.Tensor],
         *,
+        sample_rate: int | None = None,
         language: str | None = None,
         text_norm: str | None = None,
         progress: bool = False,
     ) -> list[torch.Tensor]:
         """Encode waveforms (batched by length, ``batch_size`` at a time).
 
-        Padding never changes a result: batched outputs equal one-by-one outputs.
+        Padding never changes a result: batched outputs equal one-by-one outputs. Waveforms
+        at another rate must say so with ``sample_rate``: they are resampled with soxr.
 
         Args:
-            audio: Waveforms ``[T_i]`` float32 in ``[-1, 1]`` at ``sample_rate``.
+            audio: A list of waveforms ``[T_i]`` float32 in ``[-1, 1]``.
+            sample_rate: Their rate in Hz; None means :attr:`sample_rate` (16 kHz).
             language: Language query (default: the adapter's).
             text_norm: Text-norm query (default: the adapter's).
             progress: Show a tqdm bar over batches.
@@ -442,13 +462,23 @@ class SenseVoiceEncoder:
             ``[F_i + 4, D]`` per waveform (4 query frames first), on :attr:`device`.
 
         Raises:
-            AudioError: On a bad or too short waveform.
+            TypeError: If ``audio`` is a tensor rather than a list of tensors.
+            AudioError: On a bad or too short waveform (see :meth:`num_frames`) or a bad
+                ``sample_rate``.
             ValueError: On an empty list or an unknown language/text norm.
         """
+        if isinstance(audio, torch.Tensor):
+            raise TypeError(
+                f"encode takes a list of 1-D waveforms, got a tensor of shape "
+                f"{tuple(audio.shape)}; wrap a single waveform as [wav]"
+            )
         if len(audio) == 0:
             raise ValueError("audio is empty")
         query_ids(language or self.language, text_norm or self.text_norm)
-        wavs = [check_waveform(w) for w in audio]
+        wavs = [
+            prepare_waveform(w, sample_rate, self.sample_rate, what=f"audio[{i}]")
+            for i, w in enumerate(audio)
+        ]
         order = sorted(range(len(wavs)), key=lambda i: -wavs[i].numel())
         starts = range(0, len(order), self.batch_size)
         if progress:

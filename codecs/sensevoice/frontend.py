@@ -114,7 +114,7 @@ def kaldi_fbank(
         ValueError: If ``backend`` is unknown.
         ImportError: If ``backend="torchaudio"`` and torchaudio is not installed.
     """
-    wav = check_waveform(wav).detach().cpu()
+    wav = check_waveform(wav, range_warning=False).detach().cpu()  # callers warn
     n = wav.numel()
     length_ms = _window_ms(n, sample_rate, frame_length_ms)
     scaled = wav * _INT16_SCALE
@@ -397,6 +397,7 @@ class SenseVoiceFrontend:
         self.lfr_n = lfr_n
         self.dither = dither
         self.backend: FbankBackend = backend
+        self._min_samples: int | None = None
 
     @property
     def output_dim(self) -> int:
@@ -408,12 +409,43 @@ class SenseVoiceFrontend:
         """Output frames per second: ``1000 / (frame_shift_ms * lfr_n)``."""
         return 1000.0 / (self.frame_shift_ms * self.lfr_n)
 
+    @property
+    def min_samples(self) -> int:
+        """Shortest waveform (samples at :attr:`sample_rate`) the front end accepts.
+
+        Shorter waveforms get a window shorter than ``frame_length_ms`` whose FFT cannot hold
+        ``n_mels`` mel bins, and raise :class:`AudioError`. Found once by trying lengths
+        downwards from a full window (every length of a full window or more works).
+        """
+        if self._min_samples is None:
+            window = max(int(self.sample_rate * 0.001 * self.frame_length_ms), 1)
+            n = window
+            while n > 1 and self._accepts(n - 1):
+                n -= 1
+            self._min_samples = n
+        return self._min_samples
+
+    def _accepts(self, num_samples: int) -> bool:
+        try:
+            self.fbank(torch.full((num_samples,), 1e-3))
+        except AudioError:
+            return False
+        return True
+
     def num_frames(self, num_samples: int) -> int:
         """Number of feature frames for a waveform of ``num_samples`` samples.
 
         Raises:
             ValueError: If ``num_samples`` is not positive.
+            AudioError: If ``num_samples`` is below :attr:`min_samples` (the front end,
+                hence ``encode``, refuses such a waveform).
         """
+        if num_samples > 0 and num_samples < self.min_samples:
+            raise AudioError(
+                f"a waveform of {num_samples} samples is too short: the front end needs at "
+                f"least {self.min_samples} samples ({self.min_samples / self.sample_rate * 1000:.1f} "
+                f"ms at {self.sample_rate} Hz) for {self.n_mels} mel bins"
+            )
         t = num_fbank_frames(
             num_samples,
             sample_rate=self.sample_rate,
@@ -455,6 +487,17 @@ class SenseVoiceFrontend:
         """``[T]`` waveform -> ``[ceil(T_fbank / lfr_n), n_mels * lfr_m]`` float32 features.
 
         Raises:
-            AudioError: On a bad or too short waveform.
+            AudioError: On a bad waveform or one shorter than :attr:`min_samples`.
         """
-        return self.features_from_fbank(self.fbank(wav))
+        try:
+            fbank = self.fbank(wav)
+        except AudioError as e:
+            if isinstance(wav, torch.Tensor) and wav.ndim == 1 and 0 < wav.numel():
+                n = wav.numel()
+                if n < self.min_samples:
+                    raise AudioError(
+                        f"a waveform of {n} samples is too short: the front end needs at "
+                        f"least {self.min_samples} samples at {self.sample_rate} Hz"
+                    ) from e
+            raise
+        return self.features_from_fbank(fbank)
