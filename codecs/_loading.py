@@ -62,4 +62,8 @@ def check_finite(state: Mapping[str, torch.Tensor], what: str) -> None:
         and not bool(torch.isfinite(v).all())
     ]
     if bad:
-        raise CheckpointError(f"{what}: tensors with NaN or infinite values: {bad[:10]}")
+        err = CheckpointError(what)
+        err.args = (
+            f"checkpoint {what} holds NaN or infinite values in {len(bad)} tensors: {bad[:10]}",
+        )
+        raise err

@@ -211,6 +211,7 @@ def _load_encoder_weights(encoder: WhisperVQEncoder, folder: Path, what: str) ->
         return layer is None or int(layer.group(1)) < num_layers
 
     raw = read_state_dict(folder, keep=needed)
+    check_finite(raw, what)  # names the stored keys
     state: dict[str, torch.Tensor] = {}
     clashes = []
     for key, value in raw.items():
@@ -223,7 +224,6 @@ def _load_encoder_weights(encoder: WhisperVQEncoder, folder: Path, what: str) ->
             f"{what} (keys present both with and without the {CHECKPOINT_PREFIX!r} prefix)",
             unexpected=clashes,
         )
-    check_finite(state, what)
     load_strict(encoder, state, what=what)
 
 
