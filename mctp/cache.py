@@ -69,6 +69,7 @@ class KVCache:
         num_kv_heads: int | list[int],
         head_dim: int | list[int],
         *,
+        value_head_dim: int | list[int] | None = None,
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> KVCache:
@@ -76,7 +77,9 @@ class KVCache:
 
         Args:
             num_kv_heads: Key/value heads, one int for all layers or one per layer.
-            head_dim: Per-head size, one int or one per layer.
+            head_dim: Per-head key size, one int or one per layer.
+            value_head_dim: Per-head value size when it differs from the key's (multi-head
+                latent attention), one int or one per layer.
             dtype: Buffer dtype.
             device: Buffer device.
 
@@ -88,16 +91,24 @@ class KVCache:
         """
         heads = [num_kv_heads] * self.num_layers if isinstance(num_kv_heads, int) else num_kv_heads
         dims = [head_dim] * self.num_layers if isinstance(head_dim, int) else head_dim
-        if len(heads) != self.num_layers or len(dims) != self.num_layers:
+        if value_head_dim is None:
+            value_head_dim = dims
+        vdims = (
+            [value_head_dim] * self.num_layers
+            if isinstance(value_head_dim, int)
+            else value_head_dim
+        )
+        if not len(heads) == len(dims) == len(vdims) == self.num_layers:
             raise ValueError(
-                f"need {self.num_layers} per-layer sizes, got {len(heads)} heads and {len(dims)} dims"
+                f"need {self.num_layers} per-layer sizes, got {len(heads)} heads, "
+                f"{len(dims)} key dims and {len(vdims)} value dims"
             )
-        if min(heads) < 1 or min(dims) < 1:
-            raise ValueError(f"kv heads {heads} and head dims {dims} must be >= 1")
-        for i, (h, d) in enumerate(zip(heads, dims)):
-            shape = (self.batch_size, h, self.max_len, d)
-            self.keys[i] = static_buffer(torch.zeros(shape, dtype=dtype, device=device))
-            self.values[i] = static_buffer(torch.zeros(shape, dtype=dtype, device=device))
+        if min(heads) < 1 or min(dims) < 1 or min(vdims) < 1:
+            raise ValueError(f"kv heads {heads} and head dims {dims}/{vdims} must be >= 1")
+        for i, (h, d, dv) in enumerate(zip(heads, dims, vdims)):
+            b, s = self.batch_size, self.max_len
+            self.keys[i] = static_buffer(torch.zeros(b, h, s, d, dtype=dtype, device=device))
+            self.values[i] = static_buffer(torch.zeros(b, h, s, dv, dtype=dtype, device=device))
         return self
 
     def set_positions(self, positions: torch.Tensor) -> None:

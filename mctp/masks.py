@@ -73,27 +73,42 @@ def segment_ids(
     return start.long().cumsum(-1)
 
 
-def segment_mask(segments: torch.Tensor) -> torch.Tensor:
-    """Block-diagonal causal mask ``[B, 1, T, T]`` from segment ids ``[B, T]``."""
+def segment_mask(segments: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Block-diagonal causal mask ``[B, 1, T, T]`` from segment ids ``[B, T]``.
+
+    Args:
+        segments: ``[B, T]`` segment ids.
+        window: Sliding window: a query at index ``i`` sees keys ``j`` with
+            ``i - window < j <= i`` (transformers' convention), or None for full attention.
+    """
     t = segments.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
+    if window is not None:
+        causal = causal & ~torch.ones_like(causal).tril(-window)
     return (segments[:, :, None] == segments[:, None, :]).unsqueeze(1) & causal
 
 
-def decode_mask(query_index: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+def decode_mask(
+    query_index: torch.Tensor, key_valid: torch.Tensor, window: int | None = None
+) -> torch.Tensor:
     """Mask for queries at cache indices ``query_index [T]`` over a static cache.
 
     Args:
         query_index: ``[T]`` long, the cache slots the new tokens are written to.
         key_valid: ``[B, S]`` bool, slots that may be attended to at all (written, not
             padding, and, for MCTP head ``k``, position id > ``k``).
+        window: Sliding window over cache slots (``query_index[q] - window < s``), as
+            transformers counts it (left padding included), or None.
 
     Returns:
         ``[B, 1, T, S]`` bool: slot ``s`` is visible to query ``q`` iff
-        ``s <= query_index[q]`` and ``key_valid[s]``, and always ``s == query_index[q]``.
+        ``s <= query_index[q]`` (and inside the window) and ``key_valid[s]``, and always
+        ``s == query_index[q]``.
     """
     s = torch.arange(key_valid.shape[1], device=key_valid.device)
     causal = s[None, :] <= query_index[:, None]  # [T, S]
+    if window is not None:
+        causal = causal & (s[None, :] > query_index[:, None] - window)
     own = s[None, :] == query_index[:, None]
     return ((causal[None] & key_valid[:, None, :]) | own[None]).unsqueeze(1)
 

@@ -99,15 +99,19 @@ def test_parts_and_stack_from_hf_layers(family, tiny_hf):
     )
 
 
-def test_unsupported_models_raise(tiny_hf):
+def test_models_the_fast_loop_cannot_run_take_the_generic_path(tiny_hf):
     import transformers as tf
 
-    cfg = tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2)
-    with pytest.raises(NotImplementedError, match="not laid out like a Llama-style decoder"):
-        HFBackbone(tf.GPT2LMHeadModel(cfg))
+    cfg = tf.GPT2Config(
+        vocab_size=64, n_embd=32, n_layer=1, n_head=2, bos_token_id=1, eos_token_id=2
+    )
+    bb = HFBackbone(tf.GPT2LMHeadModel(cfg).eval())
+    assert bb.path == "generic" and "not laid out like Llama" in bb.fast_path_blockers[0]
     model = tiny_hf("qwen2")
-    model.config.layer_types = ["sliding_attention"] * 2
-    with pytest.raises(NotImplementedError, match="sliding-window"):
+    model.config.layer_types = ["chunked_attention"] * 2  # breaks the model's own forward too
+    with pytest.raises(
+        NotImplementedError, match="Qwen2ForCausalLM: the model's own forward fails"
+    ):
         HFBackbone(model)
 
 
@@ -121,7 +125,7 @@ def test_verification_catches_a_model_the_loop_cannot_run(tiny_hf):
         return orig(*args, inputs_embeds=inputs_embeds, **kw)
 
     model.model.forward = scaled_forward
-    with pytest.raises(NotImplementedError, match="differs from the model's own forward"):
+    with pytest.raises(NotImplementedError, match="neither the fast loop"):
         HFBackbone(model)
 
 
