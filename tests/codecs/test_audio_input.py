@@ -181,13 +181,17 @@ def test_truncated_wav_is_refused(fixtures_dir: Path, tmp_path: Path) -> None:
     assert load_audio(src)[0].numel() == full.numel()
 
 
-def test_truncated_flac_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["flac", "mp3"])
+def test_truncated_compressed_files_are_refused(tmp_path: Path, fmt: str) -> None:
+    if fmt.upper() not in sf.available_formats():
+        pytest.skip(f"this libsndfile cannot write {fmt}")
     x = (0.1 * np.random.default_rng(0).standard_normal(32000)).astype(np.float32)
-    sf.write(tmp_path / "a.flac", x, 16000)
-    data = (tmp_path / "a.flac").read_bytes()
-    (tmp_path / "cut.flac").write_bytes(data[: len(data) // 2])
+    sf.write(tmp_path / f"a.{fmt}", x, 16000, format=fmt.upper())
+    assert load_audio(tmp_path / f"a.{fmt}")[0].numel() == 32000
+    data = (tmp_path / f"a.{fmt}").read_bytes()
+    (tmp_path / f"cut.{fmt}").write_bytes(data[: len(data) // 2])
     with pytest.raises(AudioError):
-        load_audio(tmp_path / "cut.flac")
+        load_audio(tmp_path / f"cut.{fmt}")
 
 
 # ----------------------------------------------------------------------------- folders, weights
