@@ -86,8 +86,10 @@ class VitaAudio:
             attn_implementation: Backbone attention implementation.
 
         Raises:
-            ValueError: If there is no tokenizer in the folder and no ``vocab`` was given, or
-                as :func:`~vita_audio.checkpoint.load_vita_audio` and the constructor.
+            ValueError: If there is no tokenizer in the folder and no ``vocab`` was given, the
+                generation config's ``mtp_inference_mode`` is not a valid ratio, or as
+                :func:`~vita_audio.checkpoint.load_vita_audio` and the constructor (e.g. a
+                mode that needs more MCTP heads than the checkpoint has).
             FileNotFoundError, CheckpointError: As :func:`~vita_audio.checkpoint.load_vita_audio`.
         """
         folder = Path(path)
