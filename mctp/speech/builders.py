@@ -1,0 +1,103 @@
+"""Builders that wire a :class:`~mctp.speech.SpeechPipeline` from parts or folders."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from .pipeline import SpeechPipeline
+
+__all__ = ["build_tiny_pipeline", "load_input_codec"]
+
+
+def load_input_codec(
+    path: str | os.PathLike[str] | None, hidden_size: int, *, device: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """Speech-input parts for :class:`SpeechPipeline` from a codec folder.
+
+    Args:
+        path: A codec folder (GLM-4-Voice tokenizer, SenseVoiceSmall, ...) or None for the
+            built-in :class:`~mctp.codecs.DummyCodec` (16 kHz, 12.5 Hz, 256 codes).
+        hidden_size: The LLM's hidden size (for a fresh projector behind an encoder).
+        device: Where the codec runs.
+
+    Returns:
+        ``{"audio_tokenizer": ...}`` or ``{"audio_encoder": ..., "projector": ...}``; an
+        encoder gets a seeded random :class:`~mctp.codecs.MLPProjector` (tiny default only).
+
+    Raises:
+        FileNotFoundError, ValueError: As :func:`mctp.codecs.load_codec`.
+    """
+    from mctp.codecs import DummyCodec, MLPProjector, load_codec
+
+    if path is None:
+        return {"audio_tokenizer": DummyCodec(codebook_size=256)}
+    codec = load_codec(path, device=device)
+    if hasattr(codec, "output_dim"):
+        g = torch.random.fork_rng()
+        with g:
+            torch.manual_seed(0)
+            projector = MLPProjector(int(codec.output_dim), hidden_size).to(device).eval()
+        return {"audio_encoder": codec, "projector": projector}
+    return {"audio_tokenizer": codec}
+
+
+def build_tiny_pipeline(
+    *,
+    model: str | os.PathLike[str] | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
+    decoder: str | os.PathLike[str] | None = None,
+    mode: str = "boost",
+    max_new_tokens: int = 256,
+    device: str | torch.device = "cpu",
+    **kwargs: Any,
+) -> SpeechPipeline:
+    """The built-in tiny default pipeline (see :mod:`mctp.speech.tiny`), on CPU in seconds.
+
+    The speech LM is always the tiny taught one; the codecs can be real folders (e.g. the
+    tiny random GLM-4-Voice / SenseVoice checkpoints of the tests), any with at least 256
+    codes for the decoder and at most 256 for the tokenizer.
+
+    Args:
+        model: Must be None: a real model folder needs its own builder (for VITA-Audio:
+            ``vita_audio.pipeline:build_pipeline`` in the repository's examples).
+        tokenizer: Speech-input codec folder, or None for the dummy codec.
+        decoder: Speech-output codec folder, or None for the dummy codec.
+        mode: Default schedule.
+        max_new_tokens: Default generation budget.
+        device: Where everything runs.
+        **kwargs: Further :class:`SpeechPipeline` arguments.
+
+    Raises:
+        ValueError: If ``model`` is given, or as :class:`SpeechPipeline`.
+        FileNotFoundError: If a codec folder does not exist.
+    """
+    from mctp.codecs import DummyCodec, load_codec
+
+    from .tiny import tiny_speech_lm
+
+    if model is not None:
+        raise ValueError(
+            f"the tiny builder has its own model; to run {model}, use a builder for its format "
+            "(VITA-Audio: --builder vita_audio.pipeline:build_pipeline with examples/ on "
+            "PYTHONPATH)"
+        )
+    backbone, stack, tok, vocab = tiny_speech_lm()
+    backbone.to(device)
+    stack.to(device)
+    parts = load_input_codec(tokenizer, backbone.hidden_size, device=device)
+    dec = DummyCodec(codebook_size=256) if decoder is None else load_codec(decoder, device=device)
+    return SpeechPipeline(
+        backbone=backbone,
+        stack=stack,
+        tokenizer=tok,
+        vocab=vocab,
+        decoder=dec,
+        mode=mode,
+        max_new_tokens=max_new_tokens,
+        name="mctp-tiny",
+        **parts,
+        **kwargs,
+    )

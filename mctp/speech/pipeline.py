@@ -1,0 +1,516 @@
+"""``SpeechPipeline``: a question (text or speech) in, a spoken answer out, streamed.
+
+It composes the parts every speech LLM with MCTP has: an audio input codec (an
+:class:`~mctp.codecs.AudioTokenizer`, or an :class:`~mctp.codecs.AudioEncoder` plus a projector
+for VITA-Audio-Plus-style continuous input), the text tokenizer's chat template, a backbone with
+its :class:`~mctp.MCTPStack` generating on a schedule, and an :class:`~mctp.codecs.AudioDecoder`
+streaming session that turns every audio segment into waveform as soon as it exists.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mctp.interleave import InterleaveSchedule, Mode
+
+__all__ = [
+    "ASR_PROMPT",
+    "TTS_PROMPT",
+    "AudioInput",
+    "SpeechChunk",
+    "SpeechPipeline",
+    "SpeechResult",
+]
+
+ASR_PROMPT = "Convert the speech to text."
+"""VITA-Audio's ASR instruction (followed by a newline and the audio)."""
+TTS_PROMPT = "Convert the text to speech."
+"""VITA-Audio's TTS instruction (followed by a newline and the text)."""
+TASKS = ("chat", "tts", "asr")
+
+AudioInput = str | os.PathLike | torch.Tensor | np.ndarray
+"""A wav path, or a waveform (``[T]`` or ``[T, C]``/``[C, T]``) given with its sample rate."""
+
+
+@dataclass
+class SpeechResult:
+    """A finished answer.
+
+    Attributes:
+        text: The answer's text.
+        audio: ``[S]`` float32 waveform of the whole spoken answer.
+        sample_rate: Sample rate of ``audio`` (the decoder's).
+        mode: The schedule's ratio list the answer was generated with.
+        first_chunk_s: Seconds from the call until the first non-empty waveform chunk (None
+            when the answer has no audio).
+        first_text_s: Seconds until the first text.
+        total_s: Seconds for the whole call (input encoding, generation, decoding).
+        num_tokens: Generated tokens (text, audio, tags and the stop token).
+        num_audio_tokens: Generated audio tokens.
+        tokens_per_s: Generated tokens per second of generation.
+        finish_reason: ``"stop"`` (a stop token) or ``"length"`` (``max_new_tokens`` ran out).
+        generation: The generator's own result (forwards, MCTP steps, sources), if any.
+    """
+
+    text: str
+    audio: torch.Tensor
+    sample_rate: int
+    mode: list[int]
+    first_chunk_s: float | None
+    first_text_s: float | None
+    total_s: float
+    num_tokens: int
+    num_audio_tokens: int
+    tokens_per_s: float
+    finish_reason: str
+    generation: Any = field(default=None, repr=False)
+
+    @property
+    def duration_s(self) -> float:
+        """Length of ``audio`` in seconds."""
+        return self.audio.numel() / self.sample_rate
+
+
+@dataclass
+class SpeechChunk:
+    """One item of :meth:`SpeechPipeline.stream`.
+
+    Attributes:
+        kind: ``"text"`` (new text in ``text``), ``"audio"`` (new samples in ``audio``) or
+            ``"end"`` (the answer is complete; ``result`` is set).
+        time_s: Seconds since the call started.
+        text: The new text (``"text"`` chunks).
+        audio: ``[S]`` float32 new samples at the decoder's rate (``"audio"`` chunks).
+        result: The :class:`SpeechResult` (``"end"`` chunk).
+    """
+
+    kind: str
+    time_s: float
+    text: str = ""
+    audio: torch.Tensor | None = None
+    result: SpeechResult | None = None
+
+
+@dataclass
+class Prompt:
+    """A rendered prompt: ``input_ids [1, P]`` and, for encoder input, ``prompt_embeds [1, P, H]``."""
+
+    input_ids: torch.Tensor
+    prompt_embeds: torch.Tensor | None = None
+
+
+def _generate_events(
+    pipe: SpeechPipeline, prompt: Prompt, mode: InterleaveSchedule, max_new_tokens: int
+) -> Iterator[Any]:
+    """The one place that calls the generator (switch here to another generation API).
+
+    Yields:
+        :class:`mctp.StreamEvent` of row 0 (text ids, audio segments, end).
+    """
+    from mctp.streaming import generate_stream
+
+    kwargs: dict[str, Any] = {
+        "vocab": pipe.vocab,
+        "eos_token_id": pipe.eos_token_id,
+        "audio_chunk": pipe.audio_chunk,
+    }
+    if pipe.text_sampling is not None:
+        kwargs["text_sampling"] = pipe.text_sampling
+    if pipe.audio_sampling is not None:
+        kwargs["audio_sampling"] = pipe.audio_sampling
+    if prompt.prompt_embeds is not None:
+        kwargs["prompt_embeds"] = prompt.prompt_embeds
+    return generate_stream(
+        pipe.backbone, pipe.stack, prompt.input_ids, mode, max_new_tokens, **kwargs
+    )
+
+
+class SpeechPipeline:
+    """Speech in, speech out: chat template, audio prompt, MCTP generation, streaming decoder.
+
+    Args:
+        backbone: A cached backbone (e.g. :class:`mctp.backbones.HFBackbone`).
+        stack: Its MCTP heads, or None (Vanilla only).
+        tokenizer: The text tokenizer (transformers; needs a chat template).
+        vocab: Speech ids (:class:`mctp.backbones.SpeechVocab`).
+        decoder: The :class:`~mctp.codecs.AudioDecoder` that speaks the audio tokens.
+        audio_tokenizer: Speech input as discrete tokens (``<|audio|>`` becomes
+            ``BOA audio... EOA``), or None.
+        audio_encoder: Speech input as continuous frames (VITA-Audio-Plus: ``<|audio|>``
+            becomes ``BOA`` + one ``<|context_of_audio|>`` per frame + ``EOA``; the projected
+            frames replace the placeholders' embeddings), or None.
+        projector: ``[F, D] -> [F, H]`` module for ``audio_encoder`` frames.
+        mode: Default schedule: ``"vanilla"``, ``"balance"``, ``"boost"``, ``"turbo"`` or an
+            :class:`~mctp.interleave.InterleaveSchedule`.
+        eos_token_id: Stop id(s) (default: the tokenizer's ``eos_token_id``).
+        max_new_tokens: Default generation budget.
+        audio_chunk: Hand audio to the decoder in pieces of this many tokens inside long
+            segments (None: whole segments).
+        text_sampling: :class:`mctp.SamplingConfig` for text (default greedy).
+        audio_sampling: :class:`mctp.SamplingConfig` for audio (default: like text).
+        system_prompt: A system message put before every conversation, or None.
+        name: Model name reported by the server.
+
+    Raises:
+        ValueError: If both or neither of ``audio_encoder`` and ``projector`` are given
+            together, both input codecs are given, codebooks do not fit the vocabulary, the
+            tokenizer has no chat template, or the mode needs more heads than the stack has.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: Any,
+        stack: Any | None,
+        tokenizer: Any,
+        vocab: Any,
+        decoder: Any,
+        audio_tokenizer: Any | None = None,
+        audio_encoder: Any | None = None,
+        projector: torch.nn.Module | None = None,
+        mode: str | Mode | InterleaveSchedule = "boost",
+        eos_token_id: int | list[int] | None = None,
+        max_new_tokens: int = 512,
+        audio_chunk: int | None = None,
+        text_sampling: Any | None = None,
+        audio_sampling: Any | None = None,
+        system_prompt: str | None = None,
+        name: str = "mctp",
+    ) -> None:
+        if audio_tokenizer is not None and audio_encoder is not None:
+            raise ValueError("give audio_tokenizer or audio_encoder, not both")
+        if (audio_encoder is None) != (projector is None):
+            raise ValueError("audio_encoder and projector go together")
+        if audio_encoder is not None and vocab.audio_context is None:
+            raise ValueError(
+                "an audio_encoder needs <|context_of_audio|> in the vocabulary "
+                "(extend_vocab(..., plus=True))"
+            )
+        if vocab.num_audio > decoder.codebook_size:
+            raise ValueError(
+                f"the model has {vocab.num_audio} audio codes but the decoder only decodes "
+                f"{decoder.codebook_size}"
+            )
+        if audio_tokenizer is not None and audio_tokenizer.codebook_size > vocab.num_audio:
+            raise ValueError(
+                f"the audio tokenizer emits {audio_tokenizer.codebook_size} codes but the model "
+                f"has {vocab.num_audio} audio tokens"
+            )
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("the tokenizer has no chat_template")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.backbone, self.stack, self.tokenizer, self.vocab = backbone, stack, tokenizer, vocab
+        self.decoder = decoder
+        self.audio_tokenizer, self.audio_encoder, self.projector = (
+            audio_tokenizer,
+            audio_encoder,
+            projector,
+        )
+        self.mode = self.schedule(mode)
+        eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+        if eos is None:
+            raise ValueError("no eos_token_id given and the tokenizer has none")
+        self.eos_token_id = eos
+        self.max_new_tokens = max_new_tokens
+        self.audio_chunk = audio_chunk
+        self.text_sampling, self.audio_sampling = text_sampling, audio_sampling
+        self.system_prompt = system_prompt
+        self.name = name
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def sample_rate(self) -> int:
+        """Sample rate of the answers' audio (the decoder's)."""
+        return int(self.decoder.sample_rate)
+
+    @property
+    def input_sample_rate(self) -> int | None:
+        """Sample rate the input codec needs (None without speech input)."""
+        codec = self.audio_tokenizer or self.audio_encoder
+        return None if codec is None else int(codec.sample_rate)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the backbone's weights live."""
+        return next(self.backbone.parameters()).device
+
+    def schedule(self, mode: str | Mode | InterleaveSchedule) -> InterleaveSchedule:
+        """Resolve and check a mode against the stack.
+
+        Raises:
+            ValueError: On an unknown mode or one needing more MCTP heads than the stack has.
+        """
+        if isinstance(mode, InterleaveSchedule):
+            sched = mode
+        else:
+            try:
+                sched = InterleaveSchedule.from_mode(mode)
+            except ValueError as e:
+                names = [m.value for m in Mode]
+                raise ValueError(f"unknown mode {mode!r}: use one of {names}") from e
+        heads = 0 if self.stack is None else self.stack.num_heads
+        if sched.uses_mctp and sched.max_heads > heads:
+            raise ValueError(
+                f"mode {list(sched.ratio)} needs {sched.max_heads} MCTP heads, the model has {heads}"
+            )
+        return sched
+
+    # ------------------------------------------------------------------ input
+    def load_audio(self, audio: AudioInput, sample_rate: int | None = None) -> torch.Tensor:
+        """A wav path or waveform -> ``[T]`` float32 mono at :attr:`input_sample_rate`.
+
+        Raises:
+            ValueError: If the pipeline has no speech input, or a waveform comes without its
+                sample rate.
+            mctp.codecs.AudioError: On an unreadable file or a bad waveform.
+            FileNotFoundError: If the path does not exist.
+        """
+        from mctp.codecs import load_audio, resample, to_mono
+        from mctp.codecs.audio import check_waveform
+
+        rate = self.input_sample_rate
+        if rate is None:
+            raise ValueError(
+                "this pipeline has no audio_tokenizer or audio_encoder: no speech input"
+            )
+        if isinstance(audio, (str, os.PathLike)):
+            wav, _ = load_audio(Path(audio), sample_rate=rate)
+            return wav
+        if sample_rate is None:
+            raise ValueError("a waveform needs its sample_rate")
+        wav = torch.as_tensor(audio)
+        if wav.ndim == 2:
+            wav = to_mono(wav, channels_first=wav.shape[0] < wav.shape[1])
+        wav = check_waveform(wav.float() if wav.is_floating_point() else wav)
+        return resample(wav, int(sample_rate), rate) if int(sample_rate) != rate else wav
+
+    def build_messages(
+        self, text: str | None, has_audio: bool, task: str = "chat"
+    ) -> list[dict[str, str]]:
+        """Chat messages for one question (VITA-Audio's prompts).
+
+        ``chat``: the text, or ``<|audio|>`` (text before it when both are given); ``tts``:
+        ``"Convert the text to speech.\\n" + text``; ``asr``: ``"Convert the speech to text.\\n<|audio|>"``.
+
+        Raises:
+            ValueError: On an unknown task or a task without its input.
+        """
+        from mctp.backbones import AUDIO_PLACEHOLDER
+
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}: use one of {TASKS}")
+        if task == "tts":
+            if not text:
+                raise ValueError("task 'tts' needs text")
+            content = f"{TTS_PROMPT}\n{text}"
+        elif task == "asr":
+            if not has_audio:
+                raise ValueError("task 'asr' needs audio")
+            content = f"{ASR_PROMPT}\n{AUDIO_PLACEHOLDER}"
+        elif has_audio:
+            content = f"{text}\n{AUDIO_PLACEHOLDER}" if text else AUDIO_PLACEHOLDER
+        elif text:
+            content = text
+        else:
+            raise ValueError("give text or audio")
+        messages = [{"role": "user", "content": content}]
+        if self.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return messages
+
+    @torch.inference_mode()
+    def prepare(self, messages: Sequence[dict[str, str]], audios: Sequence[torch.Tensor]) -> Prompt:
+        """Render the chat template and put the speech in place of the ``<|audio|>`` placeholders.
+
+        Args:
+            messages: ``[{"role", "content"}]`` with one ``<|audio|>`` per audio, in order.
+            audios: ``[T_i]`` waveforms at :attr:`input_sample_rate`.
+
+        Returns:
+            The :class:`Prompt` on the backbone's device.
+
+        Raises:
+            ValueError: If placeholders and audios differ in number.
+        """
+        text = self.tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=False
+        )
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        ph = self.vocab.audio_placeholder
+        slots = [i for i, t in enumerate(ids) if t == ph]
+        if len(slots) != len(audios):
+            raise ValueError(
+                f"the messages hold {len(slots)} <|audio|> placeholders but {len(audios)} audios were given"
+            )
+        frames: list[torch.Tensor] = []
+        pieces: list[list[int]] = []
+        if self.audio_tokenizer is not None and audios:
+            for codes in self.audio_tokenizer.encode(list(audios)):
+                pieces.append(self.vocab.from_codes(codes.cpu()).tolist())
+        elif self.audio_encoder is not None and audios:
+            for f in self.audio_encoder.encode(list(audios)):
+                frames.append(f)
+                pieces.append([self.vocab.audio_context] * f.shape[0])
+        out: list[int] = []
+        last = 0
+        for slot, piece in zip(slots, pieces):
+            out += [*ids[last:slot], self.vocab.boa, *piece, self.vocab.eoa]
+            last = slot + 1
+        out += ids[last:]
+        input_ids = torch.tensor([out], device=self.device)
+        if not frames:
+            return Prompt(input_ids)
+        from mctp.codecs import scatter_audio_embeddings
+
+        embed = self.backbone.parts().embed
+        embeds = embed(input_ids)
+        assert self.projector is not None
+        p = next(self.projector.parameters())
+        audio = [self.projector(f.to(p.device, p.dtype)).to(embeds.dtype) for f in frames]
+        return Prompt(
+            input_ids,
+            scatter_audio_embeddings(embeds, input_ids, audio, int(self.vocab.audio_context)),
+        )
+
+    # ------------------------------------------------------------------ generation
+    def stream(
+        self,
+        text: str | None = None,
+        audio: AudioInput | None = None,
+        sample_rate: int | None = None,
+        *,
+        task: str = "chat",
+        messages: Sequence[dict[str, str]] | None = None,
+        audios: Sequence[torch.Tensor] | None = None,
+        mode: str | Mode | InterleaveSchedule | None = None,
+        max_new_tokens: int | None = None,
+    ) -> Iterator[SpeechChunk]:
+        """Answer, yielding text and waveform chunks as they are produced.
+
+        Args:
+            text: Text question (``chat``), text to speak (``tts``), or text before the audio.
+            audio: Spoken question: a wav path, or a waveform with ``sample_rate``.
+            sample_rate: Sample rate of a waveform ``audio``.
+            task: ``"chat"`` (answer), ``"tts"`` (speak ``text``), ``"asr"`` (transcribe).
+            messages: A whole conversation instead of ``text``/``audio`` (``<|audio|>``
+                placeholders in order of ``audios``).
+            audios: Waveforms at :attr:`input_sample_rate` for ``messages``.
+            mode: Overrides the default schedule.
+            max_new_tokens: Overrides the default budget.
+
+        Yields:
+            :class:`SpeechChunk`; the last one is ``"end"`` with the :class:`SpeechResult`.
+
+        Raises:
+            ValueError: On bad arguments (see :meth:`build_messages`, :meth:`prepare`).
+            mctp.codecs.AudioError, FileNotFoundError: On unreadable audio.
+        """
+        t0 = time.perf_counter()
+        sched = self.mode if mode is None else self.schedule(mode)
+        budget = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        if budget < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {budget}")
+        if messages is None:
+            wavs = [] if audio is None else [self.load_audio(audio, sample_rate)]
+            messages = self.build_messages(text, bool(wavs), task)
+        else:
+            wavs = list(audios or [])
+        prompt = self.prepare(messages, wavs)
+        return self._run(prompt, sched, budget, t0)
+
+    def _run(
+        self, prompt: Prompt, sched: InterleaveSchedule, budget: int, t0: float
+    ) -> Iterator[SpeechChunk]:
+        session = self.decoder.stream()
+        session.reset()
+        stops = (
+            {self.eos_token_id} if isinstance(self.eos_token_id, int) else set(self.eos_token_id)
+        )
+        text_ids: list[int] = []
+        said = ""
+        wav: list[torch.Tensor] = []
+        first_chunk = first_text = None
+        n_audio = 0
+        last_token: int | None = None
+        gen = None
+        ended = False
+        for ev in _generate_events(self, prompt, sched, budget):
+            if ev.result is not None:
+                gen = ev.result
+            if ended or ev.row not in (0, -1):
+                continue  # later "end" events of the same row only carry the result
+            now = time.perf_counter() - t0
+            if ev.kind == "text":
+                ids = [i for i in ev.ids if not bool(self.vocab.is_audio(torch.tensor(i)))]
+                last_token = ev.ids[-1] if ev.ids else last_token
+                text_ids += ids
+                full = self.tokenizer.decode(text_ids, skip_special_tokens=True)
+                delta = full[len(said) :] if full.startswith(said) else full
+                said = full
+                if delta:
+                    first_text = now if first_text is None else first_text
+                    yield SpeechChunk("text", now, text=delta)
+            elif ev.kind == "audio":
+                n_audio += len(ev.ids)
+                chunk = session.push(self.vocab.to_codes(ev.ids))
+                if chunk.numel():
+                    now = time.perf_counter() - t0
+                    first_chunk = now if first_chunk is None else first_chunk
+                    wav.append(chunk)
+                    yield SpeechChunk("audio", now, audio=chunk)
+            elif ev.kind == "end":
+                ended = True
+                tail = session.push(torch.zeros(0, dtype=torch.long), final=True)
+                if tail.numel():
+                    now = time.perf_counter() - t0
+                    first_chunk = now if first_chunk is None else first_chunk
+                    wav.append(tail)
+                    yield SpeechChunk("audio", now, audio=tail)
+        total = time.perf_counter() - t0
+        tokens = gen.tokens[0] if gen is not None else torch.zeros(0, dtype=torch.long)
+        finish = "stop" if tokens.numel() and int(tokens[-1]) in stops else "length"
+        if last_token is not None and last_token in stops:
+            finish = "stop"
+        result = SpeechResult(
+            text=said,
+            audio=torch.cat(wav) if wav else torch.zeros(0),
+            sample_rate=self.sample_rate,
+            mode=list(sched.ratio),
+            first_chunk_s=first_chunk,
+            first_text_s=first_text,
+            total_s=total,
+            num_tokens=int(tokens.numel()),
+            num_audio_tokens=n_audio,
+            tokens_per_s=gen.tokens_per_s if gen is not None else 0.0,
+            finish_reason=finish,
+            generation=gen,
+        )
+        yield SpeechChunk("end", total, result=result)
+
+    def __call__(
+        self,
+        text: str | None = None,
+        audio: AudioInput | None = None,
+        sample_rate: int | None = None,
+        **kwargs: Any,
+    ) -> SpeechResult:
+        """Answer and return the whole result (see :meth:`stream` for the arguments).
+
+        Raises:
+            ValueError, mctp.codecs.AudioError, FileNotFoundError: As :meth:`stream`.
+        """
+        result = None
+        for chunk in self.stream(text, audio, sample_rate, **kwargs):
+            if chunk.kind == "end":
+                result = chunk.result
+        assert result is not None
+        return result
