@@ -560,6 +560,11 @@ def test_one_head_stage2_checkpoint_opens_without_a_mode(tmp_path):
     assert model.mode.ratio == (1, 1)
     res = model.generate(torch.tensor([[5, 17, 3]]), max_new_tokens=6, eos_token_id=None)
     assert res.sources[0].tolist() == [-1, 0, -1, 0, -1, 0]
+    gen_file = folder / "generation_config.json"
+    for ratio, match in (([1, 10, 4], "mtp_inference_mode"), ([1, 10, 4, 10], "needs 10 MCTP")):
+        gen_file.write_text(json.dumps({"mtp_inference_mode": ratio}))
+        with pytest.raises(ValueError, match=match):
+            VitaAudio.from_pretrained(folder, vocab=speech)
 
 
 def test_save_refuses_a_mode_the_folder_cannot_run(loaded, tmp_path):
