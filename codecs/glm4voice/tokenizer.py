@@ -401,16 +401,17 @@ class GLM4VoiceTokenizer:
         audio: Sequence[torch.Tensor],
         batch_size: int | None,
         progress: bool | None,
-        sample_rate: int | None,
+        sample_rate: int | Sequence[int] | None,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(ids [N_i], features [N_i, D]) per input."""
+        """(ids [N_i], features [N_i, D]) per input; ``sample_rate`` may be one per input."""
         if isinstance(audio, torch.Tensor):
             raise TypeError("encode takes a list of 1-D waveforms; wrap a single one as [wav]")
+        rates = sample_rate if isinstance(sample_rate, list) else [sample_rate] * len(audio)
         batch_size = self._check_batch_size(self.batch_size if batch_size is None else batch_size)
         slices: list[torch.Tensor] = []
         owner: list[int] = []
         for i, wav in enumerate(audio):
-            wav = prepare_waveform(wav, sample_rate, self.sample_rate, what=f"audio[{i}]")
+            wav = prepare_waveform(wav, rates[i], self.sample_rate, what=f"audio[{i}]")
             for start in range(0, wav.numel(), self.chunk_samples):
                 slices.append(wav[start : start + self.chunk_samples])
                 owner.append(i)
@@ -532,8 +533,9 @@ class GLM4VoiceTokenizer:
         if isinstance(paths, (str, os.PathLike)):
             raise TypeError("encode_files takes a list of paths; use encode_file for one")
         show = len(paths) > self.batch_size if progress is None else progress
-        audio = [
-            load_audio(p, sample_rate=self.sample_rate)[0]
-            for p in tqdm(paths, desc="loading audio", unit="file", disable=not show)
+        loaded = [
+            load_audio(p) for p in tqdm(paths, desc="loading audio", unit="file", disable=not show)
         ]
-        return self.encode(audio, batch_size=batch_size, progress=progress)
+        # checked at the file's own rate, then resampled (resampling overshoot never warns)
+        audio, rates = [w for w, _ in loaded], [sr for _, sr in loaded]
+        return [ids for ids, _ in self._run(audio, batch_size, progress, rates)]

@@ -513,5 +513,5 @@ class SenseVoiceEncoder:
             FileNotFoundError: If the file does not exist.
             AudioError: If it cannot be decoded or is too short.
         """
-        wav, _ = load_audio(path, sample_rate=self.sample_rate)
-        return self.encode([wav], language=language, text_norm=text_norm)[0]
+        wav, sr = load_audio(path)  # checked at its own rate, resampled by encode
+        return self.encode([wav], sample_rate=sr, language=language, text_norm=text_norm)[0]
