@@ -71,6 +71,18 @@ def test_tokenizer_resamples_what_it_is_told(tok, fixtures_dir: Path) -> None:
             tok.encode([wav8], sample_rate=bad)
 
 
+def test_encode_file_at_another_rate(tok, fixtures_dir: Path, tmp_path: Path) -> None:
+    """A full-scale 44.1 kHz file: same ids as encode(sample_rate=44100), and no range warning
+    (the check runs before resampling, whose overshoot may exceed 1)."""
+    wav = resample(_fox(fixtures_dir), 16000, 44100)
+    wav = wav / wav.abs().max()  # peak exactly 1
+    sf.write(tmp_path / "loud.wav", wav.numpy(), 44100, subtype="FLOAT")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ids = tok.encode_file(tmp_path / "loud.wav")
+    assert torch.equal(ids, tok.encode([wav], sample_rate=44100)[0])
+
+
 def test_sensevoice_resamples_and_counts_frames_at_any_rate(enc, fixtures_dir: Path) -> None:
     wav = load_audio(fixtures_dir / "sensevoice" / "inputs" / "en.wav")[0]
     wav44 = resample(wav, 16000, 44100)
