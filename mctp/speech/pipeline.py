@@ -58,6 +58,7 @@ class SpeechResult:
         tokens_per_s: Generated tokens per second of generation.
         finish_reason: ``"stop"`` (a stop token) or ``"length"`` (``max_new_tokens`` ran out).
         generation: The generator's own result (forwards, MCTP steps, sources), if any.
+        prompt_ids: ``[P]`` the prompt the model read.
     """
 
     text: str
@@ -72,6 +73,7 @@ class SpeechResult:
     tokens_per_s: float
     finish_reason: str
     generation: Any = field(default=None, repr=False)
+    prompt_ids: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def duration_s(self) -> float:
@@ -493,6 +495,7 @@ class SpeechPipeline:
             tokens_per_s=gen.tokens_per_s if gen is not None else 0.0,
             finish_reason=finish,
             generation=gen,
+            prompt_ids=prompt.input_ids[0].cpu(),
         )
         yield SpeechChunk("end", total, result=result)
 

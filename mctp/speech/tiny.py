@@ -146,8 +146,10 @@ def _teach(backbone: Any, stack: Any, rows: list[list[int]], steps: int, lr: flo
     stack.train()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: more threads only add contention
+    from tqdm import tqdm
+
     try:
-        for _ in range(steps):
+        for _ in tqdm(range(steps), desc="teaching the tiny model (once)", disable=None):
             out = backbone(seq, labels=lab, position_ids=position_ids)
             loss = out.loss
             loss = loss + mctp_loss(stack, out.hidden, seq, lab, position_ids=position_ids).loss

@@ -1,0 +1,209 @@
+"""The ``mctp`` command: ``mctp speak``, ``mctp serve``, ``mctp eval``.
+
+Every command runs on the built-in tiny default (a tiny taught speech LM and a dummy codec, no
+download); ``--tokenizer``/``--decoder`` take codec folders, ``--builder`` another model's
+pipeline builder (``module:function``; VITA-Audio: ``vita_audio.pipeline:build_pipeline``
+with the repository's ``examples/`` on ``PYTHONPATH``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_from_args", "main"]
+
+DEFAULT_BUILDER = "mctp.speech:build_tiny_pipeline"
+MODES = ("vanilla", "balance", "boost", "turbo")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--builder",
+        default=DEFAULT_BUILDER,
+        help="module:function that builds the SpeechPipeline from the options below",
+    )
+    g.add_argument("--model", type=Path, default=None, help="model folder (None: the tiny default)")
+    g.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="speech-input codec folder: GLM-4-Voice tokenizer or SenseVoiceSmall (None: dummy codec)",
+    )
+    g.add_argument(
+        "--decoder",
+        type=Path,
+        default=None,
+        help="speech-output codec folder: GLM-4-Voice decoder (None: dummy codec)",
+    )
+    g.add_argument("--mode", choices=MODES, default="boost", help="generation schedule")
+    g.add_argument("--max-new-tokens", type=int, default=512, help="generation budget")
+    g.add_argument("--device", default="cpu", help="torch device")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def build_from_args(args: argparse.Namespace) -> Any:
+    """Import ``args.builder`` and build the pipeline from the model options.
+
+    Raises:
+        ValueError: If the builder is not ``module:function``.
+        ImportError: If its module cannot be imported.
+    """
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    module, sep, func = args.builder.partition(":")
+    if not sep or not module or not func:
+        raise ValueError(f"--builder must be module:function, got {args.builder!r}")
+    build = getattr(importlib.import_module(module), func)
+    return build(
+        model=args.model,
+        tokenizer=args.tokenizer,
+        decoder=args.decoder,
+        mode=args.mode,
+        max_new_tokens=args.max_new_tokens,
+        device=args.device,
+    )
+
+
+def _speak(args: argparse.Namespace) -> int:
+    import soundfile as sf
+    from tqdm import tqdm
+
+    if (args.text is None) == (args.input is None):
+        print("mctp speak: give exactly one of --text and --input", file=sys.stderr)
+        return 2
+    t = time.perf_counter()
+    pipe = build_from_args(args)
+    print(f"model ready in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    result = None
+    with tqdm(desc="answering", unit="chunk", disable=None, file=sys.stderr) as bar:
+        for chunk in pipe.stream(text=args.text, audio=args.input, task=args.task):
+            bar.update(1)
+            if chunk.kind == "end":
+                result = chunk.result
+    assert result is not None
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(args.out, result.audio.numpy(), result.sample_rate)
+    latency = "-" if result.first_chunk_s is None else f"{1000 * result.first_chunk_s:.1f} ms"
+    print(f"text: {result.text}")
+    print(f"first audio chunk: {latency}")
+    print(f"tokens/s: {result.tokens_per_s:.1f}")
+    print(
+        f"wrote {args.out} ({result.duration_s:.2f} s at {result.sample_rate} Hz, "
+        f"mode {result.mode}, {result.num_tokens} tokens)"
+    )
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from mctp.serve import ServerConfig, serve
+
+    cfg = ServerConfig(
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body_mb * 1024 * 1024,
+        max_audio_s=args.max_audio_s,
+        max_new_tokens=args.max_new_tokens,
+    )
+    pipe = build_from_args(args)
+    print(f"serving {pipe.name} on http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
+    serve(pipe, host=args.host, port=args.port, config=cfg, log_level=args.log_level)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from mctp.eval import run_eval
+
+    pipe = build_from_args(args)
+    run_eval(
+        pipe,
+        asr=args.asr,
+        tts=args.tts,
+        qa=args.qa,
+        heads=args.heads,
+        asr_model=args.asr_model,
+        out=args.out,
+        limit=args.limit,
+    )
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``mctp`` argument parser."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="mctp", description=__doc__.split("\n\n")[0], formatter_class=fmt
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser(
+        "speak", help="answer a text or spoken question with speech", formatter_class=fmt
+    )
+    s.add_argument("--text", default=None, help="text question (or text to speak with --task tts)")
+    s.add_argument("--input", type=Path, default=None, help="spoken question (wav/flac/ogg/mp3)")
+    s.add_argument("--task", choices=("chat", "tts", "asr"), default="chat", help="what to do")
+    s.add_argument("--out", type=Path, default=Path("answer.wav"), help="where to write the answer")
+    _add_model_args(s)
+    s.set_defaults(func=_speak)
+
+    v = sub.add_parser(
+        "serve", help="OpenAI-style HTTP server with a web page", formatter_class=fmt
+    )
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    v.add_argument("--port", type=int, default=8000, help="port")
+    v.add_argument("--max-queue", type=int, default=8, help="waiting requests before 503")
+    v.add_argument("--max-body-mb", type=int, default=16, help="largest request body (MiB)")
+    v.add_argument("--max-audio-s", type=float, default=60.0, help="longest input audio (s)")
+    v.add_argument("--log-level", default="info", help="uvicorn log level")
+    _add_model_args(v)
+    v.set_defaults(func=_serve)
+
+    e = sub.add_parser(
+        "eval", help="ASR, TTS round trip, spoken QA, head acceptance", formatter_class=fmt
+    )
+    e.add_argument(
+        "--asr", type=Path, default=None, help='ASR JSONL: {"audio", "text", "language"}'
+    )
+    e.add_argument("--tts", type=Path, default=None, help='TTS JSONL: {"text", "language"}')
+    e.add_argument(
+        "--qa",
+        type=Path,
+        default=None,
+        help='spoken-QA JSONL (LlamaQuestions/Web Questions/TriviaQA): {"audio"|"question", "answer"|"answers"}',
+    )
+    e.add_argument(
+        "--heads",
+        action="store_true",
+        help="measure each MCTP head's acceptance and tokens/s per mode",
+    )
+    e.add_argument(
+        "--asr-model",
+        type=Path,
+        default=None,
+        help="transformers ASR model folder for the TTS round trip and S->S QA (e.g. Whisper)",
+    )
+    e.add_argument("--limit", type=int, default=None, help="first N items of each file")
+    e.add_argument("--out", type=Path, default=Path("eval.json"), help="JSON results")
+    _add_model_args(e)
+    e.set_defaults(func=_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mctp`` console script."""
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"mctp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
