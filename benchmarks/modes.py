@@ -19,7 +19,8 @@ Usage::
     python benchmarks/modes.py --config 0.5b --new-tokens 128 --compile --max-autotune --window 11
     python benchmarks/modes.py --config 7b --device cuda --dtype bfloat16 --new-tokens 1024 --compile
 
-``--compile`` times the fast path (``generate(compile=...)``) for every mode, Vanilla included:
+``--compile`` times the fast path (``GenerationConfig(compile=True)``) for every mode, Vanilla
+included (``--compile-cache FILE`` reuses the compiled artifacts of an earlier run):
 CUDA graphs on CUDA; on CPU ``--max-autotune`` adds Inductor's GEMM templates with frozen
 weights (bf16 weights, fp32 arithmetic in registers: the fastest multi-row bf16 GEMM we found on
 CPUs without bf16 matrix units, 3.5x faster than eager's at 11 rows). ``--window`` sets the
@@ -132,6 +133,12 @@ def main() -> None:
     )
     p.add_argument("--window", type=int, default=16, help="fast-path window (with --compile)")
     p.add_argument(
+        "--compile-cache",
+        default=None,
+        help="with --compile: load torch's compile artifacts from this file when it exists and "
+        "save them there after the warm-up (a second start of the same shapes warms up fast)",
+    )
+    p.add_argument(
         "--bandwidth-gbs", type=float, default=None, help="memory bandwidth for the roofline column"
     )
     args = p.parse_args()
@@ -139,8 +146,6 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     n = args.new_tokens or (64 if args.device == "cpu" else 1024)
-
-    from mctp import generate
 
     t = time.perf_counter()
     backbone, stack, speech, weight_bytes = build(args.config, args.device, dtype)
@@ -164,37 +169,45 @@ def main() -> None:
             variants.append((mode, "full", {}))
             variants.append((mode, "audio", {"audio_heads": True}))
 
-    from mctp import GenerationState
+    from mctp import GenerationConfig, Generator, load_compile_cache, save_compile_cache
 
-    compile_arg: bool | dict = False
-    if args.compile:
-        compile_arg = True
-        if args.max_autotune:
-            compile_arg = autotune_mode(args.device, cudagraphs=True)
-    state = GenerationState(backbone, 1, args.prompt + n + 32, args.device)  # reused by every run
+    compile_options: dict = {}
+    if args.compile and args.max_autotune:
+        compile_options = autotune_mode(args.device, cudagraphs=True)
+    loaded = args.compile and args.compile_cache and load_compile_cache(args.compile_cache)
+    base_cfg = GenerationConfig(
+        mode="vanilla",
+        max_new_tokens=n,
+        compile=args.compile,
+        compile_options=compile_options,
+        window=args.window,
+    )
+    # one Generator (caches, buffers, compiled callables) per stack, reused by every run
+    gens = {
+        use_stack: Generator(
+            backbone,
+            stack if use_stack else None,
+            base_cfg,
+            max_len=args.prompt + n + 32,
+            vocab=speech,
+            device=args.device,
+        )
+        for use_stack in (False, True)
+    }
 
     def run(mode: str, kw: dict):
         kw = dict(kw)
         m = kw.pop("mode", mode)
-        return generate(
-            backbone,
-            stack if mode != "vanilla" else None,
-            prompt,
-            m,
-            n,
-            vocab=speech,
-            sync_timings=True,
-            state=state,
-            compile=compile_arg,
-            window=args.window,
-            **kw,
-        )
+        gen = gens[mode != "vanilla"]
+        cfg = gen.config.replace(mode=m, **kw)
+        return gen.generate(prompt, config=cfg, sync_timings=True)
 
     t = time.perf_counter()
-    for _ in range(2):  # warm-up: the first call of a state allocates, the second compiles the
-        for mode, _, kw in variants:  # windowed prefill and catch-up (fast path)
-            run(mode, kw)
+    for mode, _, kw in variants:  # warm-up: the fast path compiles on the first call
+        run(mode, kw)
     warm_s = time.perf_counter() - t
+    if args.compile and args.compile_cache:
+        save_compile_cache(args.compile_cache)
     times: dict[tuple[str, str], list] = {}
     for _ in range(args.repeats):
         for mode, heads, kw in variants:
@@ -218,8 +231,10 @@ def main() -> None:
     )
     print(
         f"prompt {args.prompt} tokens, {n} new tokens, greedy, random weights, median of {args.repeats}; "
-        f"build {build_s:.1f} s, warm-up {warm_s:.1f} s; "
-        f"compile {compile_arg if args.compile else 'off'}"
+        f"build {build_s:.1f} s, warm-up {warm_s:.1f} s"
+        + (" (compile cache loaded)" if loaded else "")
+        + "; "
+        f"compile {(compile_options or True) if args.compile else 'off'}"
         + (
             ", frozen weights"
             if args.compile and args.max_autotune and not args.device.startswith("cuda")

@@ -15,149 +15,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
+from .buffer import TokenBuffer
 from .cache import KVCache, static_buffer
 from .compat import call_block
-from .masks import additive, decode_mask, default_position_ids
+from .masks import additive, decode_mask
 from .sampling import greedy
-from .stack import MCTPStack
 
-__all__ = ["ChainOutput", "MCTPDecoder", "TokenBuffer"]
+if TYPE_CHECKING:
+    from .stack import MCTPStack
 
+__all__ = ["ChainOutput", "MCTPDecoder", "TokenBuffer", "WindowChain"]
 
-class TokenBuffer:
-    """The sequence being decoded: ids, position ids and validity in ``[B, S]`` buffers.
-
-    Args:
-        batch_size: ``B``.
-        max_len: ``S``, prompt plus everything that will be generated.
-        device: Where the buffers live.
-
-    Raises:
-        ValueError: On non-positive sizes.
-    """
-
-    def __init__(
-        self, batch_size: int, max_len: int, device: torch.device | str | None = None
-    ) -> None:
-        if batch_size < 1 or max_len < 2:
-            raise ValueError(f"batch_size ({batch_size}) must be >= 1 and max_len ({max_len}) >= 2")
-        self.batch_size, self.max_len = batch_size, max_len
-        self.ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
-        self.positions = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
-        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self.index = torch.arange(max_len, device=device)
-        for t in (self.ids, self.positions, self.valid, self.index):
-            static_buffer(t)
-        self.length = 0
-        self.prompt_len = 0
-        self.prompt_embeds: torch.Tensor | None = None
-        self.heads_read_prompt_embeds = False
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the buffers."""
-        return self.ids.device
-
-    def embed(
-        self,
-        embedding: Callable[[torch.Tensor], torch.Tensor],
-        idx: torch.Tensor,
-        *,
-        for_heads: bool = False,
-    ) -> torch.Tensor:
-        """Input embeddings ``[B, T, H]`` of slots ``idx [T]``: ``embedding(ids)``, with the
-        prompt's own embeddings where :meth:`start` was given ``prompt_embeds``.
-
-        With ``for_heads`` (the MCTP heads' inputs) the prompt embeddings are used only when
-        :meth:`start` was given ``heads_read_prompt_embeds=True``: by default heads embed the
-        token ids, placeholders included, as VITA-Audio-Plus does.
-        """
-        x = embedding(self.ids.index_select(1, idx))
-        if self.prompt_embeds is None or (for_heads and not self.heads_read_prompt_embeds):
-            return x
-        p = self.prompt_len
-        given = self.prompt_embeds.index_select(1, idx.clamp(max=p - 1)).to(x.dtype)
-        return torch.where((idx < p)[None, :, None], given, x)
-
-    def start(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        *,
-        heads_read_prompt_embeds: bool = False,
-    ) -> None:
-        """Load the prompt ``[B, P]`` (left padding marked by ``attention_mask`` zeros).
-
-        Args:
-            input_ids: ``[B, P]`` prompt ids.
-            attention_mask: ``[B, P]`` (1 = real token), for left-padded batches.
-            prompt_embeds: ``[B, P, H]`` embeddings to use for the prompt instead of the
-                token embeddings (e.g. audio-encoder frames over placeholders), read by the
-                backbone's prefill. The MCTP heads embed the prompt's token ids (VITA-Audio-Plus
-                semantics) unless ``heads_read_prompt_embeds``.
-            heads_read_prompt_embeds: Opt-in: the MCTP heads read ``prompt_embeds`` too (for
-                heads trained that way, see ``inputs_embeds`` of :meth:`MCTPStack.forward`).
-
-        Raises:
-            ValueError: On a wrong batch size, an empty prompt or one that fills the buffer,
-                or ``heads_read_prompt_embeds`` without ``prompt_embeds``.
-        """
-        b, p = input_ids.shape
-        if b != self.batch_size:
-            raise ValueError(f"buffer batch size is {self.batch_size}, prompt has {b} rows")
-        if p < 1:
-            raise ValueError("the prompt must hold at least one token")
-        if p >= self.max_len:
-            raise ValueError(
-                f"prompt length {p} leaves no room in a buffer of {self.max_len} slots"
-            )
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}"
-            )
-        self.ids[:, :p] = input_ids
-        self.positions[:, :p] = default_position_ids(input_ids, attention_mask)
-        self.valid[:, :p] = True if attention_mask is None else attention_mask.bool()
-        self.length = p
-        if prompt_embeds is not None and prompt_embeds.shape[:2] != (b, p):
-            raise ValueError(
-                f"prompt_embeds must be [B, P, H] with B, P = {(b, p)}, got {tuple(prompt_embeds.shape)}"
-            )
-        if heads_read_prompt_embeds and prompt_embeds is None:
-            raise ValueError("heads_read_prompt_embeds=True needs prompt_embeds")
-        self.prompt_embeds = prompt_embeds
-        self.heads_read_prompt_embeds = heads_read_prompt_embeds
-        self.prompt_len = p
-
-    def append(self, ids: torch.Tensor) -> None:
-        """Append ``ids [B, T]`` (positions continue from each row's last position).
-
-        Raises:
-            ValueError: If the buffer would overflow.
-        """
-        t = ids.shape[1]
-        n = self.length
-        if n + t > self.max_len:
-            raise ValueError(f"sequence would reach {n + t} tokens, buffer holds {self.max_len}")
-        self.ids[:, n : n + t] = ids
-        step = torch.arange(1, t + 1, device=self.device)
-        self.positions[:, n : n + t] = self.positions[:, n - 1 : n] + step
-        self.valid[:, n : n + t] = True
-        self.length = n + t
-
-    def truncate(self, length: int) -> None:
-        """Forget everything from slot ``length`` on.
-
-        Raises:
-            ValueError: If ``length`` is not in ``[1, self.length]``.
-        """
-        if not 1 <= length <= self.length:
-            raise ValueError(f"truncate length must be in [1, {self.length}], got {length}")
-        self.length = length
+WindowChain = Callable[
+    [torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], tuple[torch.Tensor, torch.Tensor]
+]
+"""``(n: 0-d long tensor, sampler) -> (tokens [B, K], logits [B, K, V'])``: a fixed-shape chain."""
 
 
 @dataclass
@@ -173,13 +50,40 @@ class ChainOutput:
     logits: torch.Tensor | None
 
 
+def _kv_layout(block: nn.Module) -> tuple[int, int] | None:
+    """``(kv_heads, head_dim)`` of a decoder block's attention, or None when not readable."""
+    attn = getattr(block, "self_attn", None)
+    k_proj = getattr(attn, "k_proj", None)
+    if attn is None or not isinstance(k_proj, nn.Linear):
+        return None
+    head_dim = getattr(attn, "head_dim", None)
+    if not head_dim:
+        cfg = getattr(attn, "config", None)
+        heads = getattr(cfg, "num_attention_heads", None)
+        if not heads:
+            return None
+        head_dim = cfg.hidden_size // heads
+    if k_proj.out_features % int(head_dim):
+        return None
+    return k_proj.out_features // int(head_dim), int(head_dim)
+
+
 class MCTPDecoder:
     """Generation-time state of an MCTP stack: per-head static KV caches and input states.
+
+    The heads' caches are allocated here, up front, when the head blocks' attention layout
+    can be read (transformers decoder layers and :class:`mctp.layers.DecoderBlock`); other
+    blocks allocate on their first run.
+
+    Two ways to run a chain of heads: :meth:`step` processes every head's exact backlog (any
+    shape); :meth:`window_chain` builds a fixed-shape chain (``window`` slots per head) that a
+    caller may compile, run with :meth:`run_window`. The token buffer's cursor only moves
+    through :class:`~mctp.buffer.TokenBuffer` methods.
 
     Args:
         stack: The trained heads.
         buffer: The shared token buffer (also read and written by the backbone runner).
-        dtype: Dtype of the hidden-state buffers (the model's compute dtype).
+        dtype: Dtype of the hidden-state buffers and caches (default: the heads' dtype).
     """
 
     def __init__(
@@ -193,11 +97,15 @@ class MCTPDecoder:
         self.hidden = static_buffer(
             torch.zeros(n, b, s, stack.hidden_size, dtype=dtype, device=buffer.device)
         )
-        self.caches = [KVCache(1, b, s, single_layer=True) for _ in range(n)]
+        self.caches = []
+        for head in stack.heads:
+            cache = KVCache(1, b, s, single_layer=True)
+            layout = _kv_layout(head.block)
+            if layout is not None:
+                cache.allocate(*layout, dtype=dtype, device=buffer.device)
+            self.caches.append(cache)
         self.next_index = [k + 1 for k in range(n)]
         self.backbone_length = 0
-        self._compiled: dict[tuple[int, int], Callable] = {}
-        self._fills: dict[tuple[int, int], Callable] = {}
         self._length = static_buffer(torch.zeros((), dtype=torch.long, device=buffer.device))
         self._fill_start = static_buffer(torch.zeros((), dtype=torch.long, device=buffer.device))
 
@@ -236,6 +144,19 @@ class MCTPDecoder:
         self.hidden[0, :, start : start + t] = hidden.to(self.hidden.dtype)
         self.backbone_length = start + t
 
+    def _check_chain(self, k_run: int) -> None:
+        buf = self.buffer
+        if not 1 <= k_run <= self.stack.num_heads:
+            raise ValueError(f"num_heads must be in [1, {self.stack.num_heads}], got {k_run}")
+        if buf.length + k_run > buf.max_len:
+            raise ValueError(
+                f"{k_run} more tokens do not fit: {buf.length} of {buf.max_len} slots used"
+            )
+        if self.backbone_length < buf.length - 1:
+            raise ValueError(
+                f"backbone states cover {self.backbone_length} slots but {buf.length - 1} are needed"
+            )
+
     @torch.inference_mode()
     def step(
         self,
@@ -244,10 +165,9 @@ class MCTPDecoder:
         sampler: Callable[[torch.Tensor], torch.Tensor] = greedy,
         forced: torch.Tensor | None = None,
         return_logits: bool = False,
-        window: int | None = None,
-        catch_up: int = 0,
     ) -> ChainOutput:
-        """Run heads ``0..K-1`` once each, appending one token per head to the buffer.
+        """Run heads ``0..K-1`` once each over their exact backlogs, appending one token per
+        head to the buffer.
 
         Requires the backbone states of every slot but the last (the token the last backbone
         forward produced), see :meth:`write_backbone`.
@@ -258,15 +178,6 @@ class MCTPDecoder:
             forced: ``[B, K]`` vocabulary ids to append instead of the chosen ones (teacher
                 forcing); the logits are still those of the heads.
             return_logits: Also return the heads' logits.
-            window: Run every head on exactly this many slots (its unseen slots plus
-                already-seen ones before them) when possible: static shapes for
-                ``torch.compile``/CUDA graphs (see :meth:`compile_chain`). Falls back to the
-                exact-backlog path when a head's backlog is longer than the window, its cache
-                is not allocated yet, or the sequence is shorter than the window.
-            catch_up: With ``window``: a head whose backlog is longer than the window (the
-                first chain after a prefill) first processes the excess in at most this many
-                extra windows of ``window`` slots (fixed shapes too, see :meth:`compile_chain`)
-                instead of falling back to the exact-backlog path. 0 = never.
 
         Returns:
             :class:`ChainOutput`.
@@ -274,48 +185,30 @@ class MCTPDecoder:
         Raises:
             ValueError: On a bad ``num_heads``, missing backbone states, a full buffer or a
                 badly shaped ``forced``.
+            RuntimeError: If a head already saw the last slot (call :meth:`truncate` first).
         """
-        stack, buf = self.stack, self.buffer
-        k_run = stack.num_heads if num_heads is None else num_heads
-        if not 1 <= k_run <= stack.num_heads:
-            raise ValueError(f"num_heads must be in [1, {stack.num_heads}], got {k_run}")
-        if buf.length + k_run > buf.max_len:
-            raise ValueError(
-                f"{k_run} more tokens do not fit: {buf.length} of {buf.max_len} slots used"
-            )
-        if self.backbone_length < buf.length - 1:
-            raise ValueError(
-                f"backbone states cover {self.backbone_length} slots but {buf.length - 1} are needed"
-            )
+        buf = self.buffer
+        k_run = self.stack.num_heads if num_heads is None else num_heads
+        self._check_chain(k_run)
         if forced is not None and forced.shape != (buf.batch_size, k_run):
             raise ValueError(
                 f"forced must be [B, K] = {(buf.batch_size, k_run)}, got {tuple(forced.shape)}"
             )
         tokens, all_logits = [], []
-        n0 = buf.length
-        if window is not None and forced is None and catch_up > 0:
-            self._catch_up(k_run, window, catch_up)
-        if window is not None and forced is None and self._window_ok(k_run, window):
-            run = self._compiled.get((k_run, window)) or self._window_chain(k_run, window)
-            toks, logits = run(self._length.fill_(n0), sampler)  # a kernel, not a host copy
-            buf.length = n0 + k_run
-            self.next_index[:k_run] = [n0 + k for k in range(k_run)]
-            tokens, all_logits = list(toks.unbind(1)), list(logits.unbind(1))
-        else:
-            for k in range(k_run):
-                n = buf.length
-                c = self.next_index[k]
-                if c > n - 1:
-                    raise RuntimeError(
-                        f"head {k} has already seen slot {n - 1}; truncate() before re-running"
-                    )
-                tok, logits = self._head(
-                    k, buf.index[c:n], sampler, None if forced is None else forced[:, k]
+        for k in range(k_run):
+            n = buf.length
+            c = self.next_index[k]
+            if c > n - 1:
+                raise RuntimeError(
+                    f"head {k} has already seen slot {n - 1}; truncate() before re-running"
                 )
-                buf.length = n + 1
-                self.next_index[k] = n
-                tokens.append(tok)
-                all_logits.append(logits)
+            tok, logits = self._head(
+                k, buf.index[c:n], sampler, None if forced is None else forced[:, k]
+            )
+            buf.advance(1)
+            self.next_index[k] = n
+            tokens.append(tok)
+            all_logits.append(logits)
         return ChainOutput(
             tokens=torch.stack(tokens, dim=1),
             logits=torch.stack(all_logits, dim=1) if return_logits else None,
@@ -341,10 +234,7 @@ class MCTPDecoder:
         h, pos = self._head_states(k, idx)
         logits = stack.head_logits(h[:, -1])  # [B, V']
         tok = stack.to_global_ids(sampler(logits)) if forced is None else forced
-        nxt = idx[-1:] + 1
-        buf.ids.index_copy_(1, nxt, tok[:, None])
-        buf.positions.index_copy_(1, nxt, pos[:, -1:] + 1)
-        buf.valid.index_copy_(1, nxt, torch.ones_like(buf.valid[:, :1]))
+        buf.write_next(idx[-1:] + 1, tok[:, None], pos[:, -1:] + 1)
         return tok, logits
 
     def _head_states(self, k: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -374,8 +264,10 @@ class MCTPDecoder:
             self.hidden[k + 1].index_copy_(1, idx, h.to(self.hidden.dtype))
         return h, pos
 
-    def _window_ok(self, k_run: int, window: int) -> bool:
-        """Whether heads ``0..K-1`` can run on fixed windows of ``window`` slots now."""
+    # ------------------------------------------------------------------ fixed-shape runs
+    def window_ready(self, k_run: int, window: int) -> bool:
+        """Whether heads ``0..K-1`` can run on fixed windows of ``window`` slots now: every
+        backlog fits the window, the caches exist and the sequence is longer than the window."""
         n = self.buffer.length
         if n - window < 1:
             return False
@@ -384,16 +276,13 @@ class MCTPDecoder:
                 return False
         return True
 
-    def _window_chain(
-        self, k_run: int, window: int
-    ) -> Callable[
-        [torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], tuple[torch.Tensor, torch.Tensor]
-    ]:
+    def window_chain(self, k_run: int, window: int) -> WindowChain:
         """The chain of heads ``0..K-1`` on fixed windows (static shapes: compile/graph it).
 
         Head ``k`` processes the ``window`` slots ending at ``n + k - 1`` (``n`` = length
         before the chain, a 0-d tensor), re-computing slots it has already seen: their inputs
-        are unchanged, so the cache entries written again are the same.
+        are unchanged, so the cache entries written again are the same. Run it with
+        :meth:`run_window`.
         """
         offsets = torch.arange(window, device=self.buffer.device) - window
 
@@ -409,7 +298,30 @@ class MCTPDecoder:
 
         return chain
 
-    def _catch_up_plan(self, k_run: int, window: int, limit: int) -> list[list[int]] | None:
+    @torch.inference_mode()
+    def run_window(
+        self,
+        chain: WindowChain,
+        k_run: int,
+        window: int,
+        sampler: Callable[[torch.Tensor], torch.Tensor] = greedy,
+    ) -> ChainOutput:
+        """Run ``chain`` (from :meth:`window_chain` for ``k_run`` heads and ``window``, possibly
+        compiled) and advance the buffer by ``k_run`` tokens.
+
+        Raises:
+            ValueError: As :meth:`step`, or when :meth:`window_ready` is False.
+        """
+        self._check_chain(k_run)
+        if not self.window_ready(k_run, window):
+            raise ValueError(f"heads 0..{k_run - 1} cannot run on windows of {window} slots now")
+        n0 = self.buffer.length
+        toks, logits = chain(self._length.fill_(n0), sampler)  # a kernel, not a host copy
+        self.buffer.advance(k_run)
+        self.next_index[:k_run] = [n0 + k for k in range(k_run)]
+        return ChainOutput(tokens=toks, logits=logits)
+
+    def catch_up_plan(self, k_run: int, window: int, limit: int) -> list[list[int]] | None:
         """Window starts per head that bring every backlog down to ``window`` (None: not possible).
 
         Head ``k``'s chain window will cover slots ``e = n + k - window .. n + k - 1``; slots
@@ -425,7 +337,7 @@ class MCTPDecoder:
         plan: list[list[int]] = []
         for k in range(k_run):
             if not self.caches[k].allocated:
-                return None  # allocated by the first (exact-backlog) run
+                return None
             e, s = n + k - window, self.next_index[k]
             starts: list[int] = []
             while s < e:
@@ -436,20 +348,9 @@ class MCTPDecoder:
             plan.append(starts)
         return plan
 
-    def _catch_up(self, k_run: int, window: int, limit: int) -> None:
-        plan = self._catch_up_plan(k_run, window, limit)
-        if plan is None or not any(plan):
-            return
-        n = self.buffer.length
-        for k, starts in enumerate(plan):
-            for a in starts:
-                fill = self._fills.get((k, window)) or self._fill(k, window)
-                fill(self._fill_start.fill_(a))
-            if starts:
-                self.next_index[k] = n + k - window
-
-    def _fill(self, k: int, window: int) -> Callable[[torch.Tensor], None]:
-        """Head ``k`` over the ``window`` slots from a 0-d start tensor (no token produced)."""
+    def fill_window(self, k: int, window: int) -> Callable[[torch.Tensor], None]:
+        """Head ``k`` over the ``window`` slots from a 0-d start tensor (no token produced);
+        a fixed-shape function to compile, run by :meth:`catch_up`."""
         offsets = torch.arange(window, device=self.buffer.device)
 
         def fill(start: torch.Tensor) -> None:
@@ -457,15 +358,24 @@ class MCTPDecoder:
 
         return fill
 
-    def compile_chain(self, k_run: int, window: int, **compile_kwargs: object) -> None:
-        """``torch.compile`` the windowed chain of ``k_run`` heads (used by ``step(window=)``)
-        and each of these heads' catch-up window (used by ``step(catch_up=)``).
-
-        On CUDA pass ``mode="reduce-overhead"`` to capture the whole chain as one CUDA graph.
-        """
-        self._compiled[(k_run, window)] = torch.compile(
-            self._window_chain(k_run, window), **compile_kwargs
-        )
-        for k in range(k_run):
-            if (k, window) not in self._fills:
-                self._fills[(k, window)] = torch.compile(self._fill(k, window), **compile_kwargs)
+    @torch.inference_mode()
+    def catch_up(
+        self,
+        k_run: int,
+        window: int,
+        limit: int,
+        fill: Callable[[int], Callable[[torch.Tensor], None]],
+    ) -> bool:
+        """Bring every backlog of heads ``0..K-1`` down to ``window`` slots with at most
+        ``limit`` windows per head (:meth:`catch_up_plan`), running ``fill(k)`` (e.g. a compiled
+        :meth:`fill_window`). Returns whether the plan was possible (nothing runs otherwise)."""
+        plan = self.catch_up_plan(k_run, window, limit)
+        if plan is None:
+            return False
+        n = self.buffer.length
+        for k, starts in enumerate(plan):
+            for a in starts:
+                fill(k)(self._fill_start.fill_(a))
+            if starts:
+                self.next_index[k] = n + k - window
+        return True

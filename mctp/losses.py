@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
-
-if TYPE_CHECKING:
-    from .stack import MCTPStack
 
 __all__ = ["MCTPLoss", "chunked_cross_entropy", "mctp_loss", "total_loss"]
 
@@ -88,7 +85,7 @@ class MCTPLoss:
 
 
 def mctp_loss(
-    stack: MCTPStack,
+    stack: nn.Module,
     hidden: torch.Tensor,
     input_ids: torch.Tensor,
     labels: torch.Tensor,
@@ -107,7 +104,8 @@ def mctp_loss(
     sample and position ``t`` has position id > ``k``. No ``[N, B, T, V]`` logits are built.
 
     Args:
-        stack: The MCTP heads.
+        stack: The MCTP heads (an :class:`mctp.MCTPStack`; typed as a module so that this
+            module does not import the stack, which imports it).
         hidden: ``[B, T, H]`` backbone last hidden states (after the final norm).
         input_ids: ``[B, T]``.
         labels: ``[B, T]`` aligned with ``input_ids`` (the usual causal-LM labels).

@@ -7,6 +7,7 @@ without calling ``.item()``; random draws use the exponential-race trick
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -43,8 +44,9 @@ class SamplingConfig:
         repetition_penalty: transformers' CTRL-style penalty on already generated ids (1.0 = off).
 
     Raises:
-        ValueError: On a non-positive temperature, negative top_k, top_p outside (0, 1] or a
-            non-positive penalty.
+        ValueError: On a NaN or infinite number, a non-positive temperature, negative top_k,
+            top_p outside (0, 1] or a non-positive penalty.
+        TypeError: On a value of the wrong type (e.g. a string temperature).
     """
 
     do_sample: bool = False
@@ -54,13 +56,23 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
+        if not isinstance(self.do_sample, bool):
+            raise TypeError(f"do_sample must be a bool, got {self.do_sample!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool):
+            raise TypeError(f"top_k must be an int, got {self.top_k!r}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+        if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
+        if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 

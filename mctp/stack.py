@@ -11,6 +11,7 @@ with ``h^0`` the backbone's final-normed last hidden state. The token embedding 
 never owned here (they do not appear in this module's ``state_dict``/``parameters``). Head
 ``k`` exists at positions whose position id is > ``k`` and never looks across a packed
 sample boundary. Generation uses :class:`mctp.decoding.MCTPDecoder`, a separate object.
+Every stack is assembled by :meth:`MCTPStack.from_parts` (heads + a backbone's shared parts).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .backbone import BackboneParts, RotaryFn
 from .compat import call_block
 from .layers import RMSNorm
 from .losses import chunked_cross_entropy
@@ -37,32 +39,6 @@ from .masks import (
 from .vocab import OutputVocab
 
 __all__ = ["BackboneParts", "MCTPHead", "MCTPOutput", "MCTPStack", "shift_targets"]
-
-RotaryFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass
-class BackboneParts:
-    """What MCTP heads borrow from a backbone.
-
-    Attributes:
-        embed: ``ids [B, T] -> [B, T, H]`` (the input embedding).
-        norm: The final norm applied after the last decoder block.
-        lm_head: ``nn.Linear``-like module with ``weight [V, H]`` (and optional bias).
-        rotary: ``(x, position_ids [B, T]) -> (cos, sin)`` position tables, or None for a
-            block that needs none.
-        last_block: The backbone's last decoder block (copied to initialise head 0).
-        hidden_size: ``H``.
-        rms_eps: Epsilon of the backbone's RMSNorm (used for the heads' own norms).
-    """
-
-    embed: nn.Module
-    norm: nn.Module
-    lm_head: nn.Module
-    rotary: RotaryFn | None
-    last_block: nn.Module | None
-    hidden_size: int
-    rms_eps: float = 1e-6
 
 
 class MCTPHead(nn.Module):
@@ -236,6 +212,22 @@ class MCTPStack(nn.Module):
             block=block_factory(0), hidden_size=parts.hidden_size, rms_eps=parts.rms_eps
         )
         heads = [first] + [copy.deepcopy(first) for _ in range(num_heads - 1)]
+        return cls.from_parts(parts, heads, output_vocab=output_vocab)
+
+    @classmethod
+    def from_parts(
+        cls,
+        parts: BackboneParts,
+        heads: Sequence[MCTPHead],
+        *,
+        output_vocab: slice | Sequence[int] | torch.Tensor | None = None,
+    ) -> MCTPStack:
+        """Assemble a stack from trained (or fresh) heads and a backbone's shared parts: the one
+        assembly path (:meth:`from_backbone`, :meth:`with_output_vocab`, checkpoint readers).
+
+        Raises:
+            ValueError: As the constructor.
+        """
         return cls(
             heads=heads,
             embed=parts.embed,
@@ -243,6 +235,18 @@ class MCTPStack(nn.Module):
             lm_head=parts.lm_head,
             rotary=parts.rotary,
             output_vocab=output_vocab,
+        )
+
+    def shared_parts(self) -> BackboneParts:
+        """The backbone modules this stack shares (``last_block`` is None: not kept here)."""
+        return BackboneParts(
+            embed=self.embed,
+            norm=self.norm,
+            lm_head=self.lm_head,
+            rotary=self.rotary,
+            last_block=None,
+            hidden_size=self.hidden_size,
+            rms_eps=float(self.heads[0].embed_norm.eps),
         )
 
     def grow(self, n: int) -> None:
@@ -264,13 +268,8 @@ class MCTPStack(nn.Module):
         Used to restrict heads to the audio tokens at generation time without touching the
         trained stack.
         """
-        return MCTPStack(
-            heads=list(self.heads),
-            embed=self.embed,
-            norm=self.norm,
-            lm_head=self.lm_head,
-            rotary=self.rotary,
-            output_vocab=output_vocab,
+        return type(self).from_parts(
+            self.shared_parts(), list(self.heads), output_vocab=output_vocab
         )
 
     def decoder(self, buffer: Any, *, dtype: torch.dtype | None = None) -> Any:

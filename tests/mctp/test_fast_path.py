@@ -41,15 +41,21 @@ def test_fixed_windows_verified_mode(model):
     assert torch.equal(fast.sequences, ref.sequences)
 
 
+def _eager(window: int, **kw) -> dict:
+    """Fast-path settings that run the fixed shapes without a compiler."""
+    return dict(compile=True, compile_options={"backend": "eager"}, window=window, **kw)
+
+
 @pytest.mark.parametrize(
     ("mode", "prompt_len", "window"),
-    [("turbo", 40, 11), ("boost", 30, 11), ("balance", 20, 16), ("vanilla", 33, 11)],
+    [("turbo", 40, 11), ("boost", 30, 11), ("vanilla", 33, 11)],
 )
-def test_reused_state_prefills_and_catches_up_in_windows(model, mode, prompt_len, window):
-    """With allocated caches the prompt is prefilled as window decodes and head backlogs longer
-    than the window (the first chain's, Boost's 4 text tokens + 10 with window 11) run as extra
-    windows: no eager multi-token forward at all, and the same tokens."""
-    from mctp import GenerationState
+def test_first_call_prefills_and_catches_up_in_windows(model, mode, prompt_len, window):
+    """Caches exist before the prefill, so already the first call of a fresh Generator
+    prefills the prompt as window decodes and lets head backlogs longer than the window (the
+    first chain's, Boost's 4 text tokens + 10 with window 11) catch up in extra windows: no
+    eager multi-token forward and no exact-backlog head run at all, and the same tokens."""
+    from mctp import GenerationConfig, Generator
     from mctp.decoding import MCTPDecoder
 
     bb, stack = model
@@ -57,58 +63,55 @@ def test_reused_state_prefills_and_catches_up_in_windows(model, mode, prompt_len
     ids = torch.randint(3, 128, (2, prompt_len), generator=g)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # a left-padded row
-    eager_prefills: list[int] = []
-    exact_backlogs: list[int] = []  # eager head runs over their exact backlog
-    head, forward_cached = MCTPDecoder._head, type(bb).forward_cached
+    shapes: list[int] = []  # slots of every backbone decode
+    exact_chains: list[int] = []  # eager head chains over exact backlogs
+    decode, step = type(bb).decode, MCTPDecoder.step
 
-    def spy_head(self, k, idx, *a):
-        if idx.numel() != window:
-            exact_backlogs.append(idx.numel())
-        return head(self, k, idx, *a)
+    def spy_decode(self, buffer, cache, idx, **k):
+        shapes.append(idx.numel())
+        return decode(self, buffer, cache, idx, **k)
 
-    def spy_prefill(self, *a, **k):
-        eager_prefills.append(1)
-        return forward_cached(self, *a, **k)
+    def spy_step(self, *a, **k):
+        exact_chains.append(1)
+        return step(self, *a, **k)
 
+    ref = generate(bb, stack, ids, mode, 26, attention_mask=mask)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(MCTPDecoder, "_head", spy_head)
-        mp.setattr(type(bb), "forward_cached", spy_prefill)
-        ref = generate(bb, stack, ids, mode, 40, attention_mask=mask)
-        state = GenerationState(bb, batch_size=2, max_len=128)
-        kw = dict(attention_mask=mask, compile={"backend": "eager"}, window=window, state=state)
-        generate(bb, stack, ids, mode, 40, **kw)  # the first call allocates the caches
-        eager_prefills.clear(), exact_backlogs.clear()
-        fast = generate(bb, stack, ids, mode, 40, **kw)
-        assert not eager_prefills and not exact_backlogs
-        off = generate(bb, stack, ids, mode, 40, **kw, prefill_windows=0)
-        assert eager_prefills == [1]
-        assert (max(exact_backlogs, default=0) > window) == (mode != "vanilla")
-    assert torch.equal(fast.sequences, ref.sequences)
-    assert torch.equal(off.sequences, ref.sequences)
+        mp.setattr(type(bb), "decode", spy_decode)
+        mp.setattr(MCTPDecoder, "step", spy_step)
+        cfg = GenerationConfig(mode=mode, max_new_tokens=26, **_eager(window))
+        gen = Generator(bb, stack, cfg, batch_size=2, max_len=128)
+        fast = gen.generate(ids, attention_mask=mask)
+        assert set(shapes) <= {1, window} and not exact_chains
+        again = gen.generate(ids, attention_mask=mask)
+        shapes.clear()
+        off = Generator(bb, stack, cfg.replace(prefill_windows=0), batch_size=2, max_len=128)
+        res_off = off.generate(ids, attention_mask=mask)
+        assert shapes[0] == prompt_len  # one eager prefill
+        assert bool(exact_chains) == (mode != "vanilla")
+    for res in (fast, again, res_off):
+        assert torch.equal(res.sequences, ref.sequences)
 
 
 def test_catch_up_plan_expected_windows(model):
     """Window starts per head for hand-checked backlogs (chain window of head k: n+k-W..n+k-1)."""
-    from mctp import GenerationState
+    from mctp import MCTPDecoder, TokenBuffer
 
-    bb, stack = model
-    state = GenerationState(bb, batch_size=1, max_len=128)
-    dec = state.decoder(stack)
-    assert dec._catch_up_plan(10, 11, 4) is None  # caches not allocated yet
-    generate(bb, stack, torch.randint(3, 128, (1, 30)), "turbo", 12, state=state)
-    dec = state.decoder(stack)  # reset: head k has seen nothing but its first slot k + 1
-    state.buffer.length = 31
+    _, stack = model
+    buf = TokenBuffer(1, 128)
+    dec = MCTPDecoder(stack, buf)  # head k has seen nothing but its first slot k + 1
+    buf.start(torch.randint(3, 128, (1, 31)))
     # head 0 must cover slots 1..19 before its chain window 20..30: windows at 1 and 9 (moved back)
-    assert dec._catch_up_plan(3, 11, 4) == [[1, 9], [2, 10], [3, 11]]
-    assert dec._catch_up_plan(3, 11, 1) is None  # needs 2 windows per head
+    assert dec.catch_up_plan(3, 11, 4) == [[1, 9], [2, 10], [3, 11]]
+    assert dec.catch_up_plan(3, 11, 1) is None  # needs 2 windows per head
     # the window would start before slot 1: it starts at 1 and reaches into the chain window
-    state.buffer.length = 21
-    assert dec._catch_up_plan(2, 16, 4) == [[1], [1]]
-    state.buffer.length = 16
-    assert dec._catch_up_plan(2, 16, 4) is None  # no room for a chain window (n - W < 1)
-    state.buffer.length = 31
+    buf.truncate(21)
+    assert dec.catch_up_plan(2, 16, 4) == [[1], [1]]
+    buf.truncate(16)
+    assert dec.catch_up_plan(2, 16, 4) is None  # no room for a chain window (n - W < 1)
+    buf.start(torch.randint(3, 128, (1, 31)))
     dec.next_index[:2] = [20, 21]  # backlogs already within the window
-    assert dec._catch_up_plan(2, 11, 4) == [[], []]
+    assert dec.catch_up_plan(2, 11, 4) == [[], []]
 
 
 def test_prefill_windows_is_checked(model):
@@ -117,23 +120,39 @@ def test_prefill_windows_is_checked(model):
         generate(bb, stack, torch.randint(3, 128, (1, 8)), "turbo", 4, prefill_windows=-1)
 
 
-@pytest.mark.slow
-def test_compiled_turbo_gives_the_eager_tokens_without_recompiling(model):
-    """Real graphs (aot_eager): traced on the first calls of a state (the first allocates the
-    caches, the second traces the windowed prefill and catch-up), then reused as they are."""
+def test_compiling_changes_no_global_torch_setting(model):
+    """A compiled run (Dynamo traces the decodes, the chain and the catch-up windows) leaves
+    torch._dynamo's configuration exactly as it was, and still gives the eager tokens."""
     import torch._dynamo
 
-    from mctp import GenerationState
+    bb, stack = model
+    ids = torch.randint(3, 128, (1, 20))
+    ref = generate(bb, stack, ids, "turbo", 12)
+    before = torch._dynamo.config.get_config_copy()
+    fast = generate(bb, stack, ids, "turbo", 12, compile={"backend": "eager"}, window=11)
+    assert torch._dynamo.config.get_config_copy() == before
+    assert torch.equal(fast.sequences, ref.sequences)
+
+
+@pytest.mark.slow
+def test_compiled_turbo_gives_the_eager_tokens_without_recompiling(model):
+    """Real graphs (aot_eager): traced on the first call of a Generator (windowed prefill and
+    catch-up included), then reused as they are."""
+    import torch._dynamo
+
+    from mctp import GenerationConfig, Generator
 
     bb, stack = model
     prompts = [torch.randint(3, 128, (1, 20)) for _ in range(3)]
     refs = [generate(bb, stack, ids, "turbo", 40) for ids in prompts]
     torch._dynamo.reset()
-    opts = {"backend": "aot_eager"}
-    state = GenerationState(bb, batch_size=1, max_len=128)
-    outs = [generate(bb, stack, ids, "turbo", 40, compile=opts, state=state) for ids in prompts[:2]]
+    cfg = GenerationConfig(
+        mode="turbo", max_new_tokens=40, compile=True, compile_options={"backend": "aot_eager"}
+    )
+    gen = Generator(bb, stack, cfg, max_len=128)
+    outs = [gen.generate(prompts[0])]
     with torch._dynamo.config.patch(error_on_recompile=True):
-        outs.append(generate(bb, stack, prompts[2], "turbo", 40, compile=opts, state=state))
+        outs += [gen.generate(ids) for ids in prompts[1:]]
     for out, ref in zip(outs, refs):
         assert torch.equal(out.sequences, ref.sequences)
 
@@ -145,7 +164,7 @@ def test_inductor_cpu_turbo_gives_the_eager_tokens(model):
     import torch._dynamo
     import torch._inductor.config as inductor_config
 
-    from mctp import GenerationState
+    from mctp import GenerationConfig, Generator
 
     bb, stack = model
     ids = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(1))
@@ -153,10 +172,9 @@ def test_inductor_cpu_turbo_gives_the_eager_tokens(model):
     torch._dynamo.reset()
     try:
         with inductor_config.patch(freezing=True):
-            state = GenerationState(bb, batch_size=1, max_len=128)
-            kw = dict(compile=True, window=11, state=state)
-            first = generate(bb, stack, ids, "turbo", 40, **kw)
-            second = generate(bb, stack, ids, "turbo", 40, **kw)  # windowed prefill, catch-up
+            cfg = GenerationConfig(mode="turbo", max_new_tokens=40, compile=True, window=11)
+            gen = Generator(bb, stack, cfg, max_len=128)
+            first, second = gen.generate(ids), gen.generate(ids)
     finally:
         torch._dynamo.reset()  # frozen graphs hold this model's weights as constants
     assert torch.equal(first.sequences, ref.sequences)
@@ -168,29 +186,36 @@ def test_cuda_graphs_turbo_matches_eager(model):
     bb, stack = model
     bb, stack = bb.cuda(), stack.cuda()
     try:
-        from mctp import GenerationState
+        from mctp import GenerationConfig, Generator
 
         ids = torch.randint(3, 128, (1, 40), device="cuda")
         ref = generate(bb, stack, ids, "turbo", 60)
-        state = GenerationState(bb, batch_size=1, max_len=128, device="cuda")
-        for _ in range(3):  # allocate; capture the windowed prefill and catch-up; replay
-            fast = generate(bb, stack, ids, "turbo", 60, compile=True, state=state)
+        cfg = GenerationConfig(mode="turbo", max_new_tokens=60, compile=True)
+        gen = Generator(bb, stack, cfg, max_len=128, device="cuda")
+        for _ in range(3):  # capture (windowed prefill and catch-up included); replay
+            fast = gen.generate(ids)
             assert torch.equal(fast.sequences, ref.sequences)
     finally:
         bb.cpu(), stack.cpu()
 
 
-def test_state_is_reused_and_checked(model):
-    from mctp import GenerationState
+def test_generator_is_reused_and_checked(model):
+    from mctp import GenerationConfig, Generator
 
     bb, stack = model
-    state = GenerationState(bb, batch_size=2, max_len=80)
+    gen = Generator(bb, stack, GenerationConfig(mode="boost", max_new_tokens=30), batch_size=2,
+                    max_len=80)  # fmt: skip
     ids = torch.randint(3, 128, (2, 10))
-    a = generate(bb, stack, ids, "boost", 30, state=state)
-    b = generate(bb, stack, ids, "turbo", 30, state=state, audio_heads=False)
+    a = gen.generate(ids)
+    b = gen.generate(ids, config=gen.config.replace(mode="turbo"))
     assert torch.equal(a.sequences, generate(bb, stack, ids, "boost", 30).sequences)
     assert torch.equal(b.sequences, generate(bb, stack, ids, "turbo", 30).sequences)
-    with pytest.raises(ValueError, match="this call needs batch 1"):
-        generate(bb, stack, ids[:1], "boost", 30, state=state)
-    with pytest.raises(ValueError, match="needs batch 2 and 111 slots"):
-        generate(bb, stack, ids, "boost", 100, state=state)
+    assert torch.equal(gen.generate(ids).sequences, a.sequences)
+    with pytest.raises(ValueError, match="serves batch size 2; the prompt has 1 rows"):
+        gen.generate(ids[:1])
+    with pytest.raises(ValueError, match="needs 111 cache slots, max_len is 80"):
+        gen.generate(ids, max_new_tokens=100)
+    with pytest.raises(ValueError, match="chosen when the Generator is built"):
+        gen.generate(ids, config=gen.config.replace(compile=True))
+    gen.reset()
+    assert torch.equal(gen.generate(ids).sequences, a.sequences)

@@ -147,15 +147,22 @@ def test_stream_first_audio_segment_after_one_forward_and_one_chain(toy, mode):
     assert events[-1].kind == "end"
 
 
-def test_stream_on_a_reused_fast_path_state(toy):
-    """Second call on a state: windowed prefill (6 slots as windows of 5) and catch-up windows
-    for every head backlog; the stream is the same and still starts after one forward."""
-    from mctp import GenerationState
+def test_stream_on_a_reused_fast_path_generator(toy):
+    """Two calls on one fast-path Generator (windowed prefill: 6 slots as windows of 5, and
+    catch-up windows for every head backlog): the same stream, starting after one forward."""
+    from mctp import GenerationConfig, Generator
 
-    state = GenerationState(toy.backbone, batch_size=1, max_len=128)
-    kw = dict(vocab=toy.vocab, eos_token_id=2, compile={"backend": "eager"}, window=5, state=state)
+    cfg = GenerationConfig(
+        mode="boost",
+        max_new_tokens=80,
+        eos_token_id=2,
+        compile=True,
+        compile_options={"backend": "eager"},
+        window=5,
+    )
+    gen = Generator(toy.backbone, toy.stack, cfg, max_len=128, vocab=toy.vocab)
     for _ in range(2):
-        events = list(generate_stream(toy.backbone, toy.stack, toy.prompt, "boost", 80, **kw))
+        events = list(gen.stream(toy.prompt))
         assert events[-1].result.tokens[0].tolist() == toy.answer
         first = next(e for e in events if e.kind == "audio")
         assert first.ids == toy.answer[2:10] and first.forwards == 1
@@ -248,7 +255,7 @@ def test_bad_arguments_raise(hf):
         generate(bb, None, ids[0], "vanilla", 5)
     with pytest.raises(ValueError, match=r"draft_len must be in \[1, 4\]"):
         generate(bb, stack, ids, "vanilla", 5, verify=True, draft_len=5)
-    with pytest.raises(TypeError, match="unexpected keyword arguments"):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'temperature'"):
         generate(bb, None, ids, "vanilla", 5, temperature=0.5)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         SamplingConfig(temperature=0)

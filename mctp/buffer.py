@@ -1,0 +1,184 @@
+"""The token buffer shared by the backbone and the MCTP heads during generation.
+
+Sequence indices are slots of fixed ``[B, S]`` buffers (ids, position ids, validity), so the
+same kernels run every step (``torch.compile`` with static shapes, CUDA graphs). Lengths are
+host integers derived from the schedule: the loop never waits on the device. One party moves
+the cursor: the generation engine (:meth:`TokenBuffer.append`, :meth:`TokenBuffer.truncate`,
+:meth:`TokenBuffer.advance` after the heads wrote their tokens in place).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .cache import static_buffer
+from .masks import default_position_ids
+
+__all__ = ["TokenBuffer"]
+
+
+class TokenBuffer:
+    """The sequence being decoded: ids, position ids and validity in ``[B, S]`` buffers.
+
+    Args:
+        batch_size: ``B``.
+        max_len: ``S``, prompt plus everything that will be generated.
+        device: Where the buffers live.
+
+    Raises:
+        ValueError: On non-positive sizes.
+    """
+
+    def __init__(
+        self, batch_size: int, max_len: int, device: torch.device | str | None = None
+    ) -> None:
+        if batch_size < 1 or max_len < 2:
+            raise ValueError(f"batch_size ({batch_size}) must be >= 1 and max_len ({max_len}) >= 2")
+        self.batch_size, self.max_len = batch_size, max_len
+        self.ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.index = torch.arange(max_len, device=device)
+        for t in (self.ids, self.positions, self.valid, self.index):
+            static_buffer(t)
+        self.length = 0
+        self.prompt_len = 0
+        self.prompt_embeds: torch.Tensor | None = None
+        self.heads_read_prompt_embeds = False
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the buffers."""
+        return self.ids.device
+
+    def embed(
+        self,
+        embedding: Callable[[torch.Tensor], torch.Tensor],
+        idx: torch.Tensor,
+        *,
+        for_heads: bool = False,
+    ) -> torch.Tensor:
+        """Input embeddings ``[B, T, H]`` of slots ``idx [T]``: ``embedding(ids)``, with the
+        prompt's own embeddings where :meth:`start` was given ``prompt_embeds``.
+
+        With ``for_heads`` (the MCTP heads' inputs) the prompt embeddings are used only when
+        :meth:`start` was given ``heads_read_prompt_embeds=True``: by default heads embed the
+        token ids, placeholders included, as VITA-Audio-Plus does.
+        """
+        x = embedding(self.ids.index_select(1, idx))
+        if self.prompt_embeds is None or (for_heads and not self.heads_read_prompt_embeds):
+            return x
+        p = self.prompt_len
+        given = self.prompt_embeds.index_select(1, idx.clamp(max=p - 1)).to(x.dtype)
+        return torch.where((idx < p)[None, :, None], given, x)
+
+    def start(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        *,
+        heads_read_prompt_embeds: bool = False,
+    ) -> None:
+        """Load the prompt ``[B, P]`` (left padding marked by ``attention_mask`` zeros).
+
+        Args:
+            input_ids: ``[B, P]`` prompt ids.
+            attention_mask: ``[B, P]`` (1 = real token), for left-padded batches.
+            prompt_embeds: ``[B, P, H]`` embeddings to use for the prompt instead of the
+                token embeddings (e.g. audio-encoder frames over placeholders), read by the
+                backbone's prefill. The MCTP heads embed the prompt's token ids (VITA-Audio-Plus
+                semantics) unless ``heads_read_prompt_embeds``.
+            heads_read_prompt_embeds: Opt-in: the MCTP heads read ``prompt_embeds`` too (for
+                heads trained that way, see ``inputs_embeds`` of :meth:`MCTPStack.forward`).
+
+        Raises:
+            TypeError: If ``input_ids`` are not integers (bool and float ids are refused).
+            ValueError: On a wrong batch size, an empty prompt or one that fills the buffer,
+                or ``heads_read_prompt_embeds`` without ``prompt_embeds``.
+        """
+        if input_ids.dtype == torch.bool or input_ids.is_floating_point() or input_ids.is_complex():
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, P], got shape {tuple(input_ids.shape)}")
+        b, p = input_ids.shape
+        if b != self.batch_size:
+            raise ValueError(f"buffer batch size is {self.batch_size}, prompt has {b} rows")
+        if p < 1:
+            raise ValueError("the prompt must hold at least one token")
+        if p >= self.max_len:
+            raise ValueError(
+                f"prompt length {p} leaves no room in a buffer of {self.max_len} slots"
+            )
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}"
+            )
+        self.ids[:, :p] = input_ids
+        self.positions[:, :p] = default_position_ids(input_ids, attention_mask)
+        self.valid[:, :p] = True if attention_mask is None else attention_mask.bool()
+        self.length = p
+        if prompt_embeds is not None and prompt_embeds.shape[:2] != (b, p):
+            raise ValueError(
+                f"prompt_embeds must be [B, P, H] with B, P = {(b, p)}, got {tuple(prompt_embeds.shape)}"
+            )
+        if heads_read_prompt_embeds and prompt_embeds is None:
+            raise ValueError("heads_read_prompt_embeds=True needs prompt_embeds")
+        self.prompt_embeds = prompt_embeds
+        self.heads_read_prompt_embeds = heads_read_prompt_embeds
+        self.prompt_len = p
+
+    def append(self, ids: torch.Tensor) -> None:
+        """Append ``ids [B, T]`` (positions continue from each row's last position).
+
+        Raises:
+            ValueError: If the buffer would overflow.
+        """
+        t = ids.shape[1]
+        n = self.length
+        if n + t > self.max_len:
+            raise ValueError(f"sequence would reach {n + t} tokens, buffer holds {self.max_len}")
+        self.ids[:, n : n + t] = ids
+        step = torch.arange(1, t + 1, device=self.device)
+        self.positions[:, n : n + t] = self.positions[:, n - 1 : n] + step
+        self.valid[:, n : n + t] = True
+        self.length = n + t
+
+    def write_next(self, slot: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor) -> None:
+        """Write ``ids [B, 1]`` at ``positions [B, 1]`` into slot ``slot [1]`` (a tensor: the
+        same kernel eagerly, compiled and in a CUDA graph) without moving the cursor; the
+        writer calls :meth:`advance` once the tokens belong to the sequence."""
+        self.ids.index_copy_(1, slot, ids)
+        self.positions.index_copy_(1, slot, positions)
+        self.valid.index_copy_(1, slot, torch.ones_like(self.valid[:, :1]))
+
+    def advance(self, t: int) -> None:
+        """Count ``t`` more slots (already written with :meth:`write_next`) as the sequence.
+
+        Raises:
+            ValueError: If ``t < 0`` or the buffer would overflow.
+        """
+        if t < 0 or self.length + t > self.max_len:
+            raise ValueError(
+                f"cannot advance by {t}: {self.length} of {self.max_len} slots are used"
+            )
+        self.length += t
+
+    def clear(self) -> None:
+        """Forget the sequence (the buffers stay allocated)."""
+        self.length = 0
+        self.prompt_len = 0
+        self.prompt_embeds = None
+        self.heads_read_prompt_embeds = False
+
+    def truncate(self, length: int) -> None:
+        """Forget everything from slot ``length`` on.
+
+        Raises:
+            ValueError: If ``length`` is not in ``[1, self.length]``.
+        """
+        if not 1 <= length <= self.length:
+            raise ValueError(f"truncate length must be in [1, {self.length}], got {length}")
+        self.length = length

@@ -1,0 +1,665 @@
+"""``Generator``: the one object that owns a generation's state and runs the schedule.
+
+Backbone + MCTP heads on a schedule. A schedule (:class:`mctp.interleave.InterleaveSchedule`)
+says which decoded token comes from a backbone forward and which from MCTP head ``k``. After
+an MCTP chain the next backbone forward re-reads every token the heads produced in one
+multi-token forward (as VITA-Audio does); its cache and the heads' caches are static buffers
+indexed by slot, all allocated when the Generator is built.
+
+Verified mode (``verify=True``): the heads draft (the schedule's MCTP runs, or ``draft_len``
+tokens after every backbone forward with Vanilla), one backbone forward checks the drafts; the
+longest prefix that matches the backbone's own greedy choice is kept, the first mismatch is
+replaced by the backbone's token and all caches are rolled back, so greedy output is
+token-identical to Vanilla while most tokens still come from the cheap heads.
+
+Host synchronisation: token choice, stop detection and bookkeeping stay on the device; the
+stop flags are read once every ``stop_check_every`` backbone forwards, verified mode reads one
+accepted length per backbone forward, and streaming reads the new tokens once per cycle.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mctp.interleave import BACKBONE, Source
+
+from .backbone import Backbone
+from .buffer import TokenBuffer
+from .decoding import MCTPDecoder
+from .fast_path import ExactPath, FastPath
+from .generation_config import GenerationConfig
+from .sampling import SpeechIds, TokenPicker
+from .segmenter import StreamEvent, StreamSegmenter
+from .stack import MCTPStack
+
+__all__ = ["GenerationResult", "Generator"]
+
+
+@dataclass
+class GenerationResult:
+    """What a generation returns.
+
+    Attributes:
+        sequences: ``[B, P + G]`` prompt and generated ids (``pad_id`` after a row stopped).
+            All tensors of the result are on the CPU and are ordinary (not inference) tensors.
+        tokens: Per row, the generated ids up to and including the first stop id.
+        sources: Per row, who produced each of ``tokens``: -1 the backbone, ``k`` MCTP head k.
+        num_backbone_forwards: Backbone forwards including the prefill.
+        num_mctp_steps: MCTP head runs (each run of one head produces one token).
+        num_drafted: Verified mode: drafted tokens the backbone checked.
+        num_accepted: Verified mode: drafted tokens that were kept.
+        prefill_s: Seconds spent in the prefill.
+        total_s: Seconds for the whole call.
+        first_audio_s: Seconds from the start until the first complete audio segment
+            (its EOA) of any row, or None.
+        cycle_times: ``(tokens generated so far, seconds)`` after every cycle.
+    """
+
+    sequences: torch.Tensor
+    tokens: list[torch.Tensor]
+    sources: list[torch.Tensor]
+    num_backbone_forwards: int
+    num_mctp_steps: int
+    num_drafted: int = 0
+    num_accepted: int = 0
+    prefill_s: float = 0.0
+    total_s: float = 0.0
+    first_audio_s: float | None = None
+    cycle_times: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted / drafted tokens in verified mode (None otherwise)."""
+        return self.num_accepted / self.num_drafted if self.num_drafted else None
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens (all rows) per second of the whole call."""
+        return sum(t.numel() for t in self.tokens) / self.total_s if self.total_s > 0 else 0.0
+
+
+def slots_needed(
+    config: GenerationConfig, prompt_len: int, max_new_tokens: int, num_heads: int
+) -> int:
+    """Cache slots a call needs: prompt + new tokens + what a chain or draft may overshoot
+    (``num_heads``: the stack's, the default draft of verified Vanilla)."""
+    over = 0
+    if config.verify:
+        sched = config.schedule
+        over = sched.max_heads if sched.uses_mctp else config.draft_len or num_heads
+    if config.compile:
+        over = max(over, config.schedule.max_heads)
+    return prompt_len + max_new_tokens + over + 1
+
+
+def _check_input_ids(input_ids: torch.Tensor) -> None:
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a tensor, got {type(input_ids).__name__}")
+    if input_ids.dtype == torch.bool or input_ids.is_floating_point() or input_ids.is_complex():
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [B, P], got shape {tuple(input_ids.shape)}")
+
+
+class Generator:
+    """Generation state and loop: caches, buffers and (on the fast path) compiled callables,
+    built once and reused by every call of the same batch size.
+
+    Every cache is allocated here (the backbone's :meth:`~mctp.backbone.Backbone.setup_caches`
+    and the heads' caches), and the computation path is chosen here from ``config.compile``:
+    :class:`~mctp.fast_path.FastPath` (fixed shapes, compiled) or
+    :class:`~mctp.fast_path.ExactPath`. The first call therefore already runs the compiled
+    path (it compiles first). A Generator serves one call at a time: a second call from
+    another thread while one runs (or while a stream is open) raises ``RuntimeError``.
+
+    Example::
+
+        gen = Generator(backbone, stack, GenerationConfig(mode="turbo", max_new_tokens=64),
+                        max_len=256)
+        for prompt in prompts:
+            res = gen.generate(prompt)
+
+    Args:
+        backbone: The backbone (:class:`mctp.backbone.Backbone`, e.g. ``HFBackbone``).
+        stack: The MCTP heads, or None (Vanilla only).
+        config: Default options of every call (default: ``GenerationConfig()`` = Boost, which
+            needs a stack; pass ``GenerationConfig(mode="vanilla")`` without one).
+        batch_size: ``B`` of every call.
+        max_len: Slots of every buffer: prompt + new tokens + slack (``max_heads + 1``).
+        vocab: Speech ids (:class:`mctp.backbones.SpeechVocab`): enables separate audio
+            sampling, audio-only heads and audio events.
+        device: Where the buffers live (default: the backbone's lm_head device, else CPU).
+        dtype: Cache dtype (default: the backbone's).
+
+    Raises:
+        ValueError: If the config's schedule needs a stack (or more heads than it has),
+            ``verify`` or ``audio_heads`` lack what they need, or sizes are not positive.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        stack: MCTPStack | None = None,
+        config: GenerationConfig | None = None,
+        *,
+        batch_size: int = 1,
+        max_len: int = 2048,
+        vocab: SpeechIds | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        config = GenerationConfig() if config is None else config
+        if not isinstance(config, GenerationConfig):
+            raise TypeError(f"config must be a GenerationConfig, got {type(config).__name__}")
+        if device is None:
+            weight = getattr(getattr(backbone, "lm_head", None), "weight", None)
+            device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
+        self.device = torch.device(device)
+        self.backbone, self.stack, self.vocab = backbone, stack, vocab
+        self._check(config)
+        self.config = config
+        self.buffer = TokenBuffer(batch_size, max_len, self.device)
+        self.cache = backbone.setup_caches(batch_size, max_len, dtype=dtype, device=self.device)
+        self._dtype = dtype
+        self._decoders: dict[bool, MCTPDecoder] = {}
+        if stack is not None:
+            self._decoder(config.audio_heads)
+        self.path: FastPath | ExactPath = (
+            FastPath(
+                backbone,
+                device=self.device,
+                window=config.window,
+                prefill_windows=config.prefill_windows,
+                compile_options=config.compile_options,
+            )
+            if config.compile
+            else ExactPath(backbone)
+        )
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def batch_size(self) -> int:
+        """``B`` of every call."""
+        return self.buffer.batch_size
+
+    @property
+    def max_len(self) -> int:
+        """Slots of every buffer."""
+        return self.buffer.max_len
+
+    def _check(self, config: GenerationConfig) -> None:
+        schedule, stack = config.schedule, self.stack
+        if schedule.uses_mctp or config.verify:
+            if stack is None:
+                what = "verify=True" if config.verify else f"schedule {schedule.ratio}"
+                raise ValueError(f"{what} uses MCTP heads but no stack was given")
+            if schedule.max_heads > stack.num_heads:
+                raise ValueError(
+                    f"schedule {schedule.ratio} needs {schedule.max_heads} MCTP slots in a row "
+                    f"but the stack has {stack.num_heads} heads"
+                )
+            if config.draft_len is not None and config.draft_len > stack.num_heads:
+                raise ValueError(
+                    f"draft_len must be in [1, {stack.num_heads}], got {config.draft_len}"
+                )
+        if config.audio_heads and self.vocab is None:
+            raise ValueError("audio_heads=True needs speech ids (pass vocab=SpeechVocab)")
+
+    def _decoder(self, audio_heads: bool) -> MCTPDecoder:
+        """The heads' state (audio-only view when ``audio_heads``), built once."""
+        assert self.stack is not None
+        dec = self._decoders.get(audio_heads)
+        if dec is None:
+            stack = self.stack
+            if audio_heads:
+                v = self.vocab
+                assert v is not None
+                stack = stack.with_output_vocab([v.boa, v.eoa, *range(v.audio_start, v.audio_stop)])
+            dec = self._decoders[audio_heads] = MCTPDecoder(stack, self.buffer, dtype=self._dtype)
+        return dec
+
+    def _call_config(self, config: GenerationConfig | None, **changes: Any) -> GenerationConfig:
+        cfg = self.config if config is None else config
+        if not isinstance(cfg, GenerationConfig):
+            raise TypeError(f"config must be a GenerationConfig, got {type(cfg).__name__}")
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if changes:
+            cfg = cfg.replace(**changes)
+        fixed = ("compile", "compile_options", "window", "prefill_windows")
+        diff = [f for f in fixed if getattr(cfg, f) != getattr(self.config, f)]
+        if diff:
+            raise ValueError(
+                f"{diff} differ from this Generator's: the computation path is chosen when the "
+                "Generator is built; build another Generator for other fast-path settings"
+            )
+        self._check(cfg)
+        return cfg
+
+    def reset(self) -> None:
+        """Forget the last sequence (buffers, caches and compiled callables stay).
+
+        Raises:
+            RuntimeError: If a call is running.
+        """
+        with self._acquire():
+            self.buffer.clear()
+            for dec in self._decoders.values():
+                dec.reset()
+
+    # ------------------------------------------------------------------ calls
+    def _acquire(self) -> _Held:
+        return _Held(self._lock)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        heads_read_prompt_embeds: bool = False,
+        max_new_tokens: int | None = None,
+        config: GenerationConfig | None = None,
+        generator: torch.Generator | None = None,
+        streamer: Any = None,
+        sync_timings: bool = False,
+    ) -> GenerationResult:
+        """Generate for ``input_ids [B, P]``.
+
+        Args:
+            input_ids: ``[B, P]`` integer prompts, left-padded when their lengths differ.
+            attention_mask: ``[B, P]`` (1 = real token) for left-padded batches.
+            prompt_embeds: ``[B, P, H]`` prompt embeddings for the backbone's prefill instead of
+                the token embeddings (VITA-Audio-Plus: audio-encoder frames written over
+                ``<|context_of_audio|>`` placeholders with
+                :func:`mctp.codecs.scatter_audio_embeddings`). The MCTP heads embed the
+                prompt's token ids, placeholders included, as the official Plus does.
+            heads_read_prompt_embeds: Opt-in: the MCTP heads read ``prompt_embeds`` too (for
+                heads trained with ``inputs_embeds``, not Plus).
+            max_new_tokens: Overrides the config's.
+            config: Options of this call (default: the Generator's); its fast-path fields
+                must equal the Generator's.
+            generator: Random source for sampling.
+            streamer: A transformers streamer (``TextStreamer``, ``TextIteratorStreamer``, any
+                object with ``put(ids)`` / ``end()``): receives the prompt, then the text
+                tokens as they appear (audio tokens and BOA/EOA are left out when the
+                Generator has ``vocab``); batch size 1 only.
+            sync_timings: Synchronise the device after every cycle so that the timings are
+                exact (costs a little speed on CUDA; no effect on CPU).
+
+        Returns:
+            :class:`GenerationResult`.
+
+        Raises:
+            TypeError: On non-integer ``input_ids`` or a wrong config type.
+            ValueError: On a wrong batch size, a prompt that does not fit ``max_len``, right
+                padding, inconsistent shapes, or a config this Generator cannot serve.
+            RuntimeError: If the Generator is already running a call.
+        """
+        cfg = self._call_config(config, max_new_tokens=max_new_tokens)
+        if streamer is not None:
+            if self.batch_size != 1:
+                raise ValueError("streamer= needs batch size 1 (as transformers' streamers)")
+            events = self._events(
+                input_ids, cfg, attention_mask, prompt_embeds, heads_read_prompt_embeds,
+                generator, None, streamer,
+            )  # fmt: skip
+            result = None
+            for ev in events:
+                result = ev.result or result
+            assert result is not None
+            return result
+        with self._acquire():
+            t0 = time.perf_counter()
+            run = _Run(self, cfg, input_ids, attention_mask, prompt_embeds,
+                       heads_read_prompt_embeds, generator)  # fmt: skip
+            cycle_times: list[tuple[int, float]] = []
+            for produced in run.cycles():
+                if sync_timings:
+                    _sync(self.device)
+                cycle_times.append((produced, time.perf_counter() - t0))
+            _sync(self.device)
+            return run.result(t0, cycle_times)
+
+    def stream(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        heads_read_prompt_embeds: bool = False,
+        max_new_tokens: int | None = None,
+        config: GenerationConfig | None = None,
+        generator: torch.Generator | None = None,
+        audio_chunk: int | None = None,
+        streamer: Any = None,
+    ) -> Iterator[StreamEvent]:
+        """Like :meth:`generate`, but yields :class:`~mctp.segmenter.StreamEvent` as soon as
+        tokens exist: text tokens after every cycle, an audio segment as soon as its EOA is
+        produced (in Boost/Turbo: after the first backbone forward plus one MCTP chain), or
+        pieces of ``audio_chunk`` tokens; exactly one ``"end"`` per row, the last carrying
+        the :class:`GenerationResult`. The Generator stays busy until the iterator is
+        exhausted or closed.
+
+        Raises:
+            ValueError: As :meth:`generate`, and without speech ids (``vocab``) or with
+                ``audio_chunk < 1``.
+            RuntimeError: If the Generator is already running a call.
+        """
+        if self.vocab is None:
+            raise ValueError("streaming needs vocab= (speech ids) to find audio segments")
+        if audio_chunk is not None and audio_chunk < 1:
+            raise ValueError(f"audio_chunk must be >= 1, got {audio_chunk}")
+        cfg = self._call_config(config, max_new_tokens=max_new_tokens)
+        return self._events(
+            input_ids, cfg, attention_mask, prompt_embeds, heads_read_prompt_embeds,
+            generator, audio_chunk, streamer,
+        )  # fmt: skip
+
+    @torch.inference_mode()  # applied around each step of the iterator, not between them
+    def _events(
+        self,
+        input_ids: torch.Tensor,
+        cfg: GenerationConfig,
+        attention_mask: torch.Tensor | None,
+        prompt_embeds: torch.Tensor | None,
+        heads_read: bool,
+        generator: torch.Generator | None,
+        audio_chunk: int | None,
+        streamer: Any,
+    ) -> Iterator[StreamEvent]:
+        with self._acquire():
+            t0 = time.perf_counter()
+            run = _Run(self, cfg, input_ids, attention_mask, prompt_embeds, heads_read, generator)
+            speech = self.vocab
+            seg = StreamSegmenter(
+                speech if speech is not None else _NoAudio(),
+                self.batch_size,
+                cfg.eos_token_id,
+                audio_chunk=audio_chunk,
+            )
+            if streamer is not None:
+                streamer.put(input_ids.detach().cpu())
+            buf, p = self.buffer, run.prompt_len
+            read = 0
+            cycle_times: list[tuple[int, float]] = []
+            for produced in run.cycles():
+                now = time.perf_counter() - t0
+                cycle_times.append((produced, now))
+                new = buf.ids[:, p + read : run.end].tolist()  # one read per cycle
+                read = run.end - p
+                for r in range(self.batch_size):
+                    for ev in seg.feed(r, new[r], now, run.forwards):
+                        if streamer is not None and ev.kind == "text":
+                            streamer.put(torch.tensor(ev.ids))
+                        yield ev
+            _sync(self.device)
+            result = run.result(t0, cycle_times)
+            if streamer is not None:
+                streamer.end()
+            yield from seg.finish(time.perf_counter() - t0, run.forwards, result)
+
+
+class _NoAudio:
+    """Speech ids that never occur (segmenting text-only streams for a streamer)."""
+
+    boa = eoa = audio_start = audio_stop = -1
+
+
+class _Held:
+    """Holds the Generator's lock for one call; a second holder raises at once."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.lock = lock
+
+    def __enter__(self) -> None:
+        if not self.lock.acquire(blocking=False):
+            raise RuntimeError(
+                "this Generator is already running a call (from another thread, or a stream "
+                "that was not exhausted or closed); use one Generator per thread"
+            )
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Run:
+    """One call's progress over the Generator's state (the schedule loop)."""
+
+    def __init__(
+        self,
+        gen: Generator,
+        cfg: GenerationConfig,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        prompt_embeds: torch.Tensor | None,
+        heads_read_prompt_embeds: bool,
+        generator: torch.Generator | None,
+    ) -> None:
+        _check_input_ids(input_ids)
+        b, p = input_ids.shape
+        if b != gen.batch_size:
+            raise ValueError(
+                f"this Generator serves batch size {gen.batch_size}; the prompt has {b} rows"
+            )
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}"
+                )
+            if not bool(attention_mask[:, -1].all()):
+                raise ValueError(
+                    "pad prompts on the left: attention_mask[:, -1] must be 1 for every row"
+                )
+        heads = 0 if gen.stack is None else gen.stack.num_heads
+        need = slots_needed(cfg, p, cfg.max_new_tokens, heads)
+        if need > gen.max_len:
+            over = need - p - cfg.max_new_tokens
+            raise ValueError(
+                f"prompt ({p}) + max_new_tokens ({cfg.max_new_tokens}) + {over} needs {need} "
+                f"cache slots, max_len is {gen.max_len}"
+            )
+        device = gen.device
+        input_ids = input_ids.to(device)
+        self.gen, self.cfg, self.path = gen, cfg, gen.path
+        self.schedule = cfg.schedule
+        self.max_new, self.prompt_len = cfg.max_new_tokens, p
+        self.buffer, self.cache = gen.buffer, gen.cache
+        self.buffer.start(
+            input_ids,
+            attention_mask,
+            prompt_embeds,
+            heads_read_prompt_embeds=heads_read_prompt_embeds,
+        )
+        self.decoder: MCTPDecoder | None = None
+        self.head_index = None
+        if gen.stack is not None and (self.schedule.uses_mctp or cfg.verify):
+            self.decoder = gen._decoder(cfg.audio_heads)
+            self.decoder.reset()
+            vocab = self.decoder.stack.output_vocab
+            self.head_index = None if vocab is None else vocab.index.to(device)
+        self.picker = TokenPicker(
+            gen.backbone.vocab_size,
+            gen.vocab,
+            cfg.text_sampling,
+            cfg.audio_sampling_or_text,
+            generator,
+            device,
+            b,
+        )
+        self.picker.observe(input_ids)
+        self.stop_ids = torch.tensor(cfg.eos_token_id, dtype=torch.long, device=device)
+        self.done = torch.zeros(b, dtype=torch.bool, device=device)
+        self.sources: list[int] = []  # per generated slot, shared by all rows
+        self.forwards = self.mctp_steps = self.drafted = self.accepted = 0
+        self.processed = 0  # slots whose backbone states are in the cache
+        self.prefill_s = 0.0
+
+    def head_sampler(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.picker(logits, self.head_index)
+
+    # -- helpers
+    @property
+    def produced(self) -> int:
+        """Generated tokens so far (capped at ``max_new_tokens``; fixed chains may overshoot)."""
+        return min(self.buffer.length - self.prompt_len, self.max_new)
+
+    @property
+    def end(self) -> int:
+        """One past the last slot that belongs to the result."""
+        return self.prompt_len + self.produced
+
+    def _record(self, tokens: torch.Tensor, source: Sequence[int]) -> None:
+        """Record new tokens ``[B, T]`` already in the buffer."""
+        self.picker.observe(tokens)
+        if self.stop_ids.numel():
+            self.done |= torch.isin(tokens, self.stop_ids).any(dim=1)
+        self.sources.extend(source)
+
+    def _backbone_token(self) -> None:
+        start = self.processed
+        hidden, logits = self.path.forward(self.buffer, self.cache, start)
+        self.forwards += 1
+        if self.decoder is not None:
+            self.decoder.write_backbone(start, hidden)
+        self.processed = self.buffer.length
+        tok = self.picker(logits[:, -1])
+        self.buffer.append(tok[:, None])
+        self._record(tok[:, None], [BACKBONE])
+
+    def _chain(self, count: int) -> torch.Tensor:
+        assert self.decoder is not None
+        tokens = self.path.chain(self.decoder, count, self.head_sampler)
+        self.mctp_steps += count
+        return tokens
+
+    def _draft_len(self) -> int:
+        """Tokens to draft after the backbone token at slot ``processed``."""
+        assert self.decoder is not None
+        if self.schedule.uses_mctp:
+            i = self.processed - self.prompt_len  # decoded index of the last backbone token
+            k = 0
+            while k < self.decoder.stack.num_heads and self.schedule.head(i + 1 + k) >= 0:
+                k += 1
+        else:
+            k = self.cfg.draft_len or self.decoder.stack.num_heads
+        if self.path.fixed_chains and not self.schedule.uses_mctp:
+            return k  # static shapes: always the full draft
+        return min(k, self.max_new - self.produced - 1)
+
+    def _verified_cycle(self) -> None:
+        """Draft with the heads, verify with one backbone forward, keep the agreeing prefix."""
+        assert self.decoder is not None
+        buf = self.buffer
+        s0 = self.processed  # slot of the token the last backbone forward produced
+        k = self._draft_len()
+        if k > 0:
+            self._chain(k)
+        hidden, logits = self.path.forward(buf, self.cache, s0, all_logits=True)
+        self.forwards += 1
+        choice = logits.argmax(dim=-1)  # [B, k+1]: backbone's token for slots s0+1 .. s0+k+1
+        drafts = buf.ids[:, s0 + 1 : s0 + 1 + k]
+        agree = (drafts == choice[:, :k]).long().cumprod(dim=1).sum(dim=1)
+        a = int(agree.min()) if k > 0 else 0  # the one host read per cycle
+        self.drafted += k * buf.batch_size
+        self.accepted += a * buf.batch_size
+        keep = s0 + 1 + a
+        buf.truncate(keep)
+        self.decoder.truncate(keep)
+        self.decoder.write_backbone(s0, hidden[:, : a + 1])
+        self.processed = keep
+        buf.append(choice[:, a : a + 1])
+        self._record(buf.ids[:, s0 + 1 : keep + 1], [*range(a), BACKBONE])
+
+    # -- the loop
+    def cycles(self) -> Iterator[int]:
+        """Run the generation; yields the number of generated tokens after every cycle."""
+        self._backbone_token()  # the prefill produces the first token
+        yield self.produced
+        every = self.cfg.stop_check_every
+        if self.cfg.verify:
+            while self.produced < self.max_new:
+                self._verified_cycle()
+                yield self.produced
+                if self.forwards % every == 0 and self._all_done():
+                    return
+            return
+        for step in self.schedule.steps(self.max_new):
+            if step.start == 0:
+                continue  # the prefill already produced token 0
+            if step.source is Source.BACKBONE:
+                self._backbone_token()
+                if self.forwards % every == 0 and self._all_done():
+                    yield self.produced
+                    return
+            else:
+                # fixed chains always run the full MCTP run; tokens past max_new are cut later
+                count = (
+                    self.schedule.run_length(step.start - 1)
+                    if self.path.fixed_chains
+                    else step.count
+                )
+                self._record(self._chain(count), list(range(count)))
+            yield self.produced
+
+    def _all_done(self) -> bool:
+        return bool(self.stop_ids.numel()) and bool(self.done.all())
+
+    @torch.inference_mode(False)  # ordinary tensors: callers may train on the ids
+    def result(self, t0: float, cycle_times: list[tuple[int, float]]) -> GenerationResult:
+        buf, speech = self.buffer, self.gen.vocab
+        n = self.end
+        rows, srcs = [], []
+        src = torch.tensor(self.sources[: n - self.prompt_len], dtype=torch.long)
+        first_audio_len = None
+        gen_cpu = buf.ids[:, self.prompt_len : n].cpu().clone()
+        stops = self.stop_ids.cpu()
+        for r in range(buf.batch_size):
+            ids = gen_cpu[r]
+            if stops.numel():
+                hit = torch.isin(ids, stops).nonzero()
+                if hit.numel():
+                    ids = ids[: int(hit[0]) + 1]
+            rows.append(ids)
+            srcs.append(src[: ids.numel()])
+            if speech is not None:
+                eoa = (ids == speech.eoa).nonzero()
+                if eoa.numel():
+                    length = int(eoa[0]) + 1
+                    first_audio_len = (
+                        length if first_audio_len is None else min(first_audio_len, length)
+                    )
+        seq = torch.full((buf.batch_size, n), self.cfg.pad_id, dtype=torch.long)
+        seq[:, : self.prompt_len] = buf.ids[:, : self.prompt_len].cpu()
+        for r, ids in enumerate(rows):
+            seq[r, self.prompt_len : self.prompt_len + ids.numel()] = ids
+        first_audio_s = None
+        if first_audio_len is not None:
+            first_audio_s = next(
+                (t for produced, t in cycle_times if produced >= first_audio_len), None
+            )
+        return GenerationResult(
+            sequences=seq,
+            tokens=rows,
+            sources=srcs,
+            num_backbone_forwards=self.forwards,
+            num_mctp_steps=self.mctp_steps,
+            num_drafted=self.drafted,
+            num_accepted=self.accepted,
+            prefill_s=cycle_times[0][1] if cycle_times else 0.0,
+            total_s=time.perf_counter() - t0,
+            first_audio_s=first_audio_s,
+            cycle_times=cycle_times,
+        )
