@@ -44,7 +44,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", choices=MODES, default="boost", help="generation schedule")
     g.add_argument("--max-new-tokens", type=int, default=512, help="generation budget")
     g.add_argument("--device", default="cpu", help="torch device")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (None: 1 for the tiny default, whose matrices are too small to "
+        "share, else torch's choice)",
+    )
 
 
 def build_from_args(args: argparse.Namespace) -> Any:
@@ -56,8 +62,9 @@ def build_from_args(args: argparse.Namespace) -> Any:
     """
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or (1 if args.builder == DEFAULT_BUILDER else None)
+    if threads:
+        torch.set_num_threads(threads)
     module, sep, func = args.builder.partition(":")
     if not sep or not module or not func:
         raise ValueError(f"--builder must be module:function, got {args.builder!r}")
@@ -81,6 +88,8 @@ def _speak(args: argparse.Namespace) -> int:
         return 2
     t = time.perf_counter()
     pipe = build_from_args(args)
+    if args.warmup:  # one-time start-up costs (allocations, kernels) stay out of the latency
+        pipe("hello", max_new_tokens=8)
     print(f"model ready in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     result = None
     with tqdm(desc="answering", unit="chunk", disable=None, file=sys.stderr) as bar:
@@ -149,6 +158,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--input", type=Path, default=None, help="spoken question (wav/flac/ogg/mp3)")
     s.add_argument("--task", choices=("chat", "tts", "asr"), default="chat", help="what to do")
     s.add_argument("--out", type=Path, default=Path("answer.wav"), help="where to write the answer")
+    s.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run one short generation first so the latency shown is not the first call's",
+    )
     _add_model_args(s)
     s.set_defaults(func=_speak)
 

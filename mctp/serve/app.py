@@ -15,7 +15,8 @@ answer carries an ``mctp`` object with ``first_chunk_ms``, ``tokens_per_s`` and 
 All generation goes through one :class:`~mctp.serve.worker.GenerationWorker`.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: FastAPI reads the handlers' annotations
+# (``Request``) when they are defined, inside create_app where FastAPI is imported lazily.
 
 import asyncio
 import base64
