@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 from mctp.backbones import AUDIO_PLACEHOLDER, SpeechVocab
 from mctp.codecs import AudioTokenizer, load_audio
 from mctp.interleave import InterleaveSchedule
+from mctp.training import DataError, ErrorLog, PackedDataset, greedy_packs
 
 if TYPE_CHECKING:
     from .mixture import DataMixture
-    from .packing import Pack, Packer
 
 __all__ = [
     "ASR_PROMPT",
@@ -289,106 +289,183 @@ def _tts_trick(messages: list[dict[str, str]]) -> list[dict[str, str]]:
 # --------------------------------------------------------------------------- pipeline
 @dataclass
 class DataStats:
-    """Counters of one pass over the data."""
+    """Counters of the last pass over the data."""
 
     records: int = 0
     skipped_too_long: int = 0
     skipped_errors: int = 0
     packs: int = 0
     tokens: int = 0
-    errors: list[str] = field(default_factory=list)
 
 
 class VitaAudioData:
-    """Mixture -> rendered samples -> per-stream packs -> ``[1, L]`` batches.
+    """Mixture -> rendered samples -> per-stream packs, as datasets for transformers' Trainer.
+
+    :meth:`dataset` renders every record once to learn its length (a malformed one is reported
+    through the mixture's :class:`~mctp.training.ErrorLog` with its file and line: raised or
+    skipped with a warning and counted), packs them per stream as the official packer does
+    and returns a map-style :class:`~mctp.training.PackedDataset` whose rows are rendered again
+    on access, so DataLoader workers do the work. :meth:`stream` packs on the fly instead (for
+    mixtures read with ``streaming=True``).
 
     Args:
         mixture: The records.
         renderer: Turns a record into a :class:`Sample`.
-        packer: Packs samples (its ``max_len``/``pad`` decide the batch length).
-        on_error: ``"raise"`` a :class:`RecordError` naming the record, or ``"skip"`` it.
-        progress: Show a tqdm bar per epoch.
+        max_len: Tokens per pack.
+        pad: Pad every pack to ``max_len`` (fixed shapes, the official behaviour).
+        pad_id: Id of padded slots.
+        on_too_long: ``"skip"`` (counted, one warning) or ``"raise"`` for a sample longer than
+            ``max_len``.
+        progress: Show a tqdm bar while planning.
 
     Raises:
-        ValueError: For an unknown ``on_error``.
+        ValueError: For an unknown ``on_too_long`` or ``max_len < 1``.
     """
 
     def __init__(
         self,
         mixture: DataMixture,
         renderer: ChatRenderer,
-        packer: Packer,
         *,
-        on_error: str = "raise",
+        max_len: int,
+        pad: bool = True,
+        pad_id: int = 0,
+        on_too_long: str = "skip",
         progress: bool = True,
     ) -> None:
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        self.mixture, self.renderer, self.packer = mixture, renderer, packer
-        self.on_error, self.progress = on_error, progress
+        if on_too_long not in ("skip", "raise"):
+            raise ValueError(f"on_too_long must be 'skip' or 'raise', got {on_too_long!r}")
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        self.mixture, self.renderer = mixture, renderer
+        self.max_len, self.pad, self.pad_id = max_len, pad, pad_id
+        self.on_too_long, self.progress = on_too_long, progress
         self.stats = DataStats()
 
-    def samples(self, epoch: int = 0) -> Iterator[tuple[str, Sample]]:
-        """Rendered ``(stream, sample)`` of one epoch.
+    @property
+    def errors(self) -> ErrorLog:
+        """The malformed records met so far."""
+        return self.mixture.errors
+
+    def _render(self, where: str, record: Any) -> Sample | None:
+        try:
+            return self.renderer.render(record)
+        except (ValueError, FileNotFoundError) as e:  # RecordError, AudioError, bad codes
+            self.errors.report(where, e)
+            self.stats.skipped_errors += 1
+            return None
+
+    def _too_long(self, where: str, n: int) -> None:
+        if self.on_too_long == "raise":
+            raise DataError(f"{where}: a sample of {n} tokens exceeds max_len {self.max_len}")
+        self.stats.skipped_too_long += 1
+
+    def _finish(self) -> None:
+        if self.stats.skipped_too_long:
+            logger.warning(
+                "skipped %d samples longer than max_len %d",
+                self.stats.skipped_too_long,
+                self.max_len,
+            )
+        if self.errors.skipped:
+            logger.warning(self.errors.summary())
+
+    def render_ref(self, ref: tuple[int, int]) -> dict[str, Any]:
+        """``{"input_ids", "labels"}`` of record ``ref = (file index, record index)``."""
+        sample = self.renderer.render(self.mixture.read(*ref))
+        return {"input_ids": sample.input_ids, "labels": sample.labels}
+
+    def dataset(self, epoch: int = 0) -> PackedDataset:
+        """The packs of one pass over the mixture as a map-style dataset.
 
         Raises:
-            RecordError: For a bad record (with its file and index) when ``on_error="raise"``.
+            DataError: For a malformed record (``file:line``) when ``on_error="raise"``, or a
+                too long sample when ``on_too_long="raise"``.
+            ValueError: If no pack is left (every sample skipped).
         """
+        self.stats = DataStats()
+        refs, lengths, keys = [], [], []
         bar = tqdm(
             self.mixture.records(epoch),
             total=len(self.mixture),
-            desc=f"data epoch {epoch}",
+            desc="render + pack",
             unit="rec",
             disable=not self.progress,
             leave=False,
         )
-        for key, where, record in bar:
+        for key, where, record, ref in bar:
             self.stats.records += 1
-            try:
-                sample = self.renderer.render(record)
-            except (ValueError, FileNotFoundError) as e:  # RecordError, AudioError, bad codes
-                if self.on_error == "raise":
-                    raise RecordError(f"{where}: {e}") from e
-                self.stats.skipped_errors += 1
-                self.stats.errors.append(f"{where}: {e}")
+            sample = self._render(where, record)
+            if sample is None:
                 continue
-            yield key, sample
+            if len(sample) > self.max_len:
+                self._too_long(where, len(sample))
+                continue
+            refs.append(ref)
+            lengths.append(len(sample))
+            keys.append(key)
+        packs, _ = greedy_packs(lengths, keys, self.max_len)
+        if not packs:
+            raise ValueError(f"no pack left after skipping; {self.stats}; {self.errors.summary()}")
+        self.stats.packs = len(packs)
+        self.stats.tokens = sum(lengths)
+        self._finish()
+        return PackedDataset(
+            [[refs[i] for i in p] for p in packs],
+            self.render_ref,
+            max_len=self.max_len if self.pad else None,
+            pad_id=self.pad_id,
+        )
 
-    def packs(self, epoch: int = 0) -> Iterator[Pack]:
-        """Packs of one epoch (open streams are flushed at its end)."""
-        before = self.packer.skipped
-        for key, sample in self.samples(epoch):
-            done = self.packer.add(sample, key)
-            if done is not None:
-                yield self._count(done)
-        for done in self.packer.flush():
-            yield self._count(done)
-        self.stats.skipped_too_long += self.packer.skipped - before
-        if self.packer.skipped > before:
-            logger.warning(
-                "epoch %d: skipped %d samples longer than max_len %d",
-                epoch,
-                self.packer.skipped - before,
-                self.packer.max_len,
-            )
+    def stream(self) -> torch.utils.data.IterableDataset:
+        """Packs built on the fly, epoch after epoch (``streaming=True`` mixtures).
 
-    def _count(self, pack: Pack) -> Pack:
-        self.stats.packs += 1
-        self.stats.tokens += len(pack.input_ids) - pack.num_pad
-        return pack
-
-    def batches(self, *, start_epoch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """Endless ``[1, L]`` batches, epoch after epoch (each epoch reshuffled).
-
-        Raises:
-            ValueError: If an epoch yields no pack at all (every sample skipped).
+        With DataLoader workers, worker ``w`` of ``W`` packs the records ``w, w + W, ...``.
         """
-        epoch = start_epoch
+        return _StreamingPacks(self)
+
+
+class _StreamingPacks(torch.utils.data.IterableDataset):
+    def __init__(self, data: VitaAudioData) -> None:
+        self.data = data
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        d = self.data
+        info = torch.utils.data.get_worker_info()
+        w, count = (0, 1) if info is None else (info.id, info.num_workers)
+        epoch = 0
         while True:
-            n = 0
-            for pack in self.packs(epoch):
-                n += 1
-                yield pack.batch()
-            if n == 0:
-                raise ValueError(f"epoch {epoch} produced no pack; stats: {self.stats}")
+            open_: dict[str, list[dict[str, Any]]] = {}
+            used: dict[str, int] = {}
+            produced = 0
+            for n, (key, where, record, _) in enumerate(d.mixture.records(epoch)):
+                if n % count != w:
+                    continue
+                sample = d._render(where, record)
+                if sample is None:
+                    continue
+                if len(sample) > d.max_len:
+                    d._too_long(where, len(sample))
+                    continue
+                if open_.get(key) and used[key] + len(sample) > d.max_len:
+                    produced += 1
+                    yield self._row(open_.pop(key))
+                item = {"input_ids": sample.input_ids, "labels": sample.labels}
+                open_.setdefault(key, []).append(item)
+                used[key] = sum(len(x["input_ids"]) for x in open_[key])
+            for items in open_.values():
+                produced += 1
+                yield self._row(items)
+            d._finish()
+            if not produced:
+                raise ValueError(f"epoch {epoch} produced no pack; {d.errors.summary()}")
             epoch += 1
+
+    def _row(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        d = self.data
+        return PackedDataset(
+            [list(range(len(items)))],
+            items.__getitem__,
+            max_len=d.max_len if d.pad else None,
+            pad_id=d.pad_id,
+        )[0]

@@ -1,12 +1,13 @@
 """Data mixtures: named JSONL sources sampled with ratios, in an order fixed by a seed.
 
 Follows the official mixture yaml (``dataset: {name: {ratio, data_paths, num}}``): each file is
-its own packing stream; see :class:`DataMixture` and TRAINING.md.
+its own packing stream; see :class:`DataMixture` and TRAINING.md. Files are read through
+Hugging Face ``datasets`` (:class:`mctp.training.JsonlFile`): every record knows its file and
+line, malformed lines raise or are skipped per ``on_error``.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .data import RecordError
+from mctp.training import ErrorLog, JsonlFile
 
 __all__ = ["DataMixture", "DataSource"]
 
@@ -41,34 +42,6 @@ class DataSource:
             raise ValueError(f"source {self.name!r}: ratio and num must be >= 0")
 
 
-class _Jsonl:
-    """Byte offsets of the non-empty lines of a JSONL file (records read on demand)."""
-
-    def __init__(self, path: Path) -> None:
-        if not path.is_file():
-            raise FileNotFoundError(f"data file not found: {path}")
-        self.path = path
-        offsets, pos = [], 0
-        with path.open("rb") as f:
-            for line in f:
-                if line.strip():
-                    offsets.append(pos)
-                pos += len(line)
-        self.offsets = np.asarray(offsets, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    def read(self, i: int) -> Any:
-        with self.path.open("rb") as f:
-            f.seek(int(self.offsets[i]))
-            line = f.readline()
-        try:
-            return json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RecordError(f"{self.path} record {i}: invalid JSON ({e})") from e
-
-
 class DataMixture:
     """Several sources mixed with ratios, in an order fixed by a seed.
 
@@ -85,18 +58,29 @@ class DataMixture:
         FileNotFoundError: If a listed file does not exist.
     """
 
-    def __init__(self, sources: Sequence[DataSource], *, seed: int = 42) -> None:
+    def __init__(
+        self,
+        sources: Sequence[DataSource],
+        *,
+        seed: int = 42,
+        errors: ErrorLog | None = None,
+        streaming: bool = False,
+    ) -> None:
         if not sources:
             raise ValueError("a DataMixture needs at least one source")
-        self.sources, self.seed = list(sources), seed
-        self.files: list[tuple[str, _Jsonl]] = []
+        self.sources, self.seed, self.streaming = list(sources), seed, streaming
+        self.errors = errors or ErrorLog()
+        self.files: list[tuple[str, JsonlFile]] = []
         self.picks: list[np.ndarray] = []
         todo = [(s, p) for s in self.sources if s.ratio and s.num != 0 for p in s.paths]
         for src, path in tqdm(todo, desc="index jsonl", unit="file", disable=len(todo) < 8):
-            data = _Jsonl(Path(path))
+            data = JsonlFile(Path(path), errors=self.errors, streaming=streaming)
             n = len(data)
             used = int(n * src.ratio) if src.num is None else min(int(n * src.ratio), src.num)
-            perm = np.random.default_rng(seed).permutation(n) if n else np.zeros(0, np.int64)
+            if streaming:  # file order, cycled: no random access while streaming
+                perm = np.arange(n, dtype=np.int64)
+            else:
+                perm = np.random.default_rng(seed).permutation(n) if n else np.zeros(0, np.int64)
             self.picks.append(perm[np.arange(used) % n] if n else perm)
             self.files.append((f"{src.name}:{path}", data))
         if not sum(len(p) for p in self.picks):
@@ -109,6 +93,8 @@ class DataMixture:
         *,
         seed: int = 42,
         ratios: Mapping[str, float] | None = None,
+        errors: ErrorLog | None = None,
+        streaming: bool = False,
     ) -> DataMixture:
         """Build from the official mixture layout ``{"dataset": {name: {ratio, num, data_paths}}}``.
 
@@ -120,6 +106,8 @@ class DataMixture:
             seed: Shuffling seed.
             ratios: Ratio overrides by source name; ``"*"`` sets every other source (stage 4:
                 ``{"VITA-MLLM/AudioQA-1M": 2.0, ..., "*": 0.05}``).
+            errors: Where malformed lines are reported (default: raise).
+            streaming: Read the files with ``datasets``' streaming mode.
 
         Raises:
             ValueError: If the layout is not recognised or ``ratios`` names unknown sources.
@@ -148,7 +136,7 @@ class DataMixture:
                     num=None if num is None else int(num),
                 )
             )
-        return cls(sources, seed=seed)
+        return cls(sources, seed=seed, errors=errors, streaming=streaming)
 
     def __len__(self) -> int:
         """Records per epoch."""
@@ -158,15 +146,19 @@ class DataMixture:
         """Records per epoch for each file stream."""
         return {key: len(p) for (key, _), p in zip(self.files, self.picks)}
 
+    def read(self, f: int, i: int) -> Any:
+        """Record ``i`` of file ``f`` (map-style only)."""
+        return self.files[f][1][i]
+
+    def where(self, f: int, i: int) -> str:
+        """``"file:line"`` of record ``i`` of file ``f``."""
+        return self.files[f][1].where(i)
+
     def audio_paths(self) -> list[str]:
         """Every audio path the mixture's records refer to (reads each picked record once)."""
         paths: dict[str, None] = {}
-        for (_, data), picks in zip(self.files, self.picks):
-            for i in np.unique(picks).tolist():
-                record = data.read(i)
-                paths.update(
-                    dict.fromkeys((record.get("audios") or []) if isinstance(record, dict) else [])
-                )
+        for _, _, record, _ in self.records():
+            paths.update(dict.fromkeys(record.get("audios") or []))
         return list(paths)
 
     def plan(self, epoch: int = 0) -> np.ndarray:
@@ -175,8 +167,28 @@ class DataMixture:
         rows = np.stack((files, np.concatenate(self.picks).astype(np.int64)), axis=1)
         return rows[np.random.default_rng(self.seed + epoch).permutation(len(rows))]
 
-    def records(self, epoch: int = 0) -> Iterator[tuple[str, str, Any]]:
-        """Yield ``(stream key, location "file:index", record)`` in this epoch's order."""
-        for f, i in self.plan(epoch).tolist():
-            key, data = self.files[f]
-            yield key, f"{data.path}:{i}", data.read(i)
+    def records(self, epoch: int = 0) -> Iterator[tuple[str, str, Any, tuple[int, int]]]:
+        """Yield ``(stream key, "file:line", record, (file index, record index))`` in order.
+
+        Map-style: :meth:`plan`'s order. Streaming: each file is read in order (cycled for a
+        ratio above 1) and the files are interleaved by a generator seeded with
+        ``seed + epoch``, each drawn with probability proportional to its records left.
+        """
+        if not self.streaming:
+            for f, i in self.plan(epoch).tolist():
+                key, data = self.files[f]
+                yield key, data.where(i), data[i], (f, i)
+            return
+        left = [len(p) for p in self.picks]
+        iters = [self._cycle(f) for f in range(len(self.files))]
+        rng = np.random.default_rng(self.seed + epoch)
+        while sum(left):
+            f = int(rng.choice(len(left), p=np.asarray(left) / sum(left)))
+            left[f] -= 1
+            i, where, record = next(iters[f])
+            yield self.files[f][0], where, record, (f, i)
+
+    def _cycle(self, f: int) -> Iterator[tuple[int, str, Any]]:
+        data = self.files[f][1]
+        while True:
+            yield from ((i, where, rec) for i, (where, rec) in enumerate(data))

@@ -1,9 +1,11 @@
-"""VITA-Audio's four training stages as one short recipe (``main(cfg)``) and a CLI.
+"""VITA-Audio's four training stages on transformers' ``Trainer`` (``mctp.training``).
 
 ::
 
     python examples/vita_audio/train.py --config examples/vita_audio/recipes/stage1.yaml \\
         --override model.path=/models/Qwen2.5-7B-Instruct run.out_dir=out/stage1
+    torchrun --nproc_per_node 8 examples/vita_audio/train.py --config ...   # DDP
+    ... --override run.deepspeed=examples/vita_audio/recipes/deepspeed/zero3.json
 
 ========  =====================================  ============  ==========================
 stage     what trains                            lr            MCTP heads
@@ -14,31 +16,34 @@ stage     what trains                            lr            MCTP heads
 4         everything (main + MCTP loss)          5e-5, x10     10
 ========  =====================================  ============  ==========================
 
-The starting model is loaded with :func:`vita_audio.checkpoint.load_vita_audio` (an official
-VITA-Audio folder, or a plain transformers Qwen2 folder for stage 1) and the speech tokens are
-added with :func:`mctp.backbones.extend_vocab` when missing. Checkpoints are written in the
-official format with :func:`save_vita_audio` plus ``trainer_state.pt`` (optimizer, scheduler,
-step, consumed batches, RNG), so the next stage, the official code or a resumed run can load
-them. One process; the global batch is reached by gradient accumulation
-(``optim.global_batch`` packs per optimizer step).
+The stage facts are :func:`mctp.training.vita_audio_stage` presets; the recipe loads the
+starting model (:func:`vita_audio.checkpoint.load_vita_audio`: an official VITA-Audio folder
+or a plain transformers Qwen2 folder), adds the speech tokens when missing, builds the packed
+data and hands everything to :class:`mctp.training.MCTPTrainer`. Checkpoints are the
+Trainer's own (``run.out_dir/checkpoint-N``: weights, optimizer, scheduler, RNG, data
+position), published atomically; ``run.resume: auto`` continues from the newest one. Every
+stage ends with ``run.out_dir/final``: an official-format folder (``save_vita_audio``) that the
+next stage, ``VitaAudio.from_pretrained`` and the official code load, plus ``final/adapter``
+(PEFT format) when LoRA was used. A stage whose ``final`` exists is skipped on a rerun, so a
+multi-stage run resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
-import math
+import os
 import shutil
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from itertools import islice
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 if __package__ in (None, ""):  # run as a script: import ``vita_audio.*``, not ``data``/``model``
     _HERE = Path(__file__).resolve().parent
@@ -48,64 +53,49 @@ if __package__ in (None, ""):  # run as a script: import ``vita_audio.*``, not `
 from mctp.backbones import HFBackbone, add_lora, extend_vocab
 from mctp.codecs import load_codec
 from mctp.interleave import InterleaveSchedule
-from mctp.losses import mctp_loss, total_loss
-from mctp.stack import MCTPStack
+from mctp.training import (
+    STAGING_DIR,
+    ErrorLog,
+    MCTPTrainer,
+    MCTPTrainingModel,
+    PackedCollator,
+    StagePreset,
+    assert_finite,
+    publish,
+    save_lora_adapter,
+    vita_audio_stage,
+)
 from vita_audio.checkpoint import load_vita_audio, save_vita_audio
-from vita_audio.config import FROZEN_STAGES, TrainConfig, load_config, merge_config
+from vita_audio.config import TrainConfig, load_config, merge_config
 from vita_audio.data import AudioCodes, ChatRenderer, VitaAudioData
 from vita_audio.mixture import DataMixture
 from vita_audio.model import load_tokenizer
-from vita_audio.packing import Packer
 from vita_audio.tiny import make_tiny_assets
 
-__all__ = ["Trainer", "main"]
+__all__ = ["FINAL_DIR", "StageRun", "build_stage", "main", "run_stage"]
 
-STATE_FILE = "trainer_state.pt"
-
-
-# --------------------------------------------------------------------------- pieces
-def warmup_cosine(warmup: int, total: int) -> Any:
-    """LR factor: linear warmup over ``warmup`` steps, then cosine from 1 to 0 at ``total``."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        progress = (step - warmup) / max(1, total - warmup)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-    return factor
+FINAL_DIR = "final"
+"""Sub-folder of a stage's ``out_dir`` holding its official-format result."""
 
 
-def param_groups(
-    named: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float, tag: str
-) -> list[dict[str, Any]]:
-    """Trainable params in two AdamW groups: decayed matrices, undecayed biases and norms."""
-    decay, plain = [], []
-    for name, p in named:
-        if p.requires_grad:
-            (plain if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
-    groups = [
-        {"name": tag, "params": decay, "lr": lr, "weight_decay": weight_decay},
-        {"name": f"{tag}_no_decay", "params": plain, "lr": lr, "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
-def ensure_heads(backbone: HFBackbone, stack: MCTPStack | None, n: int) -> MCTPStack | None:
-    """Stage 2 creates head 0 from the last layer; stage 3 grows copies of the last head.
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
-    Raises:
-        ValueError: If the checkpoint already has more than ``n`` heads.
-    """
-    if n == 0:
-        return None
-    if stack is None:
-        return MCTPStack.from_backbone(backbone.parts(), n)
-    if stack.num_heads > n:
-        raise ValueError(f"the checkpoint has {stack.num_heads} MCTP heads, model.num_heads={n}")
-    if stack.num_heads < n:
-        stack.grow(n - stack.num_heads)
-    return stack
+
+@contextlib.contextmanager
+def main_first(cfg: TrainConfig) -> Iterator[None]:
+    """Run the body on the main process first, then on the others (files it writes are shared)."""
+    if _world_size() == 1:
+        yield
+        return
+    from accelerate import PartialState
+
+    with PartialState(cpu=cfg.run.device == "cpu").main_process_first():
+        yield
 
 
 @contextlib.contextmanager
@@ -131,306 +121,350 @@ def merged_lora(model: nn.Module) -> Iterator[None]:
             setattr(parent, attr, mod)
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The ``checkpoint-N`` folder with the largest ``N`` that holds a trainer state."""
-    found = [p for p in out_dir.glob("checkpoint-*") if (p / STATE_FILE).is_file()]
-    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+# --------------------------------------------------------------------------- building
+@dataclass
+class StageRun:
+    """Everything one stage needs (built by :func:`build_stage`)."""
+
+    cfg: TrainConfig
+    model: MCTPTrainingModel
+    preset: StagePreset
+    tokenizer: Any
+    vocab: Any
+    base_config: dict[str, Any] | None
+    data: VitaAudioData
+    codes: AudioCodes
+    schedule: InterleaveSchedule | None
+    trainer: MCTPTrainer
 
 
-# --------------------------------------------------------------------------- trainer
-class Trainer:
-    """Everything one stage needs: model, heads, data, optimizer, schedule, checkpoints.
+def stage_preset(cfg: TrainConfig, checkpoint_weight: float) -> StagePreset:
+    """The official preset of ``cfg.stage`` with the recipe's numbers.
 
-    Args:
-        cfg: The stage's configuration.
+    The MCTP loss weight is the recipe's ``model.mtp_loss_weight`` when set, else the starting
+    checkpoint's ``mtp_loss_weight`` (as the official trainer).
+    """
+    o, m = cfg.optim, cfg.model
+    changes: dict[str, Any] = dict(
+        num_heads=m.num_heads,
+        lr=o.lr,
+        mctp_lr_mult=o.mctp_lr_mult,
+        weight_decay=o.weight_decay,
+        max_steps=o.max_steps,
+        mtp_loss_weight=checkpoint_weight if m.mtp_loss_weight is None else m.mtp_loss_weight,
+    )
+    if m.audio_encoder_mode is not None:
+        changes["audio_encoder"] = m.audio_encoder_mode
+    if m.audio_projector_mode is not None:
+        changes["audio_projector"] = m.audio_projector_mode
+    return vita_audio_stage(cfg.stage, plus=m.audio_encoder is not None, **changes)
+
+
+def build_model(
+    cfg: TrainConfig, codec: Any
+) -> tuple[MCTPTrainingModel, StagePreset, Any, Any, Any]:
+    """Load the starting model, add speech tokens, apply the stage (heads, what trains, LoRA).
+
+    Returns:
+        ``(model, preset, tokenizer, vocab, base_config)``.
 
     Raises:
-        ValueError: On an inconsistent configuration (see :meth:`TrainConfig.check`), a codec
-            whose codebook exceeds the vocabulary's audio tokens, or a vocabulary that must grow
-            under existing heads.
-        FileNotFoundError: If ``run.resume`` names a missing checkpoint.
+        ValueError: If the vocabulary must grow under existing heads, or the codec's codebook
+            exceeds the vocabulary's audio tokens.
     """
-
-    def __init__(self, cfg: TrainConfig) -> None:
-        cfg.check()
-        self.cfg = cfg
-        torch.manual_seed(cfg.run.seed)
-        want = cfg.run.device
-        self.device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want
-        )
-        self.out_dir = Path(cfg.run.out_dir)
-        self.frozen = cfg.stage in FROZEN_STAGES
-        self.step_count = 0
-        self.micro_batches = 0
-        self.history: list[dict[str, Any]] = []
-
-        state = None
-        resume = cfg.run.resume
-        ckpt = latest_checkpoint(self.out_dir) if resume == "auto" else resume
-        if ckpt is not None:
-            if not (Path(ckpt) / STATE_FILE).is_file():
-                raise FileNotFoundError(f"no {STATE_FILE} in the resume checkpoint {ckpt}")
-            state = torch.load(Path(ckpt) / STATE_FILE, map_location="cpu", weights_only=False)
-        start = cfg.model.path if state is None or cfg.model.lora else str(ckpt)
-
-        self.codec = load_codec(cfg.data.codec, **cfg.data.codec_kwargs)
-        self._build_model(start)
-        if state is not None and cfg.model.lora:
-            self._load_trainable(state["trainable"])
-        self._build_optimizer()
-        self._build_data()
-        if state is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.step_count, self.micro_batches = state["step"], state["micro_batches"]
-            torch.set_rng_state(state["rng"])
-
-    # ------------------------------------------------------------------ building
-    def _build_model(self, path: str) -> None:
-        cfg = self.cfg.model
-        ckpt = load_vita_audio(
-            path,
-            device=self.device,
-            dtype=torch.float32,
-            attn_implementation=cfg.attn_implementation,
-        )
-        self.base_config = ckpt.config if ckpt.config.get("model_type") != "qwen2" else None
-        tok = load_tokenizer(cfg.tokenizer or path)
-        backbone, stack = ckpt.backbone, ckpt.stack
-        rows = backbone.vocab_size
-        vocab = extend_vocab(tok, backbone.model, num_audio_tokens=self.codec.codebook_size)
-        if vocab.vocab_size != rows:  # resized: re-wrap so the backbone sees the new lm_head
-            if stack is not None:
-                raise ValueError("the vocabulary must grow but the checkpoint already has heads")
-            backbone = HFBackbone(backbone.model)
-        if self.codec.codebook_size > vocab.num_audio:
-            raise ValueError(
-                f"codec codebook {self.codec.codebook_size} > {vocab.num_audio} audio tokens"
-            )
-        stack = ensure_heads(backbone, stack, cfg.num_heads)
-        if cfg.gradient_checkpointing:
-            enable = getattr(backbone.model, "activation_checkpointing_enable", None)
-            (enable or backbone.model.gradient_checkpointing_enable)(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-        backbone.requires_grad_(not self.frozen)
-        backbone.train(not self.frozen)
+    m = cfg.model
+    ckpt = load_vita_audio(
+        m.path, device="cpu", dtype=torch.float32, attn_implementation=m.attn_implementation
+    )
+    base_config = ckpt.config if ckpt.config.get("model_type") != "qwen2" else None
+    tok = load_tokenizer(m.tokenizer or m.path)
+    backbone, stack = ckpt.backbone, ckpt.stack
+    rows = backbone.vocab_size
+    vocab = extend_vocab(tok, backbone.model, num_audio_tokens=codec.codebook_size)
+    if vocab.vocab_size != rows:  # resized: re-wrap so the backbone sees the new lm_head
         if stack is not None:
-            stack.requires_grad_(True).train()
-        if cfg.lora:
-            add_lora(backbone.model, **cfg.lora)  # after the heads were copied
-            if self.cfg.stage == 1:  # the new speech-token rows must learn: embeddings train fully
-                backbone.model.get_input_embeddings().requires_grad_(True)
-                backbone.model.get_output_embeddings().requires_grad_(True)
-        self.tokenizer, self.vocab, self.backbone, self.stack = tok, vocab, backbone, stack
+            raise ValueError("the vocabulary must grow but the checkpoint already has heads")
+        backbone = HFBackbone(backbone.model)
+    if codec.codebook_size > vocab.num_audio:
+        raise ValueError(f"codec codebook {codec.codebook_size} > {vocab.num_audio} audio tokens")
+    model = MCTPTrainingModel(backbone=backbone, stack=stack, mtp_loss_weight=ckpt.mtp_loss_weight)
+    preset = stage_preset(cfg, ckpt.mtp_loss_weight)
+    preset.apply(model)
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if m.lora:
+        add_lora(backbone.model, **m.lora)  # after the heads were copied
+        if cfg.stage == 1:  # the new speech-token rows must learn: embeddings train fully
+            backbone.model.get_input_embeddings().requires_grad_(True)
+            backbone.model.get_output_embeddings().requires_grad_(True)
+    return model, preset, tok, vocab, base_config
 
-    def _trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
-        yield from ((f"backbone.{n}", p) for n, p in self.backbone.named_parameters())
-        if self.stack is not None:
-            yield from ((f"stack.{n}", p) for n, p in self.stack.named_parameters())
 
-    def _load_trainable(self, saved: Mapping[str, torch.Tensor]) -> None:
-        params = {n: p for n, p in self._trainable() if p.requires_grad}
-        if set(saved) != set(params):
-            raise ValueError(f"trainable params differ: {sorted(set(saved) ^ set(params))[:5]}")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(saved[n])
+def training_arguments(cfg: TrainConfig) -> Any:
+    """transformers ``TrainingArguments`` of the stage (engine, schedule, saving, logging).
 
-    def _build_optimizer(self) -> None:
-        o = self.cfg.optim
-        groups = param_groups(self.backbone.named_parameters(), o.lr, o.weight_decay, "backbone")
-        if self.stack is not None:
-            lr = o.lr * o.mctp_lr_mult
-            groups += param_groups(self.stack.named_parameters(), lr, o.weight_decay, "mctp")
-        self.params = [p for g in groups for p in g["params"]]
-        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
-        warmup = math.ceil(o.warmup_ratio * o.max_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(warmup, o.max_steps)
+    Raises:
+        ValueError: If ``optim.global_batch`` is not a multiple of ``per_device_batch x ranks``.
+    """
+    from transformers import TrainingArguments
+
+    o, r = cfg.optim, cfg.run
+    per_step = o.per_device_batch * _world_size()
+    if o.global_batch % per_step:
+        raise ValueError(
+            f"optim.global_batch ({o.global_batch}) must be a multiple of per_device_batch x "
+            f"processes ({o.per_device_batch} x {_world_size()})"
         )
+    report = r.report_to
+    if report is None:
+        report = ["tensorboard"] + (["wandb"] if importlib.util.find_spec("wandb") else [])
+    cuda = torch.cuda.is_available() and r.device != "cpu"
+    return TrainingArguments(
+        output_dir=r.out_dir,
+        max_steps=o.max_steps,
+        per_device_train_batch_size=o.per_device_batch,
+        per_device_eval_batch_size=o.per_device_batch,
+        gradient_accumulation_steps=o.global_batch // per_step,
+        learning_rate=o.lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.betas[0],
+        adam_beta2=o.betas[1],
+        adam_epsilon=o.eps,
+        max_grad_norm=o.clip,
+        lr_scheduler_type="cosine",
+        warmup_steps=o.warmup_ratio,
+        save_strategy="steps",
+        save_steps=r.save_every or o.max_steps,
+        save_total_limit=r.save_total_limit or None,
+        eval_strategy="steps" if r.eval_every else "no",
+        eval_steps=r.eval_every or None,
+        logging_steps=r.logging_steps,
+        report_to=report,
+        disable_tqdm=not r.progress,
+        seed=r.seed,
+        use_cpu=r.device == "cpu",
+        bf16=cuda if r.bf16 is None else r.bf16,
+        dataloader_num_workers=r.num_workers,
+        deepspeed=r.deepspeed,
+        fsdp=r.fsdp,
+        fsdp_config=r.fsdp_config if r.fsdp else None,
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
+    )
 
-    def _build_data(self) -> None:
-        d = self.cfg.data
-        cache = AudioCodes.load(d.code_cache) if d.code_cache else {}
-        self.codes = AudioCodes(self.codec, root=d.audio_root, cache=cache)
-        schedule = InterleaveSchedule.from_ratio(d.interleave) if d.interleave else None
-        renderer = ChatRenderer(self.tokenizer, self.vocab, self.codes, schedule)
-        mixture = DataMixture.from_config(d.mixture, seed=self.cfg.run.seed, ratios=d.ratios)
-        pad_id = self.tokenizer.pad_token_id
-        packer = Packer(
-            d.max_len, pad_id=0 if pad_id is None else pad_id, pad=d.pad, on_too_long=d.on_too_long
+
+def build_stage(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> StageRun:
+    """Model, data and ``MCTPTrainer`` of one stage (nothing is trained yet).
+
+    Raises:
+        ValueError, FileNotFoundError, DataError: As the model, data and Trainer builders.
+    """
+    torch.manual_seed(cfg.run.seed)
+    d = cfg.data
+    codec = load_codec(d.codec, **d.codec_kwargs)
+    model, preset, tok, vocab, base_config = build_model(cfg, codec)
+    args = training_arguments(cfg)  # before the data: sets up the process group
+    cache = AudioCodes.load(d.code_cache) if d.code_cache else {}
+    codes = AudioCodes(codec, root=d.audio_root, cache=cache)
+    schedule = InterleaveSchedule.from_ratio(d.interleave) if d.interleave else None
+    renderer = ChatRenderer(tok, vocab, codes, schedule)
+    with main_first(cfg):
+        mixture = DataMixture.from_config(
+            d.mixture,
+            seed=cfg.run.seed,
+            ratios=d.ratios,
+            errors=ErrorLog(d.on_error),
+            streaming=d.streaming,
         )
-        self.data = VitaAudioData(
-            mixture, renderer, packer, on_error=d.on_error, progress=self.cfg.run.progress
-        )
-        if d.prefetch:
-            self.codes.prefetch(mixture.audio_paths())
-        self.schedule = schedule
-
-    # ------------------------------------------------------------------ training
-    def loss(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Stage loss of one ``[1, L]`` batch and the detached per-head CE (or None)."""
-        ids, labels, pos = (
-            batch[k].to(self.device) for k in ("input_ids", "labels", "position_ids")
-        )
-        amp = torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda")
-        with amp:
-            if self.frozen:
-                with torch.no_grad():
-                    out = self.backbone(ids, position_ids=pos)
-            else:
-                out = self.backbone(ids, position_ids=pos, labels=labels)
-            mtp = None
-            if self.stack is not None:
-                mtp = mctp_loss(
-                    self.stack,
-                    out.hidden,
-                    ids,
-                    labels,
-                    position_ids=pos,
-                    weight=self.cfg.model.mtp_loss_weight,
-                    detach_backbone=self.frozen,
-                )
-            loss = total_loss(out.loss, mtp, backbone_frozen=self.frozen)
-        return loss, None if mtp is None else mtp.per_head
-
-    def step(self, batches: Iterator[Mapping[str, torch.Tensor]]) -> dict[str, Any]:
-        """One optimizer step over ``optim.global_batch`` micro-batches drawn from ``batches``.
-
-        Returns:
-            ``{"step", "loss", "per_head", "lr", "grad_norm"}`` (also appended to ``history``).
-        """
-        accum = self.cfg.optim.global_batch
-        total, heads = 0.0, None
-        for batch in islice(batches, accum):
-            loss, per_head = self.loss(batch)
-            (loss / accum).backward()
-            total += loss.item() / accum
-            if per_head is not None:
-                heads = per_head / accum if heads is None else heads + per_head / accum
-            self.micro_batches += 1
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.clip)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step_count += 1
-        rec = {
-            "step": self.step_count,
-            "loss": total,
-            "per_head": None if heads is None else [round(h, 4) for h in heads.tolist()],
-            "lr": lr,
-            "grad_norm": float(norm),
-        }
-        self.history.append(rec)
-        return rec
-
-    def fit(self) -> Path:
-        """Train until ``optim.max_steps``, checkpointing; returns the last checkpoint folder."""
-        o, r = self.cfg.optim, self.cfg.run
-        batches = self.data.batches()
-        if self.micro_batches:  # resume: replay the data stream up to where it stopped
-            skip = tqdm(
-                range(self.micro_batches), desc="skipping seen batches", disable=not r.progress
+    pad_id = tok.pad_token_id
+    data = VitaAudioData(
+        mixture,
+        renderer,
+        max_len=d.max_len,
+        pad=d.pad,
+        pad_id=0 if pad_id is None else pad_id,
+        on_too_long=d.on_too_long,
+        progress=cfg.run.progress and _is_main(),
+    )
+    if d.prefetch:
+        codes.prefetch(mixture.audio_paths(), progress=cfg.run.progress and _is_main())
+    eval_ds = None
+    if d.streaming:
+        train_ds: Any = data.stream()
+    else:
+        packs = data.dataset()
+        g = cfg.optim.global_batch
+        held = packs.packs[len(packs.packs) - d.eval_packs :] if d.eval_packs else []
+        usable = (len(packs.packs) - len(held)) // g * g  # whole optimizer steps only
+        if usable == 0:
+            raise ValueError(
+                f"{len(packs.packs)} packs ({d.eval_packs} held out) do not fill one optimizer "
+                f"step of optim.global_batch={g}"
             )
-            for _ in zip(skip, batches):
-                pass
-        bar = tqdm(
-            range(self.step_count, o.max_steps),
-            desc=f"stage {self.cfg.stage}",
-            disable=not r.progress,
-        )
-        last = None
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with (self.out_dir / "log.jsonl").open("a") as log:
-            for _ in bar:
-                rec = self.step(batches)
-                log.write(json.dumps(rec) + "\n")
-                post = {"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.2e}"}
-                if rec["per_head"]:
-                    post["heads"] = " ".join(f"{h:.3f}" for h in rec["per_head"])
-                bar.set_postfix(post)
-                if r.save_every and self.step_count % r.save_every == 0:
-                    last = self.save()
-        if last is None or not last.name.endswith(f"-{self.step_count}"):
-            last = self.save()
-        return last
+        if held:
+            eval_ds = type(packs)(held, packs.render, max_len=packs.max_len, pad_id=packs.pad_id)
+        packs.packs = packs.packs[:usable]
+        train_ds = packs
+    trainer = MCTPTrainer(
+        model=model,
+        args=args,
+        stage=preset,
+        on_nonfinite=cfg.run.on_nonfinite,
+        data_collator=PackedCollator(pad_id=data.pad_id, flatten=False),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        callbacks=list(callbacks),
+    )
+    return StageRun(cfg, model, preset, tok, vocab, base_config, data, codes, schedule, trainer)
 
-    # ------------------------------------------------------------------ checkpoints
-    def _inference_mode(self) -> list[int] | None:
-        """The training ratio for generation_config.json, when the heads can run it."""
-        s = self.schedule
-        if s is None or self.stack is None or s.max_heads > self.stack.num_heads:
-            return None
+
+# --------------------------------------------------------------------------- running
+def _inference_mode(run: StageRun) -> list[int] | None:
+    """The training ratio when the heads can run it, else the official default ``[1, N]``."""
+    n = run.model.num_heads
+    if n == 0:
+        return None
+    s = run.schedule
+    if s is not None and s.max_heads <= n:
         return list(s.ratio)
+    return [1, n]
 
-    def save(self) -> Path:
-        """Write ``out_dir/checkpoint-<step>`` (official format + trainer state) and rotate."""
-        r = self.cfg.run
-        folder = self.out_dir / f"checkpoint-{self.step_count}"
-        dtype = getattr(torch, r.save_dtype) if r.save_dtype else None
-        lora = merged_lora(self.backbone.model) if self.cfg.model.lora else contextlib.nullcontext()
-        with lora:
+
+def export_stage(run: StageRun, folder: Path) -> Path:
+    """Write the stage result (official format, tokenizer, LoRA adapter) atomically to ``folder``.
+
+    Raises:
+        NonFiniteWeightsError: If a weight is NaN or infinite (nothing is written).
+    """
+    t = run.trainer
+    staged = folder.parent / STAGING_DIR / folder.name
+    model = run.model
+    if t.is_fsdp_enabled or t.is_deepspeed_enabled:  # sharded weights: gather (all ranks)
+        state = t.accelerator.get_state_dict(t.model_wrapped)
+        if t.is_world_process_zero():
+            codec = load_codec(run.cfg.data.codec, **run.cfg.data.codec_kwargs)
+            model = build_model(run.cfg, codec)[0]
+            model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    if t.is_world_process_zero():
+        assert_finite(model, f"stage {run.cfg.stage}'s final model")
+        if staged.exists():
+            shutil.rmtree(staged)
+        dtype = getattr(torch, run.cfg.run.save_dtype) if run.cfg.run.save_dtype else None
+        lora = run.cfg.model.lora
+        with merged_lora(model.backbone.model) if lora else contextlib.nullcontext():
             save_vita_audio(
-                self.backbone,
-                self.stack,
-                folder,
-                mtp_loss_weight=self.cfg.model.mtp_loss_weight,
+                model.backbone,
+                model.stack,
+                staged,
+                mtp_loss_weight=model.mtp_loss_weight,
                 dtype=dtype,
-                base_config=self.base_config,
-                tokenizer=self.tokenizer,
-                mtp_inference_mode=self._inference_mode(),
+                base_config=run.base_config,
+                tokenizer=run.tokenizer,
+                mtp_inference_mode=_inference_mode(run),
             )
-        state = {
-            "step": self.step_count,
-            "micro_batches": self.micro_batches,
-            "stage": self.cfg.stage,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
-            "trainable": (
-                {n: p.detach().cpu() for n, p in self._trainable() if p.requires_grad}
-                if self.cfg.model.lora
-                else None
-            ),
+        if lora:
+            save_lora_adapter(
+                model.backbone.model, staged / "adapter", base_model_name_or_path=run.cfg.model.path
+            )
+        (staged / "mctp_stage.json").write_text(
+            json.dumps(
+                {"stage": run.cfg.stage, "steps": t.state.global_step, "config": run.cfg.to_dict()},
+                indent=2,
+            )
+            + "\n"
+        )
+        publish(str(staged), str(folder))
+        if run.cfg.data.code_cache:
+            run.codes.save(run.cfg.data.code_cache)
+    t.accelerator.wait_for_everyone()
+    return folder
+
+
+def run_stage(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
+    """Train one stage (resuming from its newest checkpoint) and export its ``final`` folder.
+
+    A stage whose ``final`` folder exists is not run again.
+
+    Returns:
+        The stage's ``final`` folder.
+
+    Raises:
+        NonFiniteLossError: On a NaN/inf loss with ``run.on_nonfinite: stop``.
+        FileNotFoundError: If ``run.resume`` names a missing folder.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(cfg.run.out_dir)
+    final = out / FINAL_DIR
+    if (final / "config.json").is_file():
+        if _is_main():
+            print(f"stage {cfg.stage}: already complete -> {final}")
+        return final
+    resume = cfg.run.resume
+    if resume == "auto":
+        resume = get_last_checkpoint(str(out)) if out.is_dir() else None
+    elif resume is not None and not Path(resume).is_dir():
+        raise FileNotFoundError(f"run.resume names a missing checkpoint folder: {resume}")
+    if _is_main():
+        print(f"stage {cfg.stage} config:\n{json.dumps(cfg.to_dict(), indent=2, default=str)}")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
+    run = build_stage(cfg, callbacks)
+    if _is_main():
+        m = run.model
+        counts = {
+            name: sum(p.numel() for p in part.parameters() if p.requires_grad)
+            for name, part in (("backbone", m.backbone), ("heads", m.stack))
+            if part is not None
         }
-        torch.save(state, folder / STATE_FILE)
-        if self.cfg.data.code_cache:
-            self.codes.save(self.cfg.data.code_cache)
-        if r.save_total_limit > 0:
-            older = sorted(
-                (p for p in self.out_dir.glob("checkpoint-*") if p != folder),
-                key=lambda p: int(p.name.split("-")[-1]),
-            )
-            for old in older[: max(0, len(older) - (r.save_total_limit - 1))]:
-                shutil.rmtree(old)
-        return folder
+        print(
+            f"stage {cfg.stage}: {run.preset}\n  trainable parameters {counts}, mtp_loss_weight "
+            f"{m.mtp_loss_weight}, {len(run.trainer.train_dataset) if hasattr(run.trainer.train_dataset, '__len__') else 'streamed'} "
+            f"packs, {run.data.errors.summary()}, resume from {resume}"
+        )
+    run.trainer.train(resume_from_checkpoint=resume)
+    folder = export_stage(run, final)
+    if _is_main():
+        last = next((h for h in reversed(run.trainer.state.log_history) if "loss" in h), {})
+        print(f"stage {cfg.stage}: step {run.trainer.state.global_step} {last} -> {folder}")
+    return folder
 
 
-def main(cfg: Mapping[str, Any]) -> list[Trainer]:
-    """Run one stage, or the ``stages`` list in order (each starts from the previous result).
+def main(cfg: Mapping[str, Any], callbacks: Sequence[Any] = ()) -> list[Path]:
+    """Run one stage, or the ``stages`` list in order (each starts from the previous ``final``).
 
     A ``tiny`` section first writes a random tiny Qwen2 and a synthetic dataset into
     ``run.out_dir/assets`` and points ``model.path`` and ``data.mixture`` at them.
 
+    Args:
+        cfg: The recipe (nested mappings, see :class:`~vita_audio.config.TrainConfig`).
+        callbacks: Extra transformers ``TrainerCallback`` objects for every stage.
+
     Returns:
-        The trainers, one per stage run.
+        The ``final`` folder of every stage.
 
     Raises:
-        ValueError, FileNotFoundError: As :class:`TrainConfig` and :class:`Trainer`.
+        ValueError, FileNotFoundError: As :class:`TrainConfig` and :func:`run_stage`.
     """
     cfg = dict(cfg)
     stages = cfg.pop("stages", None) or [{}]
     tiny = cfg.pop("tiny", None)
     if tiny is not None:
         out = Path(cfg.get("run", {}).get("out_dir", "out/vita_audio"))
-        assets = make_tiny_assets(out / "assets", **tiny)
+        first = TrainConfig.from_dict(
+            merge_config(cfg, {"model": {"path": "-"}, "data": {"mixture": "-"}})
+        )
+        with main_first(first):
+            if _is_main() or not (out / "assets" / "assets.json").is_file():
+                assets = make_tiny_assets(out / "assets", **tiny)
+                if _is_main():
+                    (out / "assets" / "assets.json").write_text(json.dumps(assets))
+            assets = json.loads((out / "assets" / "assets.json").read_text())
         cfg = merge_config(
             cfg, {"model": {"path": assets["model"]}, "data": {"mixture": assets["mixture"]}}
         )
-    trainers, previous = [], None
+    folders: list[Path] = []
+    previous = None
     for i, overrides in enumerate(stages):
         raw = merge_config(cfg, overrides)
         if len(stages) > 1:
@@ -440,11 +474,9 @@ def main(cfg: Mapping[str, Any]) -> list[Trainer]:
             )
         if previous is not None:
             raw = merge_config(raw, {"model": {"path": str(previous), "tokenizer": None}})
-        trainer = Trainer(TrainConfig.from_dict(raw))
-        previous = trainer.fit()
-        print(f"stage {trainer.cfg.stage}: {trainer.history[-1]} -> {previous}")
-        trainers.append(trainer)
-    return trainers
+        previous = run_stage(TrainConfig.from_dict(raw), callbacks)
+        folders.append(previous)
+    return folders
 
 
 def _cli(argv: Sequence[str] | None = None) -> None:

@@ -20,15 +20,14 @@ from vita_audio.data import (
     AudioCodes,
     ChatRenderer,
     RecordError,
-    Sample,
     VitaAudioData,
 )
 from vita_audio.mixture import DataMixture, DataSource
-from vita_audio.packing import Packer
 
 from mctp.backbones import extend_vocab
 from mctp.codecs import AudioError, DummyCodec
 from mctp.interleave import InterleaveSchedule
+from mctp.training import DataError, ErrorLog, PackedCollator
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -166,10 +165,10 @@ def test_bad_records(tok_vocab):
 
 
 # --------------------------------------------------------------------------- audio files
-def _write_mixture(tmp_path, records, name="d.jsonl"):
+def _write_mixture(tmp_path, records, name="d.jsonl", errors=None):
     path = tmp_path / name
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return DataMixture([DataSource("d", (str(path),))], seed=0)
+    return DataMixture([DataSource("d", (str(path),))], seed=0, errors=errors)
 
 
 def test_audio_codes_cache_and_file_errors(tmp_path, tok_vocab):
@@ -196,12 +195,15 @@ def test_audio_codes_cache_and_file_errors(tmp_path, tok_vocab):
     records = [good, _chat(("user", "<|audio|>"), ("assistant", "w1"), audios=["missing.wav"])]
     records.append(_chat(("user", "<|audio|>"), ("assistant", "w1"), audios=["bad.wav"]))
     mixture = _write_mixture(tmp_path, records)
-    strict = VitaAudioData(mixture, renderer, Packer(64), progress=False)
-    with pytest.raises(RecordError, match=r"d\.jsonl:\d: .*(not found|cannot decode)"):
-        list(strict.packs())
-    lenient = VitaAudioData(mixture, renderer, Packer(64), on_error="skip", progress=False)
-    packs = list(lenient.packs())
-    assert lenient.stats.skipped_errors == 2 and sum(len(p.lengths) for p in packs) == 1
+    strict = VitaAudioData(mixture, renderer, max_len=64, progress=False)
+    with pytest.raises(DataError, match=r"d\.jsonl:[23]: .*(not found|cannot decode)"):
+        strict.dataset()
+    lenient_mix = _write_mixture(tmp_path, records, errors=ErrorLog("skip"))
+    lenient = VitaAudioData(lenient_mix, renderer, max_len=64, progress=False)
+    packs = lenient.dataset()
+    assert lenient.stats.skipped_errors == 2 and sum(len(p) for p in packs.packs) == 1
+    where = sorted(e.split(": ")[0] for e in lenient.errors.skipped)
+    assert where == [f"{tmp_path / 'd.jsonl'}:2", f"{tmp_path / 'd.jsonl'}:3"]
 
 
 # --------------------------------------------------------------------------- packing
@@ -210,62 +212,65 @@ samples_st = st.lists(
 )
 
 
+def _pack_all(samples, max_len, pad):
+    """Pack ``samples`` (length, stream) with the recipe's planner; rows as the Trainer sees them."""
+    from mctp.training import PackedDataset, greedy_packs
+
+    lengths = [n for n, _ in samples]
+    packs, too_long = greedy_packs(lengths, [src for _, src in samples], max_len)
+    items = {i: [i * 1000 + j for j in range(n)] for i, (n, _) in enumerate(samples)}
+    ds = PackedDataset(
+        packs,
+        lambda i: {"input_ids": items[i], "labels": items[i]},
+        max_len=max_len if pad else None,
+        pad_id=-7,
+    )
+    return packs, too_long, [ds[k] for k in range(len(ds))]
+
+
 @settings(max_examples=60, deadline=None)
 @given(samples=samples_st, max_len=st.integers(8, 64), pad=st.booleans())
 def test_packing_properties(samples, max_len, pad):
-    packer = Packer(max_len, pad_id=-7, pad=pad)
-    packs = []
-    for i, (n, src) in enumerate(samples):  # sample i: ids i*1000 + 0..n-1, labels = ids
-        ids = [i * 1000 + j for j in range(n)]
-        done = packer.add(Sample(ids, list(ids)), src)
-        packs += [done] if done else []
-    packs += packer.flush()
+    packs, too_long, rows = _pack_all(samples, max_len, pad)
     fits = [(i, n, src) for i, (n, src) in enumerate(samples) if n <= max_len]
-    assert packer.skipped == len(samples) - len(fits)
+    assert len(too_long) == len(samples) - len(fits)
     seen = {}
-    for p in packs:
-        assert len(p.input_ids) == len(p.labels) == len(p.position_ids) <= max_len
-        assert len(p.input_ids) == (max_len if pad else sum(p.lengths)) and p.num_pad == len(
-            p.input_ids
-        ) - sum(p.lengths)
-        assert p.labels[len(p.labels) - p.num_pad :] == [IGNORE_INDEX] * p.num_pad
-        assert p.input_ids[len(p.input_ids) - p.num_pad :] == [-7] * p.num_pad
-        starts = [k for k, q in enumerate(p.position_ids) if q == 0]  # restart at every sample
-        assert len(starts) == len(p.lengths)
+    for members, row in zip(packs, rows):
+        lengths = [samples[i][0] for i in members]
+        num_pad = len(row["input_ids"]) - sum(lengths)
+        assert len(row["input_ids"]) == len(row["labels"]) == len(row["position_ids"]) <= max_len
+        assert len(row["input_ids"]) == (max_len if pad else sum(lengths))
+        assert row["labels"][len(row["labels"]) - num_pad :] == [IGNORE_INDEX] * num_pad
+        assert row["input_ids"][len(row["input_ids"]) - num_pad :] == [-7] * num_pad
+        starts = [k for k, q in enumerate(row["position_ids"]) if q == 0]  # restart per sample
+        assert len(starts) == len(lengths)
         off = 0
-        for n in p.lengths:
-            ids = p.input_ids[off : off + n]
-            assert (
-                p.position_ids[off : off + n] == list(range(n)) and p.labels[off : off + n] == ids
-            )
+        for n in lengths:
+            ids = row["input_ids"][off : off + n]
+            assert row["position_ids"][off : off + n] == list(range(n))
+            assert row["labels"][off : off + n] == ids
             i = ids[0] // 1000
             assert ids == [i * 1000 + j for j in range(n)] and i not in seen
-            seen[i] = p.source
+            seen[i] = {samples[k][1] for k in members}
             off += n
-        assert p.position_ids[off:] == list(range(p.lengths[-1], p.lengths[-1] + p.num_pad))
-    assert seen == {i: src for i, _, src in fits}  # every fitting sample exactly once, own stream
+        assert row["position_ids"][off:] == list(range(lengths[-1], lengths[-1] + num_pad))
+    assert {i: s.pop() for i, s in seen.items() if len(s) == 1} == {i: src for i, _, src in fits}
     for src in {s for _, _, s in fits}:  # a stream keeps its order, packs close only when full
-        order = [p for p in packs if p.source == src]
-        flat = [p.input_ids[0] // 1000 for p in order]
+        order = [p for p in packs if samples[p[0]][1] == src]
+        flat = [p[0] for p in order]
         assert flat == sorted(flat)
         for a, b in itertools.pairwise(order):
-            assert sum(a.lengths) + b.lengths[0] > max_len
+            assert sum(samples[i][0] for i in a) + samples[b[0]][0] > max_len
 
 
-def test_packing_policy_and_batch():
-    with pytest.raises(ValueError, match="exceeds max_len 4"):
-        Packer(4, on_too_long="raise").add(Sample([1] * 5, [1] * 5))
-    with pytest.raises(ValueError, match="on_too_long"):
-        Packer(4, on_too_long="truncate")
-    packer = Packer(8, pad_id=0)
-    assert packer.add(Sample([1, 2, 3], [-100, 2, 3])) is None
-    (pack,) = packer.flush()
-    batch = pack.batch()
-    assert {k: tuple(t.shape) for k, t in batch.items()} == {
+def test_collated_pack_batch():
+    _, _, rows = _pack_all([(3, "s")], 8, True)
+    batch = PackedCollator(flatten=False)(rows)
+    assert {k: tuple(batch[k].shape) for k in ("input_ids", "labels", "position_ids")} == {
         k: (1, 8) for k in ("input_ids", "labels", "position_ids")
     }
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 6, 7]]
-    assert batch["labels"].tolist() == [[-100, 2, 3] + [-100] * 5]
+    assert batch["labels"].tolist() == [[0, 1, 2] + [-100] * 5]
 
 
 # --------------------------------------------------------------------------- mixture
@@ -289,7 +294,7 @@ def test_mixture_ratios_and_determinism(tmp_path):
     }
     m = DataMixture.from_config(cfg, seed=3)
     assert m.counts() == {f"qa:{qa}": 20, f"asr:{asr}": 15, f"text:{text}": 7}
-    recs = [(r["name"], r["i"]) for _, _, r in m.records()]
+    recs = [(r["name"], r["i"]) for _, _, r, _ in m.records()]
     assert len(recs) == len(m) == 42
     qa_ids = sorted(i for k, i in recs if k == "qa")
     assert qa_ids == sorted(list(range(10)) * 2)  # ratio 2.0: every record twice
@@ -304,13 +309,13 @@ def test_mixture_ratios_and_determinism(tmp_path):
     assert s4.counts() == {f"qa:{qa}": 0, f"asr:{asr}": 15, f"text:{text}": 0, f"off:{off}": 0}
     with pytest.raises(ValueError, match="unknown sources"):
         DataMixture.from_config(cfg, ratios={"nope": 1.0})
-    with pytest.raises(FileNotFoundError, match="data file not found"):
+    with pytest.raises(FileNotFoundError, match="no JSONL file"):
         DataMixture([DataSource("x", (str(tmp_path / "none.jsonl"),))])
     with pytest.raises(ValueError, match="mixture is empty"):
         DataMixture([DataSource("x", (text,), ratio=0.01)])
 
 
-def test_pipeline_batches_per_stream(tmp_path, tok_vocab):
+def test_pipeline_packs_per_stream(tmp_path, tok_vocab):
     a = tmp_path / "a.jsonl"
     b = tmp_path / "b.jsonl"
     a.write_text(
@@ -320,18 +325,60 @@ def test_pipeline_batches_per_stream(tmp_path, tok_vocab):
         "".join(json.dumps(_chat(("user", "w4 w5"), ("assistant", "w6"))) + "\n" for _ in range(3))
     )
     mixture = DataMixture([DataSource("a", (str(a),)), DataSource("b", (str(b),))], seed=1)
-    data = VitaAudioData(mixture, _renderer(tok_vocab), Packer(40, pad_id=0), progress=False)
-    packs = list(data.packs())
-    assert sum(len(p.lengths) for p in packs) == 8 and data.stats.records == 8
-    for p in packs:  # one stream per pack: every sample of a pack renders identically
-        first = p.input_ids[: p.lengths[0]]
-        assert all(
-            p.input_ids[sum(p.lengths[:k]) : sum(p.lengths[: k + 1])] == first
-            for k in range(len(p.lengths))
-        )
-    stream = data.batches()
-    first_epoch = [next(stream) for _ in range(len(packs) + 1)]  # runs into epoch 1
-    assert all(x["input_ids"].shape == (1, 40) for x in first_epoch)
+    data = VitaAudioData(mixture, _renderer(tok_vocab), max_len=40, pad_id=0, progress=False)
+    ds = data.dataset()
+    assert sum(len(p) for p in ds.packs) == 8 and data.stats.records == 8
+    for members in ds.packs:  # one stream per pack
+        assert len({f for f, _ in members}) == 1
+    rows = [ds[i] for i in range(len(ds))]
+    assert all(len(r["input_ids"]) == 40 for r in rows)
+    streamed = VitaAudioData(
+        DataMixture(
+            [DataSource("a", (str(a),)), DataSource("b", (str(b),))], seed=1, streaming=True
+        ),
+        _renderer(tok_vocab),
+        max_len=40,
+        progress=False,
+    ).stream()
+    it = iter(streamed)
+    first = [next(it) for _ in range(len(rows) + 1)]  # runs into the second epoch
+    assert sorted(map(str, first[: len(rows)])) == sorted(map(str, rows))
+
+
+def test_malformed_kinds_are_reported_with_file_and_line(tmp_path, tok_vocab, caplog):
+    bad = [
+        {"audios": []},  # no messages
+        {"messages": []},  # empty conversation
+        {"messages": [{"role": "robot", "content": "w1"}]},
+        {"messages": [{"role": "user", "content": 5}]},
+        _chat(("user", "<|audio|>"), ("assistant", "w1")),  # placeholder without audio
+    ]
+    lines = [json.dumps(_chat(("user", "w1"), ("assistant", "w2")))] + [json.dumps(r) for r in bad]
+    lines.insert(2, "{broken")
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"{path}:3: invalid JSON"):
+        DataMixture([DataSource("m", (str(path),))])
+    mixture = DataMixture([DataSource("m", (str(path),))], errors=ErrorLog("skip"))
+    strict = tmp_path / "s.jsonl"
+    strict.write_text("\n".join(lines[:2] + lines[3:]) + "\n")
+    with pytest.raises(DataError, match=rf"{strict}:[2-6]: "):  # first bad one met
+        VitaAudioData(
+            DataMixture([DataSource("s", (str(strict),))]), _renderer(tok_vocab), max_len=64
+        ).dataset()
+    data = VitaAudioData(mixture, _renderer(tok_vocab), max_len=64, progress=False)
+    with caplog.at_level("WARNING"):
+        ds = data.dataset()
+    assert len(ds.packs) == 1 and data.errors.summary().startswith("skipped 6 malformed records")
+    assert sorted(int(e.split(": ")[0].rsplit(":", 1)[1]) for e in data.errors.skipped) == [
+        2,
+        3,
+        4,
+        5,
+        6,
+        7,
+    ]
+    assert f"{path}:3" in caplog.text and "skipped 6 malformed records" in caplog.text
 
 
 def test_asr_with_the_glm4voice_tokenizer(fixtures_dir):

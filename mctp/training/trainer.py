@@ -1,0 +1,393 @@
+"""``MCTPTrainer``: transformers' ``Trainer`` with the MCTP loss, per-head logs and safe saves.
+
+Why ``Trainer`` (and not a loop of our own on accelerate): the official VITA-Audio trainer is
+a transformers ``Trainer``, so its loss normalisation (``num_items_in_batch``: the labelled
+tokens of the whole accumulated batch over all data-parallel ranks), LR schedules, resume
+logic and checkpoint layout are reproduced by construction; and ``Trainer`` runs unchanged
+under ``torchrun``/``accelerate launch`` with DDP, FSDP and DeepSpeed ZeRO (all through
+accelerate), reports to TensorBoard/W&B and only lets the main process write. This class adds
+only what MCTP needs:
+
+* :meth:`compute_loss`: ``(main CE + w * mean_k CE_k) / num_items_in_batch`` from
+  :class:`~mctp.training.MCTPTrainingModel`; per-head sums are accumulated and logged as
+  ``loss_main``, ``loss_head_<k>`` (token means over all ranks) with ``tokens_per_second``.
+* a non-finite guard: before every optimizer step all ranks agree whether a micro-batch loss or
+  the gradients were NaN/inf; then the run stops with :class:`NonFiniteLossError`
+  (``on_nonfinite="stop"``) or the update is skipped (``"skip"``: gradients dropped).
+* :meth:`evaluate`: held-out loss per head and each head's greedy agreement with the backbone
+  (how often head ``k``'s argmax equals the backbone's argmax for the same next token).
+* atomic checkpoints: ``Trainer`` writes ``checkpoint-N`` into ``output_dir/.staging`` and the
+  main process renames it into place when complete (a kill mid-save leaves no
+  ``checkpoint-N``); non-finite weights are never saved (:class:`NonFiniteWeightsError`).
+* optimizer groups from a :class:`~mctp.training.StagePreset` (heads at ``lr x mctp_lr_mult``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+try:
+    from transformers import Trainer, TrainerCallback
+except ImportError as e:  # pragma: no cover - transformers is a core dependency
+    raise ImportError("mctp.training needs transformers: pip install 'mctp[train]'") from e
+
+if TYPE_CHECKING:
+    from .stages import StagePreset
+
+__all__ = ["STAGING_DIR", "MCTPTrainer", "NonFiniteLossError", "NonFiniteWeightsError"]
+
+STAGING_DIR = ".staging"
+"""Sub-folder of ``output_dir`` where checkpoints are written before being renamed into place."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training loss or gradient was NaN or infinite (``on_nonfinite="stop"``)."""
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """A save was refused because some weights are NaN or infinite."""
+
+
+class _Guard(TrainerCallback):
+    """Agrees over all ranks on non-finite losses/gradients before each optimizer step."""
+
+    def __init__(self, trainer: MCTPTrainer) -> None:
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        t = self.trainer
+        model = t.model
+        local = float(t._bad_losses)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads and not bool(torch.isfinite(torch.stack([g.float().norm() for g in grads]).sum())):
+            local += 1.0
+        flag = torch.tensor([local], device=args.device)
+        if args.world_size > 1:
+            flag = t.accelerator.reduce(flag, reduction="sum")
+        t._bad_losses = 0
+        if float(flag.item()) == 0.0:
+            return
+        step = state.global_step + 1
+        losses = ", ".join(f"{x:.4g}" for x in t._step_losses) or "n/a"
+        if t.on_nonfinite == "stop":
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient at optimizer step {step} (micro-batch losses on this "
+                f"rank: {losses}); stopping. Nothing of this step was applied or saved. Lower the "
+                "learning rate, check the data, or pass on_nonfinite='skip' to skip such steps."
+            )
+        for p in model.parameters():
+            p.grad = None  # AdamW leaves parameters without gradients untouched
+        t.skipped_steps += 1
+        if args.should_log:
+            print(f"[mctp] step {step}: non-finite loss or gradient ({losses}); update skipped")
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._step_losses = []
+
+
+class MCTPTrainer(Trainer):
+    """transformers ``Trainer`` for :class:`~mctp.training.MCTPTrainingModel`.
+
+    Args:
+        *args: As ``transformers.Trainer`` (model, args, data_collator, train_dataset, ...).
+        stage: Optimizer groups come from ``stage.param_groups(model)`` (heads at
+            ``lr x mctp_lr_mult``); None: the default transformers groups.
+        on_nonfinite: ``"stop"`` (raise :class:`NonFiniteLossError`) or ``"skip"`` the update.
+        shuffle: Shuffle the training set with ``args.seed`` (transformers' default sampler);
+            False (default) keeps the dataset's own order (it is already mixed with a seed),
+            which makes N ranks see exactly the batches one process would.
+        **kwargs: As ``transformers.Trainer``.
+
+    Raises:
+        ValueError: On an unknown ``on_nonfinite``, or ``"skip"`` under DeepSpeed (which owns
+            the optimizer step).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        stage: StagePreset | None = None,
+        on_nonfinite: str = "stop",
+        shuffle: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+        super().__init__(*args, **kwargs)
+        if on_nonfinite == "skip" and self.is_deepspeed_enabled:
+            raise ValueError("on_nonfinite='skip' is not available under DeepSpeed; use 'stop'")
+        self.stage = stage
+        self.on_nonfinite = on_nonfinite
+        self.shuffle = shuffle
+        self.skipped_steps = 0
+        self._bad_losses = 0
+        self._step_losses: list[float] = []
+        self._acc: dict[str, torch.Tensor] = {}
+        self._acc_time = time.perf_counter()
+        self._staging = False
+        self.add_callback(_Guard(self))
+
+    # ------------------------------------------------------------------ optimizer, data
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """AdamW over the stage's parameter groups (transformers' default without a stage)."""
+        if self.stage is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        groups = self.stage.param_groups(self.model)
+        if not groups:
+            raise ValueError(f"stage {self.stage.name!r}: no parameter requires a gradient")
+        a = self.args
+        self.optimizer = torch.optim.AdamW(
+            groups, lr=self.stage.lr, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon
+        )
+        return self.optimizer
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.shuffle or not hasattr(dataset, "__len__"):
+            return super()._get_train_sampler(train_dataset)
+        return torch.utils.data.SequentialSampler(dataset)
+
+    # ------------------------------------------------------------------ loss and logs
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """The stage loss normalised by ``num_items_in_batch`` (scaled for rank averaging)."""
+        outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
+        loss = outputs["loss"]
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        if model.training:
+            self._accumulate(outputs, inputs)
+            value = float(loss.detach())
+            self._step_losses.append(value)
+            if not math.isfinite(value):
+                self._bad_losses += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def _accumulate(self, outputs: dict[str, Any], inputs: dict[str, Any]) -> None:
+        stats = {
+            "main_sum": outputs["main_sum"].float().reshape(1),
+            "main_count": outputs["main_count"].float().reshape(1),
+            "head_sums": outputs["head_sums"].float().reshape(-1),
+            "head_counts": outputs["head_counts"].float().reshape(-1),
+            "tokens": torch.tensor([float(inputs["input_ids"].numel())]),
+        }
+        for k, v in stats.items():
+            v = v.detach().to(self.args.device)
+            self._acc[k] = v if k not in self._acc else self._acc[k] + v
+
+    def _reduce(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.args.world_size <= 1:
+            return values
+        return {
+            k: self.accelerator.reduce(v.contiguous(), reduction="sum") for k, v in values.items()
+        }
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add ``loss_main``, ``loss_head_<k>``, ``tokens_per_second`` to training logs."""
+        if "loss" in logs and self._acc:
+            acc = self._reduce(self._acc)
+            now = time.perf_counter()
+            main_count = float(acc["main_count"].sum())
+            if self.model.train_backbone and main_count:
+                logs["loss_main"] = float(acc["main_sum"].sum()) / main_count
+            for k, (s, c) in enumerate(zip(acc["head_sums"].tolist(), acc["head_counts"].tolist())):
+                logs[f"loss_head_{k}"] = s / max(c, 1.0)
+            logs["tokens_per_second"] = float(acc["tokens"].sum()) / max(now - self._acc_time, 1e-9)
+            if self.skipped_steps:
+                logs["skipped_steps"] = float(self.skipped_steps)
+            self._acc, self._acc_time = {}, now
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(
+        self,
+        eval_dataset: Any = None,
+        ignore_keys: Sequence[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """Held-out loss (main and per head) and each head's greedy agreement with the backbone.
+
+        Returns:
+            ``{prefix}_loss`` (the stage loss, token-normalised over the whole set),
+            ``{prefix}_loss_main``, ``{prefix}_loss_head_<k>`` and
+            ``{prefix}_agreement_head_<k>`` (fraction of head ``k``'s scored positions where its
+            argmax equals the backbone's argmax for the same next token).
+        """
+        loader = self.get_eval_dataloader(eval_dataset)
+        model = self.model_wrapped if self.model_wrapped is not None else self.model
+        inner = self.model
+        was_training = inner.training
+        inner.eval()
+        acc: dict[str, torch.Tensor] = {}
+        n = inner.num_heads
+        with torch.no_grad():
+            for batch in loader:
+                batch = self._prepare_inputs(batch)
+                out = model(**batch, return_logits=n > 0)
+                stats = {
+                    "main_sum": out["main_sum"].float().reshape(1),
+                    "main_count": out["main_count"].float().reshape(1),
+                    "head_sums": out["head_sums"].float().reshape(-1),
+                    "head_counts": out["head_counts"].float().reshape(-1),
+                }
+                if n:
+                    targets = out["head_targets"]  # [N, B, T]
+                    scored = targets != -100
+                    backbone = out["logits"].argmax(-1)  # [B, T]
+                    heads = inner.stack.to_global_ids(out["head_logits"].argmax(-1))  # [N, B, T]
+                    same = (heads == backbone.unsqueeze(0)) & scored
+                    stats["agree"] = same.flatten(1).sum(1).float()
+                for k, v in stats.items():
+                    acc[k] = v if k not in acc else acc[k] + v
+        inner.train(was_training)
+        if not acc:
+            raise ValueError("the evaluation set is empty")
+        acc = self._reduce({k: v.to(self.args.device) for k, v in acc.items()})
+        count = max(float(acc["main_count"].sum()), 1.0)
+        p = metric_key_prefix
+        metrics: dict[str, float] = {f"{p}_loss_main": float(acc["main_sum"].sum()) / count}
+        total = metrics[f"{p}_loss_main"] if inner.train_backbone else 0.0
+        if n:
+            sums, counts = acc["head_sums"], acc["head_counts"].clamp_min(1)
+            total += inner.mtp_loss_weight * float((sums / count).mean())
+            for k in range(n):
+                metrics[f"{p}_loss_head_{k}"] = float(sums[k] / counts[k])
+                metrics[f"{p}_agreement_head_{k}"] = float(acc["agree"][k] / counts[k])
+        metrics[f"{p}_loss"] = total
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(
+            self.args, self.state, self.control, metrics
+        )
+        return metrics
+
+    # ------------------------------------------------------------------ saving
+    def _check_finite(self) -> None:
+        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        flag = torch.tensor([float(len(bad))], device=self.args.device)
+        if self.args.world_size > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        if float(flag.item()):
+            raise NonFiniteWeightsError(
+                f"refusing to save: {len(bad)} parameter tensors hold NaN/inf on this rank "
+                f"(e.g. {bad[:3]}); the last saved checkpoint is intact"
+            )
+
+    def _get_output_dir(self, trial: Any) -> str:
+        out = super()._get_output_dir(trial)
+        return os.path.join(out, STAGING_DIR) if self._staging else out
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Write ``checkpoint-N`` into the staging folder, then rename it into place."""
+        self._check_finite()
+        run_dir = super()._get_output_dir(trial)
+        name = f"checkpoint-{self.state.global_step}"
+        staged = os.path.join(run_dir, STAGING_DIR, name)
+        if self.args.should_save and os.path.isdir(staged):
+            shutil.rmtree(staged)
+        self.accelerator.wait_for_everyone()
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            publish(staged, os.path.join(run_dir, name))
+            from transformers.trainer_utils import rotate_checkpoints
+
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model`` after checking that every weight is finite.
+
+        Raises:
+            NonFiniteWeightsError: If some weight is NaN or infinite.
+        """
+        self._check_finite()
+        super().save_model(output_dir, _internal_call)
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """A resumed checkpoint must fill every weight (tied/aliased names aside).
+
+        Raises:
+            RuntimeError: On missing or unexpected keys.
+        """
+        state = self.model.state_dict()
+        owners: dict[tuple[int, int], str] = {}
+        for k, v in state.items():
+            owners.setdefault(_storage_key(v), k)
+        missing = [k for k in load_result.missing_keys if owners.get(_storage_key(state[k])) == k]
+        if missing or load_result.unexpected_keys:
+            raise RuntimeError(
+                f"the checkpoint does not match the model: missing {missing[:5]}, unexpected "
+                f"{list(load_result.unexpected_keys)[:5]}"
+            )
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if state_dict is None and self.args.should_save:
+            state_dict = self.model.state_dict()
+        if state_dict is not None:  # tied weights appear twice; safetensors refuses shared memory
+            seen: set[tuple[int, int]] = set()
+            unique = {}
+            for k, v in state_dict.items():
+                key = _storage_key(v)
+                if key in seen:
+                    continue
+                seen.add(key)
+                unique[k] = v
+            state_dict = unique
+        super()._save(output_dir, state_dict)
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, int]:
+    """Identifies tensors sharing memory (tied or doubly registered weights)."""
+    if t.device.type == "meta":
+        return (id(t), 0)
+    return (t.untyped_storage().data_ptr(), t.storage_offset())
+
+
+def publish(staged: str, final: str) -> None:
+    """Atomically move a complete folder ``staged`` to ``final`` (replacing an older one).
+
+    Raises:
+        FileNotFoundError: If ``staged`` does not exist.
+    """
+    if not os.path.isdir(staged):
+        raise FileNotFoundError(f"nothing staged at {staged}")
+    for root, _, files in os.walk(staged):  # data on disk before the rename makes it visible
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                os.fsync(fh.fileno())
+    old = None
+    if os.path.exists(final):
+        old = final + ".old"
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(staged, final)
+    dir_fd = os.open(os.path.dirname(final) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    if old is not None:
+        shutil.rmtree(old)

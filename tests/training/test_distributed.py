@@ -1,0 +1,155 @@
+"""The tiny recipe under torchrun (2 gloo CPU processes) and FSDP; the DeepSpeed configs.
+
+Two processes with the same global batch (1 pack per process per step instead of 2 packs
+accumulated in one process) must log the same losses (1e-5) and end with the same weights;
+only rank 0 writes checkpoints, the final folders and the TensorBoard logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from recipe_checks import STAGES, final_weights, trajectory
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+
+def _torchrun(script: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return subprocess.run(
+        [*cmd, str(script), *args], capture_output=True, text=True, timeout=400, env=env
+    )
+
+
+def _close(a: list[dict[str, float]], b: list[dict[str, float]], tol: float = 1e-5) -> None:
+    assert len(a) == len(b) and len(a) > 0
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert abs(x[k] - y[k]) <= tol * max(1.0, abs(y[k])), (k, x[k], y[k])
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one(tmp_path, tiny_reference):
+    out = tmp_path / "ddp"
+    p = _torchrun(HERE / "recipe_driver.py", str(out), "", "run.report_to=tensorboard")
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert p.stdout.count("DONE") == 2  # both ranks finished
+    assert p.stdout.count("stage 1 config:") == 1  # config printed once, by rank 0
+    for stage in STAGES:
+        _close(trajectory(out, stage), trajectory(tiny_reference, stage))
+        ref, got = final_weights(tiny_reference, stage), final_weights(out, stage)
+        assert ref.keys() == got.keys()
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
+        folder = out / f"stage{stage}"
+        events = list((folder / "runs").rglob("events.out.tfevents.*"))
+        assert len(events) == 1, events  # one TensorBoard writer
+        ckpt = max(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        assert json.loads((ckpt / "trainer_state.json").read_text())["global_step"] == 3
+        assert not list(folder.glob("*.old")) and not list((folder / ".staging").iterdir())
+
+
+FSDP_SCRIPT = """
+import json, sys
+sys.path.insert(0, {here!r})
+import torch
+from training_helpers import samples, tiny_backbone
+from transformers import TrainingArguments
+from mctp.training import MCTPTrainer, MCTPTrainingModel, PackedCollator, vita_audio_stage
+
+fsdp = sys.argv[2] == "fsdp"
+model = MCTPTrainingModel(backbone=tiny_backbone())
+stage = vita_audio_stage(4, num_heads=2, max_steps=3, lr=1e-3)
+stage.apply(model)
+args = TrainingArguments(
+    output_dir=sys.argv[1], max_steps=3, per_device_train_batch_size=1,
+    gradient_accumulation_steps=1 if fsdp else 2, logging_steps=1, save_steps=3,
+    report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+    fsdp=fsdp, fsdp_config={{"transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]}} if fsdp else None,
+)
+t = MCTPTrainer(model=model, args=args, stage=stage, data_collator=PackedCollator(),
+                train_dataset=samples(12))
+t.train()
+if t.is_world_process_zero():
+    logs = [{{k: v for k, v in h.items() if k.startswith("loss")}} for h in t.state.log_history if "loss" in h]
+    print("LOGS" + json.dumps(logs))
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_full_shard_on_cpu_equals_one_process(tmp_path):
+    """FSDP2 full shard runs on CPU/gloo here: same losses as one process, one full checkpoint."""
+    script = tmp_path / "fsdp_run.py"
+    script.write_text(FSDP_SCRIPT.format(here=str(HERE)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "one"), "single"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    sharded = _torchrun(script, str(tmp_path / "fsdp"), "fsdp")
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+
+    def logs(p):
+        return json.loads(next(x for x in p.stdout.splitlines() if x.startswith("LOGS"))[4:])
+
+    _close(logs(sharded), logs(single))
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "one/checkpoint-3/model.safetensors")
+    b = load_file(tmp_path / "fsdp/checkpoint-3/model.safetensors")  # FULL_STATE_DICT
+    assert set(b) <= set(a) and len(b) > 0
+    for k in b:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_configs_pass_deepspeed_validation(stage):
+    """The shipped ZeRO configs, filled by transformers' integration, pass DeepSpeed's checks."""
+    pytest.importorskip("deepspeed")
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    path = ROOT / f"examples/vita_audio/recipes/deepspeed/zero{stage}.json"
+    args = TrainingArguments(
+        output_dir="unused",
+        use_cpu=True,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=8,
+        max_grad_norm=1.0,
+        report_to="none",
+    )
+    hf = HfTrainerDeepSpeedConfig(json.loads(path.read_text()))
+    hf.trainer_config_process(args)
+    hf.trainer_config_finalize(
+        args, SimpleNamespace(config=SimpleNamespace(hidden_size=3584)), 8000
+    )
+    ds = DeepSpeedConfig(hf.config)
+    assert ds.zero_optimization_stage == stage
+    assert (ds.train_batch_size, ds.gradient_accumulation_steps, ds.gradient_clipping) == (
+        8,
+        8,
+        1.0,
+    )
+    broken = json.loads(path.read_text())
+    broken["zero_optimization"]["stage"] = 7
+    hf = HfTrainerDeepSpeedConfig(broken)
+    hf.trainer_config_process(args)
+    hf.trainer_config_finalize(args, SimpleNamespace(config=SimpleNamespace(hidden_size=64)), 10)
+    with pytest.raises(Exception):  # noqa: B017 - DeepSpeed's own validation rejects it
+        DeepSpeedConfig(hf.config)
