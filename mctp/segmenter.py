@@ -49,8 +49,8 @@ class StreamSegmenter:
     """Turns each row's token ids into text / audio / end events.
 
     A BOA opens an audio segment and its EOA closes it (the tags are not part of ``ids``);
-    everything outside a segment is text. A stop id ends the row: text up to and including
-    it is emitted, an open audio segment is flushed, then the row's ``"end"``. The last row to
+    everything outside a segment is text. A stop id ends the row: an open audio segment is
+    flushed, the text up to and including the stop id is emitted, then the row's ``"end"``. The last row to
     end has its ``"end"`` held back until :meth:`finish` so that it can carry the result.
 
     Args:
@@ -102,6 +102,15 @@ class StreamSegmenter:
         text: list[int] = []
         pending = self._pending[row]
         for tok in ids:
+            if tok in self.stop:  # a stop id is text, also where it cuts an audio segment short
+                if self._in_audio[row]:
+                    self._in_audio[row] = False
+                    if pending:
+                        out.append(StreamEvent("audio", row, pending, time_s, forwards))
+                        pending = self._pending[row] = []
+                text.append(tok)
+                self._ended[row] = True
+                break
             if self._in_audio[row]:
                 if tok == self.eoa:
                     self._in_audio[row] = False
@@ -119,9 +128,6 @@ class StreamSegmenter:
                 self._in_audio[row] = True
             else:
                 text.append(tok)
-            if tok in self.stop:
-                self._ended[row] = True
-                break
         if text:
             out.append(StreamEvent("text", row, text, time_s, forwards))
         if self._ended[row]:

@@ -114,3 +114,40 @@ def test_readme_commands_match_ci():
     ci = (ROOT / ".ci" / "run").read_text()
     assert commands[1] in ci.splitlines()
     assert "python -m mctp.demo" in commands[0]
+
+
+def _module_imports(path: Path) -> set[str]:
+    """``mctp`` modules imported at module level by ``path`` (not under TYPE_CHECKING, not
+    inside functions)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    out: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and node.module:
+                out.add(node.module.split(".")[0])
+            elif node.module and node.module.startswith("mctp."):
+                out.add(node.module.split(".")[1])
+    return out
+
+
+def test_core_modules_import_no_circle():
+    """mctp/*.py form an acyclic import graph (stack, decoding and losses used to import
+    each other); losses does not import the stack at all."""
+    mods = {p.stem: _module_imports(p) for p in (ROOT / "mctp").glob("*.py")}
+    graph = {m: {d for d in deps if d in mods} for m, deps in mods.items()}
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        if state.get(m) == 2:
+            return
+        assert state.get(m) != 1, f"import circle: {' -> '.join([*path, m])}"
+        state[m] = 1
+        for d in sorted(graph[m]):
+            visit(d, [*path, m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        visit(m, [])
+    assert "stack" not in (ROOT / "mctp" / "losses.py").read_text().split("__all__")[0]
