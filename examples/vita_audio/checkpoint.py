@@ -398,14 +398,7 @@ def load_vita_audio(
     stack = None
     if n:
         stack_shell.load_state_dict(stack_sd, strict=True, assign=True)
-        parts = backbone.parts()
-        stack = MCTPStack(
-            heads=list(stack_shell["heads"]),
-            embed=parts.embed,
-            norm=parts.norm,
-            lm_head=parts.lm_head,
-            rotary=parts.rotary,
-        ).eval()
+        stack = MCTPStack.from_parts(backbone.parts(), list(stack_shell["heads"])).eval()
     return VitaAudioCheckpoint(
         backbone=backbone,
         stack=stack,
