@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,7 @@ __all__ = [
     "IGNORE_INDEX",
     "TTS_PROMPT",
     "AudioCodes",
+    "AudioFeatures",
     "ChatRenderer",
     "DataStats",
     "RecordError",
@@ -63,6 +64,7 @@ class Sample:
 
     input_ids: list[int]
     labels: list[int]
+    audio_features: list[torch.Tensor] = field(default_factory=list)  # Plus: [F, D] per audio
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -147,6 +149,38 @@ class AudioCodes:
         return {k: codes[off[i] : off[i + 1]].tolist() for i, k in enumerate(keys)}
 
 
+class AudioFeatures:
+    """Audio file -> SenseVoice encoder input features (VITA-Audio-Plus), cached by path.
+
+    Args:
+        encoder: A :class:`~mctp.codecs.sensevoice.SenseVoiceEncoder` (its front end is used).
+        root: Folder that relative audio paths are resolved against.
+    """
+
+    def __init__(self, encoder: Any, *, root: str | Path | None = None) -> None:
+        self.encoder = encoder
+        self.root = None if root is None else Path(root)
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, path: str) -> torch.Tensor:
+        """``[F, D]`` float32 features of one file (the encoder adds its query frames).
+
+        Raises:
+            FileNotFoundError, AudioError: For a missing, corrupt or too short file.
+        """
+        hit = self.cache.get(path)
+        if hit is None:
+            p = Path(path)
+            p = p if self.root is None or p.is_absolute() else self.root / p
+            wav, _ = load_audio(p, sample_rate=int(self.encoder.sample_rate))
+            hit = self.cache[path] = self.encoder.features(wav).float()
+        return hit
+
+    def num_placeholders(self, features: torch.Tensor) -> int:
+        """``<|context_of_audio|>`` slots of an audio: its frames plus the query frames."""
+        return int(features.shape[0]) + int(self.encoder.num_query_frames)
+
+
 # --------------------------------------------------------------------------- rendering
 class ChatRenderer:
     """Render one record as the official Qwen2 dataset does (ChatML, labels, audio, interleave).
@@ -158,9 +192,13 @@ class ChatRenderer:
         codes: ``audio path -> codes`` (an :class:`AudioCodes`).
         schedule: Interleave ratio for assistant turns (official default Boost
             ``[1, 10, 4, 10]``); None keeps the assistant content in its written order.
+        features: VITA-Audio-Plus: audio in system/user turns becomes ``BOA
+            <|context_of_audio|> x (F + 4) EOA`` and its encoder features travel with the
+            sample (assistant audio stays codec tokens). Needs ``vocab.audio_context``.
 
     Raises:
-        ValueError: If a Vanilla schedule is given (it has no data layout).
+        ValueError: If a Vanilla schedule is given (it has no data layout), or ``features``
+            without a ``<|context_of_audio|>`` token.
     """
 
     def __init__(
@@ -169,10 +207,14 @@ class ChatRenderer:
         vocab: SpeechVocab,
         codes: Callable[[str], Sequence[int]],
         schedule: InterleaveSchedule | None = None,
+        features: AudioFeatures | None = None,
     ) -> None:
         if schedule is not None and not schedule.uses_mctp:
             raise ValueError("a Vanilla schedule has no audio layout; pass None or a ratio")
+        if features is not None and vocab.audio_context is None:
+            raise ValueError("Plus features need <|context_of_audio|> (extend_vocab(plus=True))")
         self.tokenizer, self.vocab, self.codes, self.schedule = tokenizer, vocab, codes, schedule
+        self.features = features
         self.im_start = self.encode("<|im_start|>")
         self.im_end = self.encode("<|im_end|>")
         self.nl = self.encode("\n")
@@ -212,11 +254,20 @@ class ChatRenderer:
         next_audio = iter(audios)
         ids: list[int] = []
         labels: list[int] = []
+        feats: list[torch.Tensor] = []
         for m in messages:
             role = _ROLES[m["role"]]
             pieces = m["content"].split(AUDIO_PLACEHOLDER)
             texts = [self.encode(p) for p in pieces]
-            tracks = [self.audio_ids(next(next_audio)) for _ in pieces[1:]]
+            paths = [next(next_audio) for _ in pieces[1:]]
+            if self.features is not None and role != "assistant":
+                tracks = []
+                for path in paths:
+                    f = self.features(path)
+                    feats.append(f)
+                    tracks.append([self.vocab.audio_context] * self.features.num_placeholders(f))
+            else:
+                tracks = [self.audio_ids(p) for p in paths]
             head = self.im_start + self.role_ids[role] + self.nl
             tail = self.im_end + self.nl
             if role != "assistant":
@@ -227,7 +278,7 @@ class ChatRenderer:
             body = self._assistant(texts, tracks)
             ids += head + body + tail
             labels += [IGNORE_INDEX] * len(head) + body + tail
-        return Sample(ids, labels)
+        return Sample(ids, labels, feats)
 
     def _assistant(self, texts: list[list[int]], tracks: list[list[int]]) -> list[int]:
         boa, eoa = self.vocab.boa, self.vocab.eoa
@@ -373,7 +424,10 @@ class VitaAudioData:
     def render_ref(self, ref: tuple[int, int]) -> dict[str, Any]:
         """``{"input_ids", "labels"}`` of record ``ref = (file index, record index)``."""
         sample = self.renderer.render(self.mixture.read(*ref))
-        return {"input_ids": sample.input_ids, "labels": sample.labels}
+        row: dict[str, Any] = {"input_ids": sample.input_ids, "labels": sample.labels}
+        if self.renderer.features is not None:
+            row["audio_features"] = sample.audio_features
+        return row
 
     def dataset(self, epoch: int = 0) -> PackedDataset:
         """The packs of one pass over the mixture as a map-style dataset.
@@ -450,7 +504,9 @@ class _StreamingPacks(torch.utils.data.IterableDataset):
                 if open_.get(key) and used[key] + len(sample) > d.max_len:
                     produced += 1
                     yield self._row(open_.pop(key))
-                item = {"input_ids": sample.input_ids, "labels": sample.labels}
+                item: dict[str, Any] = {"input_ids": sample.input_ids, "labels": sample.labels}
+                if d.renderer.features is not None:
+                    item["audio_features"] = sample.audio_features
                 open_.setdefault(key, []).append(item)
                 used[key] = sum(len(x["input_ids"]) for x in open_[key])
             for items in open_.values():

@@ -65,9 +65,9 @@ from mctp.training import (
     save_lora_adapter,
     vita_audio_stage,
 )
-from vita_audio.checkpoint import load_vita_audio, save_vita_audio
+from vita_audio.checkpoint import EXTRA_PREFIXES, load_vita_audio, save_vita_audio
 from vita_audio.config import TrainConfig, load_config, merge_config
-from vita_audio.data import AudioCodes, ChatRenderer, VitaAudioData
+from vita_audio.data import AudioCodes, AudioFeatures, ChatRenderer, VitaAudioData
 from vita_audio.mixture import DataMixture
 from vita_audio.model import load_tokenizer
 from vita_audio.tiny import make_tiny_assets
@@ -180,14 +180,22 @@ def build_model(
     tok = load_tokenizer(m.tokenizer or m.path)
     backbone, stack = ckpt.backbone, ckpt.stack
     rows = backbone.vocab_size
-    vocab = extend_vocab(tok, backbone.model, num_audio_tokens=codec.codebook_size)
+    plus = m.audio_encoder is not None
+    vocab = extend_vocab(tok, backbone.model, num_audio_tokens=codec.codebook_size, plus=plus)
     if vocab.vocab_size != rows:  # resized: re-wrap so the backbone sees the new lm_head
         if stack is not None:
             raise ValueError("the vocabulary must grow but the checkpoint already has heads")
         backbone = HFBackbone(backbone.model)
     if codec.codebook_size > vocab.num_audio:
         raise ValueError(f"codec codebook {codec.codebook_size} > {vocab.num_audio} audio tokens")
-    model = MCTPTrainingModel(backbone=backbone, stack=stack, mtp_loss_weight=ckpt.mtp_loss_weight)
+    audio: dict[str, Any] = {}
+    if plus:
+        audio = plus_parts(m.audio_encoder, ckpt.extra, backbone.hidden_size)
+        audio.pop("encoder")
+        audio.update(audio_placeholder_id=vocab.audio_context)
+    model = MCTPTrainingModel(
+        backbone=backbone, stack=stack, mtp_loss_weight=ckpt.mtp_loss_weight, **audio
+    )
     preset = stage_preset(cfg, ckpt.mtp_loss_weight)
     preset.apply(model)
     if m.gradient_checkpointing:
@@ -198,6 +206,40 @@ def build_model(
             backbone.model.get_input_embeddings().requires_grad_(True)
             backbone.model.get_output_embeddings().requires_grad_(True)
     return model, preset, tok, vocab, base_config
+
+
+def plus_parts(folder: str, extra: Mapping[str, torch.Tensor], hidden_size: int) -> dict[str, Any]:
+    """VITA-Audio-Plus: SenseVoice query table + encoder and the MLP projector.
+
+    The encoder comes from the SenseVoiceSmall ``folder``; both are overwritten by the starting
+    checkpoint's ``model.audio_model.*`` / ``model.audio_projection.*`` tensors when it has them
+    (an official Plus folder), else the projector starts fresh.
+
+    Returns:
+        ``MCTPTrainingModel`` keyword arguments (``audio_model``, ``audio_projection``,
+        ``audio_queries``).
+
+    Raises:
+        CheckpointError: If the checkpoint's audio tensors do not fit the modules.
+    """
+    from mctp.checkpoint import load_strict
+    from mctp.codecs import MLPProjector
+    from mctp.codecs.sensevoice import SenseVoiceEncoder
+    from mctp.codecs.sensevoice.encoder import query_ids
+
+    encoder = SenseVoiceEncoder.from_pretrained(folder)
+    audio_model = encoder.model.train()
+    projector = MLPProjector(encoder.output_dim, hidden_size)
+    for prefix, module in (("model.audio_model.", audio_model), (EXTRA_PREFIXES[1], projector)):
+        state = {k[len(prefix) :]: v for k, v in extra.items() if k.startswith(prefix)}
+        if state:
+            load_strict(module, state, ignore=("ctc.*",), what=f"{prefix}* of the checkpoint")
+    return {
+        "audio_model": audio_model,
+        "audio_projection": projector,
+        "audio_queries": query_ids(encoder.language, encoder.text_norm),
+        "encoder": encoder,
+    }
 
 
 def training_arguments(cfg: TrainConfig) -> Any:
@@ -267,7 +309,14 @@ def build_stage(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> StageRun:
     cache = AudioCodes.load(d.code_cache) if d.code_cache else {}
     codes = AudioCodes(codec, root=d.audio_root, cache=cache)
     schedule = InterleaveSchedule.from_ratio(d.interleave) if d.interleave else None
-    renderer = ChatRenderer(tok, vocab, codes, schedule)
+    features = None
+    if cfg.model.audio_encoder is not None:
+        from mctp.codecs.sensevoice import SenseVoiceEncoder
+
+        features = AudioFeatures(
+            SenseVoiceEncoder.from_pretrained(cfg.model.audio_encoder), root=d.audio_root
+        )
+    renderer = ChatRenderer(tok, vocab, codes, schedule, features=features)
     with main_first(cfg):
         mixture = DataMixture.from_config(
             d.mixture,
@@ -352,10 +401,18 @@ def export_stage(run: StageRun, folder: Path) -> Path:
         dtype = getattr(torch, run.cfg.run.save_dtype) if run.cfg.run.save_dtype else None
         lora = run.cfg.model.lora
         with merged_lora(model.backbone.model) if lora else contextlib.nullcontext():
+            extra = {}
+            if model.is_plus:
+                for prefix, part in (
+                    (EXTRA_PREFIXES[0], model.audio_model),
+                    (EXTRA_PREFIXES[1], model.audio_projection),
+                ):
+                    extra.update({prefix + k: v for k, v in part.state_dict().items()})
             save_vita_audio(
                 model.backbone,
                 model.stack,
                 staged,
+                extra=extra,
                 mtp_loss_weight=model.mtp_loss_weight,
                 dtype=dtype,
                 base_config=run.base_config,

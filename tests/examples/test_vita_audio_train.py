@@ -174,3 +174,48 @@ def test_stage_recipes_parse(stage):
 def test_tiny_recipe_runs_with_gradient_checkpointing():
     cfg = load_config(ROOT / "examples/vita_audio/recipes/tiny.yaml")
     assert cfg["model"]["gradient_checkpointing"] is True and cfg["run"]["resume"] == "auto"
+
+
+def test_plus_stage_trains_the_projector_and_exports_the_audio_parts(
+    assets, tmp_path, fixtures_dir
+):
+    sensevoice = str(fixtures_dir / "sensevoice")
+    cfg = _cfg(assets, tmp_path, 1, steps=1, model={"audio_encoder": sensevoice})
+    run = build_stage(cfg)
+    m = run.model
+    assert m.is_plus and m.detach_mtp_inputs and m.audio_placeholder_id == run.vocab.audio_context
+    assert not any(p.requires_grad for p in m.audio_model.parameters())  # encoder frozen
+    rows = [run.trainer.train_dataset[i] for i in range(len(run.trainer.train_dataset))]
+    with_audio = [r for r in rows if r["audio_features"]]
+    assert with_audio  # ASR / speech-QA questions carry encoder features
+    for r in with_audio:
+        slots = sum(x == m.audio_placeholder_id for x in r["input_ids"])
+        assert slots == sum(f.shape[0] + 4 for f in r["audio_features"])
+    before = {n: p.detach().clone() for n, p in m.audio_projection.named_parameters()}
+    run.trainer.train()
+    assert all(not torch.equal(before[n], p) for n, p in m.audio_projection.named_parameters())
+    from vita_audio.train import export_stage
+
+    folder = export_stage(run, tmp_path / FINAL_DIR)
+    ckpt = load_vita_audio(folder)
+    assert ckpt.config["model_type"] == "qwen2_mtp_sensevoice"
+    proj = {
+        k.removeprefix("model.audio_projection."): v
+        for k, v in ckpt.extra.items()
+        if "projection" in k
+    }
+    assert proj.keys() == m.audio_projection.state_dict().keys()
+    assert all(torch.equal(v, m.audio_projection.state_dict()[k]) for k, v in proj.items())
+    # the next stage starts from the exported audio parts
+    nxt = build_stage(
+        _cfg(
+            assets,
+            tmp_path / "s2",
+            2,
+            path=str(folder),
+            heads=1,
+            model={"audio_encoder": sensevoice},
+        )
+    )
+    assert all(torch.equal(v, nxt.model.audio_projection.state_dict()[k]) for k, v in proj.items())
+    assert not any(p.requires_grad for p in nxt.model.audio_projection.parameters())

@@ -20,14 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
 
-RECIPE_OVERRIDES = [
-    "run.progress=false",
-    "run.report_to=none",
-    "tiny.records=4",
-    "tiny.hidden_size=32",
-    "tiny.intermediate_size=64",
-    "data.max_len=128",
-]
+RECIPE_OVERRIDES = ["run.progress=false", "run.report_to=none"]
 
 
 def _die() -> None:

@@ -155,3 +155,21 @@ def test_plus_stage_modes_and_errors(sensevoice):
     plain = MCTPTrainingModel(backbone=tiny_backbone())
     with pytest.raises(ValueError, match="trains audio_projection"):
         vita_audio_stage(4, plus=True, num_heads=1).apply(plain)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(family):
+    feats = samples(3)
+    results = []
+    for checkpointing in (False, True):
+        model = _model(family, 4)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            assert model.backbone.is_gradient_checkpointing
+        model.train()
+        out = model(**PackedCollator()(feats))
+        out["loss"].backward()
+        results.append((float(out["loss"]), _grads(model)))
+    (a, ga), (b, gb) = results
+    assert a == pytest.approx(b, rel=1e-6) and ga.keys() == gb.keys()
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], rtol=1e-5, atol=1e-7, msg=k)

@@ -21,15 +21,18 @@ from mctp.training import STAGING_DIR
 DRIVER = Path(__file__).with_name("recipe_driver.py")
 
 
+ROOT = Path(__file__).resolve().parents[2]
+CPU_COMMAND = "python examples/vita_audio/train.py --config examples/vita_audio/recipes/tiny.yaml"
+
+
 def _run(out: Path, kill: str = "") -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(
-        [sys.executable, str(DRIVER), str(out), *([kill] if kill else [])],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    if kill:
+        cmd = [sys.executable, str(DRIVER), str(out), kill]
+    else:  # TRAINING.md's CPU command (without progress bars and TensorBoard files)
+        cmd = [sys.executable, *CPU_COMMAND.split()[1:]]
+        cmd += ["--override", f"run.out_dir={out}", "run.progress=false", "run.report_to=none"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
 
 
 @pytest.mark.slow
@@ -53,7 +56,7 @@ def test_sigkill_and_resume_equal_the_uninterrupted_run(tmp_path, tiny_reference
     assert "stage 1: already complete" in p.stdout and "stage 2: already complete" in p.stdout
     # 4: finishes
     p = _run(out)
-    assert p.returncode == 0 and "DONE" in p.stdout, p.stderr[-3000:]
+    assert p.returncode == 0 and "stage 4: step 3" in p.stdout, p.stderr[-3000:]
     for stage in STAGES:
         assert trajectory(out, stage) == trajectory(tiny_reference, stage), stage
         ref, got = final_weights(tiny_reference, stage), final_weights(out, stage)
@@ -61,3 +64,11 @@ def test_sigkill_and_resume_equal_the_uninterrupted_run(tmp_path, tiny_reference
         assert all(torch.equal(ref[k], got[k]) for k in ref), stage
         assert all(v.dtype == torch.float32 for v in got.values())
     assert [len(list((out / f"stage{s}").glob("checkpoint-*"))) for s in STAGES] == [2, 2, 2, 2]
+
+
+def test_training_md_lists_the_tested_cpu_commands():
+    text = (ROOT / "examples/vita_audio/TRAINING.md").read_text()
+    assert CPU_COMMAND in text
+    from test_distributed import TORCHRUN_COMMAND
+
+    assert TORCHRUN_COMMAND in text
