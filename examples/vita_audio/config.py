@@ -171,6 +171,8 @@ class TrainConfig:
             raise ValueError(
                 f"run.on_nonfinite must be 'stop' or 'skip', got {self.run.on_nonfinite!r}"
             )
+        if self.data.streaming and self.data.eval_packs:
+            raise ValueError("data.eval_packs holds out planned packs: not with data.streaming")
         if self.run.eval_every and not self.data.eval_packs:
             raise ValueError("run.eval_every needs data.eval_packs > 0 (the held-out packs)")
 

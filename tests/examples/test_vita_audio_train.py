@@ -219,3 +219,13 @@ def test_plus_stage_trains_the_projector_and_exports_the_audio_parts(
     )
     assert all(torch.equal(v, nxt.model.audio_projection.state_dict()[k]) for k, v in proj.items())
     assert not any(p.requires_grad for p in nxt.model.audio_projection.parameters())
+
+
+def test_streaming_data_trains(assets, tmp_path):
+    cfg = _cfg(assets, tmp_path, 1, steps=2, data={"streaming": True}, run={"num_workers": 0})
+    run = build_stage(cfg)
+    assert not hasattr(run.trainer.train_dataset, "__len__")
+    run.trainer.train()
+    assert run.trainer.state.global_step == 2
+    with pytest.raises(ValueError, match=r"not with data\.streaming"):
+        _cfg(assets, tmp_path, 1, data={"streaming": True, "eval_packs": 1})

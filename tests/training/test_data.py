@@ -78,3 +78,25 @@ def test_packed_dataset_rows():
     assert row["labels"] == [-100, 2, 3, 4, 5, -100, -100]
     assert row["position_ids"] == [0, 1, 2, 0, 1, 2, 3]  # padding continues the last sample
     assert len(ds) == 2 and PackedDataset([[1]], items.__getitem__)[0]["position_ids"] == [0, 1]
+
+
+def test_dataloader_workers_give_the_same_batches():
+    import torch
+
+    from mctp.training import PackedCollator
+
+    items = {
+        i: {
+            "input_ids": list(range(i, i + 3 + i % 4)),
+            "labels": [-100] * 2 + list(range(i + 2, i + 3 + i % 4)),
+        }
+        for i in range(12)
+    }
+    ds = PackedDataset([[i, i + 1] for i in range(0, 12, 2)], items.__getitem__, max_len=16)
+    batches = []
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=2, num_workers=workers, collate_fn=PackedCollator(flatten=False)
+        )
+        batches.append([{k: v.tolist() for k, v in b.items()} for b in loader])
+    assert batches[0] == batches[1] and len(batches[0]) == 3
