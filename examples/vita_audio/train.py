@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 if __package__ in (None, ""):  # run as a script: import ``vita_audio.*``, not ``data``/``model``
     _HERE = Path(__file__).resolve().parent
@@ -61,6 +60,7 @@ from mctp.training import (
     PackedCollator,
     StagePreset,
     assert_finite,
+    merged_lora,
     publish,
     save_lora_adapter,
     vita_audio_stage,
@@ -96,29 +96,6 @@ def main_first(cfg: TrainConfig) -> Iterator[None]:
 
     with PartialState(cpu=cfg.run.device == "cpu").main_process_first():
         yield
-
-
-@contextlib.contextmanager
-def merged_lora(model: nn.Module) -> Iterator[None]:
-    """Temporarily replace LoRA layers by plain Linears holding ``W + delta`` (for saving)."""
-    swaps = []
-    for name, mod in list(model.named_modules()):
-        if hasattr(mod, "get_delta_weight") and hasattr(mod, "get_base_layer"):
-            base = mod.get_base_layer()
-            merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
-            with torch.no_grad():
-                w = base.weight + sum(mod.get_delta_weight(a) for a in mod.active_adapters)
-            merged.weight = nn.Parameter(w.detach(), requires_grad=False)
-            merged.bias = base.bias
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            setattr(parent, attr, merged)
-            swaps.append((parent, attr, mod))
-    try:
-        yield
-    finally:
-        for parent, attr, mod in swaps:
-            setattr(parent, attr, mod)
 
 
 # --------------------------------------------------------------------------- building

@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     "StagePreset": "stages",
     "assert_finite": "export",
     "greedy_packs": "data",
+    "merged_lora": "export",
     "publish": "trainer",
     "save_lora_adapter": "export",
     "scan_jsonl": "data",

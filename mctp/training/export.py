@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["assert_finite", "save_lora_adapter"]
+__all__ = ["assert_finite", "merged_lora", "save_lora_adapter"]
 
 
 def assert_finite(module: nn.Module, what: str = "the model") -> None:
@@ -73,3 +75,30 @@ def save_lora_adapter(
         config.save_pretrained(str(target))
         json.loads((target / "adapter_config.json").read_text())  # written and readable
     return out
+
+
+@contextlib.contextmanager
+def merged_lora(model: nn.Module) -> Iterator[None]:
+    """Temporarily replace every LoRA layer by a plain ``Linear`` holding ``W + delta``.
+
+    Inside the block ``model.state_dict()`` has the base model's keys and merged weights (what
+    an official-format export needs); the adapters are put back on exit, untouched.
+    """
+    swaps = []
+    for name, mod in list(model.named_modules()):
+        if hasattr(mod, "get_delta_weight") and hasattr(mod, "get_base_layer"):
+            base = mod.get_base_layer()
+            merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
+            with torch.no_grad():
+                w = base.weight + sum(mod.get_delta_weight(a) for a in mod.active_adapters)
+            merged.weight = nn.Parameter(w.detach(), requires_grad=False)
+            merged.bias = base.bias
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, attr, merged)
+            swaps.append((parent, attr, mod))
+    try:
+        yield
+    finally:
+        for parent, attr, mod in swaps:
+            setattr(parent, attr, mod)

@@ -16,6 +16,7 @@ from mctp.training import (
     NonFiniteLossError,
     NonFiniteWeightsError,
     PackedCollator,
+    merged_lora,
     save_lora_adapter,
     vita_audio_stage,
 )
@@ -162,3 +163,9 @@ def test_lora_adapter_in_peft_format(tmp_path):
     )
     with pytest.raises(ValueError, match="no PEFT adapter"):
         save_lora_adapter(tiny_backbone().model, tmp_path / "none")
+    expected = q_ours.get_base_layer().weight + q_ours.get_delta_weight("default")
+    with merged_lora(bb.model):
+        state = bb.model.state_dict()
+        assert not any("lora_" in k for k in state) and set(state) == set(base)
+        torch.testing.assert_close(state["model.layers.0.self_attn.q_proj.weight"], expected)
+    assert bb.model.model.layers[0].self_attn.q_proj is q_ours  # adapters are back
