@@ -139,6 +139,7 @@ class _Api:
     def __init__(self, pipeline: Any, cfg: ServerConfig) -> None:
         self.pipe, self.cfg = pipeline, cfg
         self.worker = GenerationWorker(cfg.max_queue)
+        self._checked: dict[int, float] = {}  # job id -> when its connection was last looked at
 
     # ------------------------------------------------------------------ parsing helpers
     async def body(self, request: Any) -> dict[str, Any]:
@@ -270,15 +271,25 @@ class _Api:
         return job, out
 
     async def next_item(self, out: asyncio.Queue[Any], job: Job, request: Any) -> Any:
-        """The next item of a job; cancels it when the client disconnects."""
+        """The next item of a job; cancels it when the client has disconnected.
+
+        The connection is looked at whenever 0.2 s have passed since the last look, whether
+        or not items keep coming.
+        """
         while True:
+            last = self._checked.setdefault(job.id, time.monotonic())
+            if time.monotonic() - last >= 0.2:
+                self._checked[job.id] = time.monotonic()
+                if await request.is_disconnected():
+                    job.cancel()
+                    self._checked.pop(job.id, None)
+                    raise asyncio.CancelledError
             try:
                 item = await asyncio.wait_for(out.get(), timeout=0.2)
             except TimeoutError:
-                if await request.is_disconnected():
-                    job.cancel()
-                    raise asyncio.CancelledError from None
                 continue
+            if item is Job.DONE or isinstance(item, Exception):
+                self._checked.pop(job.id, None)
             if isinstance(item, Exception):
                 if isinstance(item, (ValueError, FileNotFoundError)):
                     raise RequestError(400, str(item)) from item
@@ -464,6 +475,7 @@ def create_app(pipeline: Any, config: ServerConfig | None = None) -> Any:
                 item = await api.next_item(out, job, request)
         finally:
             job.cancel()  # no-op when finished; frees the worker when the client left
+            api._checked.pop(job.id, None)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -598,6 +610,7 @@ def create_app(pipeline: Any, config: ServerConfig | None = None) -> Any:
             yield _sse("[DONE]")
         finally:
             job.cancel()  # no-op when finished; frees the worker when the client left
+            api._checked.pop(job.id, None)
 
     return app
 

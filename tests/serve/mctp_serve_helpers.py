@@ -196,12 +196,17 @@ class Chromium:
         import time
 
         end = time.monotonic() + timeout
+        last = None
         while time.monotonic() < end:
-            value = self.eval(expression)
+            try:
+                value = self.eval(expression)
+            except RuntimeError as e:  # e.g. the page is still loading
+                value, last = None, e
             if value:
                 return value
             time.sleep(0.1)
-        raise TimeoutError(f"{expression} stayed falsy for {timeout} s")
+        where = self.eval("document.location.href + ' ' + document.body.innerText.slice(0, 300)")
+        raise TimeoutError(f"{expression} stayed falsy for {timeout} s at {where} ({last})")
 
     def close(self) -> None:
         if getattr(self, "ws", None) is not None:

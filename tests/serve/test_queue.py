@@ -1,0 +1,150 @@
+"""One generation worker: queued requests, 503 when the queue is full, disconnects free slots.
+
+A pipeline that waits between its chunks makes the timing deterministic; the server is a real
+uvicorn on 127.0.0.1 in a thread of the test process.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+
+import pytest
+from mctp_serve_helpers import InProcessServer, post_json, request
+
+from mctp.serve import GenerationWorker, QueueFull, ServerConfig, create_app
+from mctp.speech import SpeechPipeline
+
+
+class SlowPipeline(SpeechPipeline):
+    """Sleeps ``delay`` seconds before each chunk."""
+
+    delay = 0.05
+
+    def stream(self, *args, **kwargs):
+        inner = super().stream(*args, **kwargs)
+
+        def slow():
+            for chunk in inner:
+                time.sleep(self.delay)
+                yield chunk
+
+        return slow()
+
+
+@pytest.fixture
+def slow(tiny):
+    return SlowPipeline(
+        backbone=tiny.backbone,
+        stack=tiny.stack,
+        tokenizer=tiny.tokenizer,
+        vocab=tiny.vocab,
+        decoder=tiny.decoder,
+        audio_tokenizer=tiny.audio_tokenizer,
+        name="slow",
+    )
+
+
+def _health(url: str) -> dict:
+    return json.loads(request(url, "/health")[2])
+
+
+def test_worker_runs_jobs_in_order_and_refuses_when_full():
+    gate = threading.Event()
+    seen: list = []
+    w = GenerationWorker(max_queue=1)
+
+    def blocked():
+        gate.wait(10)
+        yield "a"
+
+    w.submit(blocked, seen.append)
+    end = time.monotonic() + 5
+    while not w.busy and time.monotonic() < end:
+        time.sleep(0.01)
+    w.submit(lambda: iter(["b"]), seen.append)  # waits
+    with pytest.raises(QueueFull, match="1 requests are waiting"):
+        w.submit(lambda: iter(["c"]), seen.append)
+    gate.set()
+    w.close()
+    assert [s for s in seen if s is not w and isinstance(s, str)] == ["a", "b"]
+    assert w.completed == 2
+    with pytest.raises(ValueError, match="max_queue"):
+        GenerationWorker(max_queue=0)
+
+
+def test_worker_hands_errors_to_the_job_and_goes_on():
+    seen: list = []
+    w = GenerationWorker()
+
+    def boom():
+        raise ValueError("bad input")
+        yield
+
+    w.submit(boom, seen.append)
+    w.submit(lambda: iter([1]), seen.append)
+    w.close()
+    assert isinstance(seen[0], ValueError) and seen[1] == 1
+    assert w.failed == 1 and w.completed == 1
+
+
+def test_full_queue_answers_503_and_disconnect_frees_the_slot(slow):
+    cfg = ServerConfig(max_queue=1, warmup=False)
+    body = {"messages": [{"role": "user", "content": "hello"}], "modalities": ["text", "audio"]}
+    with InProcessServer(create_app(slow, cfg)) as srv:
+        # A: a streaming request; read its first event, then hang up
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            json.dumps({**body, "stream": True}),
+            {"Content-Type": "application/json"},
+        )
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert resp.readline().startswith(b"data: ")
+        assert _health(srv.url)["busy"]
+        # B waits in the queue (in a thread); C finds the queue full
+        results: dict = {}
+        t = threading.Thread(
+            target=lambda: results.update(b=post_json(srv.url, "/v1/chat/completions", body))
+        )
+        t.start()
+        end = time.monotonic() + 10
+        while _health(srv.url)["waiting"] < 1 and time.monotonic() < end:
+            time.sleep(0.02)
+        status, out = post_json(srv.url, "/v1/chat/completions", body)
+        assert status == 503 and out["error"]["type"] == "server_busy"
+        status, _, _ = request(srv.url, "/v1/audio/speech", {"input": "hi"})
+        assert status == 503
+        # A hangs up: the worker drops it at its next chunk and B runs
+        conn.sock.shutdown(2)
+        conn.close()
+        t.join(60)
+        status, out = results["b"]
+        assert status == 200 and out["choices"][0]["message"]["content"]
+        health = _health(srv.url)
+        assert health["cancelled"] == 1 and health["completed"] == 1
+        assert not health["busy"] and health["waiting"] == 0
+
+
+def test_non_streaming_client_that_leaves_is_cancelled(slow):
+    cfg = ServerConfig(max_queue=2, warmup=False)
+    body = {"messages": [{"role": "user", "content": "hello"}]}
+    with InProcessServer(create_app(slow, cfg)) as srv:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+        conn.request(
+            "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"}
+        )
+        end = time.monotonic() + 10
+        while not _health(srv.url)["busy"] and time.monotonic() < end:
+            time.sleep(0.01)
+        conn.sock.shutdown(2)
+        conn.close()
+        end = time.monotonic() + 10
+        while _health(srv.url)["cancelled"] < 1 and time.monotonic() < end:
+            time.sleep(0.05)
+        health = _health(srv.url)
+        assert health["cancelled"] == 1 and health["completed"] == 0 and not health["busy"], health
