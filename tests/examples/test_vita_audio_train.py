@@ -94,7 +94,10 @@ def test_checkpoint_mtp_loss_weight_unless_overridden(assets, tmp_path, stage1_f
     start = save_vita_audio(
         ckpt.backbone, stack, tmp_path / "start", mtp_loss_weight=0.3, tokenizer=tok
     )
-    run = build_stage(_cfg(assets, tmp_path / "a", 3, path=str(start), heads=2))
+    cfg = _cfg(assets, tmp_path / "a", 3, path=str(start), heads=2)
+    cfg.model.gradient_checkpointing = True
+    run = build_stage(cfg)
+    assert run.model.backbone.is_gradient_checkpointing
     assert run.model.mtp_loss_weight == pytest.approx(0.3) and run.model.num_heads == 2
     assert run.preset.mtp_loss_weight == pytest.approx(0.3)
     override = _cfg(

@@ -5,7 +5,8 @@ Usage: ``python recipe_driver.py OUT_DIR [KILL [KEY=VALUE ...]]`` with KILL empt
 * ``save:<stage>:<step>:<file>``: while checkpoint ``<step>`` of ``<stage>`` is being written,
   after half of ``<file>`` (e.g. ``optimizer.pt``) reached the disk;
 * ``saved:<stage>:<step>``: right after checkpoint ``<step>`` of ``<stage>`` was published;
-* ``begin:<stage>``: when ``<stage>`` starts training (the previous stage's final exists).
+* ``begin:<stage>``: when ``<stage>`` starts training (the previous stage's final exists);
+* ``export:<stage>``: when ``<stage>``'s final folder is written but not yet published.
 
 Used by test_resume.py; the recipe is examples/vita_audio/recipes/tiny.yaml with RECIPE_OVERRIDES.
 """
@@ -75,6 +76,17 @@ def main() -> None:
 
             torch.save = partial_save
 
+    if kind == "export":
+        import vita_audio.train as recipe
+
+        real_publish = recipe.publish
+
+        def publish(staged, final):
+            if Path(final).parent.name == f"stage{where[0]}":
+                _die()
+            real_publish(staged, final)
+
+        recipe.publish = publish
     train(cfg, callbacks=[Killer()])
     print("DONE")
 
