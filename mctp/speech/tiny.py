@@ -13,7 +13,9 @@ processes (a CLI call, a server) load them instantly instead of teaching again.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,22 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 """ChatML without a default system prompt, as VITA-Audio uses it."""
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` between processes (POSIX ``flock``; none elsewhere)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def cache_dir() -> Path:
@@ -201,19 +219,22 @@ def tiny_speech_lm(
     stack = MCTPStack.from_backbone(backbone.parts(), 10)
     vocab = SpeechVocab.from_tokenizer(tok, vocab_size=cfg.vocab_size)
     file = cache_dir() / f"tiny-speech-lm-v{_VERSION}-seed{seed}-steps{steps}.safetensors"
-    if use_cache and file.is_file():
-        state = load_file(file)
-        backbone.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("backbone.")})
-        stack.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("stack.")})
-        backbone.eval()
-        stack.eval()
+    if not use_cache:
+        _teach(backbone, stack, _training_rows(tok, vocab, seed), steps, lr=1e-2)
         return backbone, stack, tok, vocab
-    _teach(backbone, stack, _training_rows(tok, vocab, seed), steps, lr=1e-2)
-    if use_cache:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        state = {f"backbone.{k}": v.clone() for k, v in backbone.state_dict().items()}
-        state |= {f"stack.{k}": v.clone() for k, v in stack.state_dict().items()}
-        tmp = file.with_suffix(f".{os.getpid()}.tmp")
-        save_file(state, tmp)
-        tmp.replace(file)  # atomic: a concurrent reader never sees half a file
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(file.with_suffix(".lock")):  # one process teaches, the others wait and load
+        if not file.is_file():
+            _teach(backbone, stack, _training_rows(tok, vocab, seed), steps, lr=1e-2)
+            state = {f"backbone.{k}": v.clone() for k, v in backbone.state_dict().items()}
+            state |= {f"stack.{k}": v.clone() for k, v in stack.state_dict().items()}
+            tmp = file.with_suffix(f".{os.getpid()}.tmp")
+            save_file(state, tmp)
+            tmp.replace(file)  # atomic: a reader never sees half a file
+            return backbone, stack, tok, vocab
+    state = load_file(file)
+    backbone.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("backbone.")})
+    stack.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("stack.")})
+    backbone.eval()
+    stack.eval()
     return backbone, stack, tok, vocab

@@ -11,7 +11,10 @@ import torch
 @pytest.fixture(scope="session")
 def mctp_cache(tmp_path_factory):
     """``MCTP_CACHE`` in the run's temporary folder (the tiny model is taught once per run)."""
-    path = tmp_path_factory.getbasetemp() / "mctp-cache"
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # one cache for all workers of the run
+        base = base.parent
+    path = base / "mctp-cache"
     old = os.environ.get("MCTP_CACHE")
     os.environ["MCTP_CACHE"] = str(path)
     yield path

@@ -1,0 +1,64 @@
+"""``mctp speak`` and the command's help."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import soundfile as sf
+
+from mctp.cli import main, parser
+from mctp.speech.tiny import TINY_ANSWER
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def test_speak_text_writes_wav_and_prints_stats(mctp_cache, tmp_path, capsys):
+    out = tmp_path / "answer.wav"
+    assert main(["speak", "--text", "What is the capital of France?", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"text: {TINY_ANSWER}" in printed
+    assert "first audio chunk: " in printed and " ms" in printed
+    assert "tokens/s: " in printed
+    wav, sr = sf.read(out)
+    assert sr == 16000 and wav.shape == (24 * 1280,)
+
+
+def test_speak_spoken_question_with_codec_folders(mctp_cache, tmp_path, capsys):
+    out = tmp_path / "a.wav"
+    argv = ["speak", "--input", str(FIXTURES / "sensevoice" / "inputs" / "en.wav")]
+    argv += ["--tokenizer", str(FIXTURES / "glm4voice-tokenizer")]
+    argv += ["--decoder", str(FIXTURES / "glm4voice-decoder"), "--mode", "turbo", "--out", str(out)]
+    assert main(argv) == 0
+    assert "mode [1, 10]" in capsys.readouterr().out
+    info = sf.info(out)
+    assert info.samplerate == 22050 and info.frames > 0
+
+
+def test_speak_errors(mctp_cache, tmp_path, capsys):
+    assert main(["speak", "--out", str(tmp_path / "x.wav")]) == 2
+    assert "exactly one of --text and --input" in capsys.readouterr().err
+    assert main(["speak", "--input", str(tmp_path / "missing.wav")]) == 2
+    assert "missing.wav" in capsys.readouterr().err
+    assert main(["speak", "--text", "hi", "--model", str(tmp_path)]) == 2
+    assert "--builder" in capsys.readouterr().err
+    assert main(["speak", "--text", "hi", "--builder", "nocolon"]) == 2
+
+
+def test_help_shows_defaults():
+    p = parser()
+    sub = p._subparsers._group_actions[0].choices  # the three commands
+    assert set(sub) == {"speak", "serve", "eval"}
+    speak = " ".join(sub["speak"].format_help().split())  # independent of line wrapping
+    assert "(default: boost)" in speak and "(default: answer.wav)" in speak
+    assert "(default: mctp.speech:build_tiny_pipeline)" in speak
+    assert "(default: 8000)" in sub["serve"].format_help()
+    assert "(default: eval.json)" in sub["eval"].format_help()
+
+
+def test_module_entry_point_help():
+    out = subprocess.run(
+        [sys.executable, "-m", "mctp.cli", "speak", "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "--mode {vanilla,balance,boost,turbo}" in out.stdout
