@@ -1,4 +1,4 @@
-"""The tiny recipe under torchrun (2 gloo CPU processes) and FSDP; the DeepSpeed configs.
+"""The tiny recipe under torchrun (2 gloo CPU processes, DDP and FSDP); the DeepSpeed configs.
 
 Two processes with the same global batch (1 pack per process per step instead of 2 packs
 accumulated in one process) must log the same losses (1e-5) and end with the same weights;
@@ -64,61 +64,22 @@ def test_two_gloo_processes_equal_one(tmp_path, tiny_reference):
         assert not list(folder.glob("*.old")) and not list((folder / ".staging").iterdir())
 
 
-FSDP_SCRIPT = """
-import json, sys
-sys.path.insert(0, {here!r})
-import torch
-from training_helpers import samples, tiny_backbone
-from transformers import TrainingArguments
-from mctp.training import MCTPTrainer, MCTPTrainingModel, PackedCollator, vita_audio_stage
-
-fsdp = sys.argv[2] == "fsdp"
-model = MCTPTrainingModel(backbone=tiny_backbone())
-stage = vita_audio_stage(4, num_heads=2, max_steps=3, lr=1e-3)
-stage.apply(model)
-args = TrainingArguments(
-    output_dir=sys.argv[1], max_steps=3, per_device_train_batch_size=1,
-    gradient_accumulation_steps=1 if fsdp else 2, logging_steps=1, save_steps=3,
-    report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
-    fsdp=fsdp, fsdp_config={{"transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]}} if fsdp else None,
-)
-t = MCTPTrainer(model=model, args=args, stage=stage, data_collator=PackedCollator(),
-                train_dataset=samples(12))
-t.train()
-if t.is_world_process_zero():
-    logs = [{{k: v for k, v in h.items() if k.startswith("loss")}} for h in t.state.log_history if "loss" in h]
-    print("LOGS" + json.dumps(logs))
-"""
-
-
 @pytest.mark.slow
-def test_fsdp_full_shard_on_cpu_equals_one_process(tmp_path):
-    """FSDP2 full shard runs on CPU/gloo here: same losses as one process, one full checkpoint."""
-    script = tmp_path / "fsdp_run.py"
-    script.write_text(FSDP_SCRIPT.format(here=str(HERE)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "one"), "single"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
+def test_fsdp_full_shard_on_cpu_equals_one_process(tmp_path, tiny_reference):
+    """FSDP2 full shard runs on CPU/gloo here: same losses and final weights as one process."""
+    out = tmp_path / "fsdp"
+    cli, *args = TORCHRUN_COMMAND.split()[4:]
+    fsdp = ["run.fsdp=true", "run.fsdp_config=examples/vita_audio/recipes/fsdp/full_shard.json"]
+    p = _torchrun(
+        ROOT / cli, *args, "--override", f"run.out_dir={out}", "run.progress=false", *fsdp
     )
-    assert single.returncode == 0, single.stderr[-3000:]
-    sharded = _torchrun(script, str(tmp_path / "fsdp"), "fsdp")
-    assert sharded.returncode == 0, sharded.stderr[-3000:]
-
-    def logs(p):
-        return json.loads(next(x for x in p.stdout.splitlines() if x.startswith("LOGS"))[4:])
-
-    _close(logs(sharded), logs(single))
-    from safetensors.torch import load_file
-
-    a = load_file(tmp_path / "one/checkpoint-3/model.safetensors")
-    b = load_file(tmp_path / "fsdp/checkpoint-3/model.safetensors")  # FULL_STATE_DICT
-    assert set(b) <= set(a) and len(b) > 0
-    for k in b:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert p.returncode == 0, p.stderr[-4000:]
+    for stage in STAGES:
+        _close(trajectory(out, stage), trajectory(tiny_reference, stage))
+        ref, got = final_weights(tiny_reference, stage), final_weights(out, stage)
+        assert ref.keys() == got.keys()  # gathered from the shards for the official folder
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
