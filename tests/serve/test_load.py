@@ -1,0 +1,38 @@
+"""The load test (benchmarks/load.py), small and bounded, against the running server."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+LOAD = Path(__file__).resolve().parents[2] / "benchmarks" / "load.py"
+
+
+def _load_module():
+    spec = importlib.util.spec_from_file_location("mctp_benchmark_load", LOAD)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_concurrent_clients_lose_and_mix_nothing(server):
+    load = _load_module()
+    rep = load.run_load(server, clients=3, seconds=2.0, max_requests=3, questions=3)
+    s = rep.summary()
+    assert s["sent"] == rep.ok + rep.refused + rep.failed + rep.lost + rep.mixed
+    assert rep.ok >= 3 and rep.failed == rep.lost == rep.mixed == rep.refused == 0
+    assert s["first_chunk_p50_ms"] > 0 and s["first_chunk_p95_ms"] >= s["first_chunk_p50_ms"]
+    assert s["requests_per_s"] > 0 and s["audio_s_per_s"] > 0
+    assert "| clients |" in rep.table()
+
+
+def test_only_loopback():
+    load = _load_module()
+    with pytest.raises(ValueError, match="loopback"):
+        load.run_load("http://10.0.0.1:8000", clients=1, seconds=1)
+    with pytest.raises(ValueError, match="loopback"):
+        load.run_load("http://example.org:80", clients=1, seconds=1)
