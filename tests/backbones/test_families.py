@@ -91,7 +91,7 @@ def _partly_right_heads(bb, ids: torch.Tensor, n: int) -> MCTPStack:
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_verified_equals_vanilla_and_boost_follows_its_schedule(family):
+def test_verified_equals_vanilla_and_mctp_modes_follow_their_schedules(family):
     ids = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(2))
     bb = HFBackbone(lively(family, prompt=ids))
     stack = _partly_right_heads(bb, ids, 30)
@@ -99,10 +99,12 @@ def test_verified_equals_vanilla_and_boost_follows_its_schedule(family):
     ver = generate(bb, stack, ids, "vanilla", 30, verify=True, draft_len=4)
     assert ver.tokens[0].tolist() == van.tokens[0].tolist()
     assert 0.0 < ver.acceptance_rate < 1.0, ver.acceptance_rate
-    boost = generate(bb, MCTPStack.from_backbone(bb.parts(), 10).eval(), ids, "boost", 37)
-    sched = InterleaveSchedule.boost()
-    assert (boost.num_backbone_forwards, boost.num_mctp_steps) == sched.cost(37)
-    assert boost.sources[0].tolist() == [sched.head(i) for i in range(37)]
+    ten = MCTPStack.from_backbone(bb.parts(), 10).eval()
+    for mode in ("boost", "turbo", "balance"):
+        res = generate(bb, ten, ids, mode, 37)
+        sched = InterleaveSchedule.from_mode(mode)
+        assert (res.num_backbone_forwards, res.num_mctp_steps) == sched.cost(37)
+        assert res.sources[0].tolist() == [sched.head(i) for i in range(37)]
 
 
 def test_a_model_neither_path_runs_raises_one_clear_error():
