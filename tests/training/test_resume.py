@@ -65,6 +65,11 @@ def test_sigkill_and_resume_equal_the_uninterrupted_run(tmp_path, tiny_reference
         assert all(torch.equal(ref[k], got[k]) for k in ref), stage
         assert all(v.dtype == torch.float32 for v in got.values())
     assert [len(list((out / f"stage{s}").glob("checkpoint-*"))) for s in STAGES] == [2, 2, 2, 2]
+    sys.path.insert(0, str(ROOT / "examples"))
+    from vita_audio.model import VitaAudio
+
+    heads = [VitaAudio.from_pretrained(out / f"stage{s}" / "final").stack for s in STAGES]
+    assert [0 if h is None else h.num_heads for h in heads] == [0, 1, 4, 4]
 
 
 def test_training_md_lists_the_tested_cpu_commands():
