@@ -112,6 +112,7 @@ class GenerationWorker:
                 self.cancelled += 1
                 continue
             self.running = job
+            error: Exception | None = None
             try:
                 items = job.run()
                 for item in items:
@@ -121,13 +122,15 @@ class GenerationWorker:
                             close()
                         break
                     job.sink(item)
-                if job.cancelled.is_set():
-                    self.cancelled += 1
-                else:
-                    self.completed += 1
-                    job.sink(Job.DONE)
             except Exception as e:  # handed to the request that caused it
+                error = e
+            # the worker is free (and counted) before the request hears that it is done
+            self.running = None
+            if error is not None:
                 self.failed += 1
-                job.sink(e)
-            finally:
-                self.running = None
+                job.sink(error)
+            elif job.cancelled.is_set():
+                self.cancelled += 1
+            else:
+                self.completed += 1
+                job.sink(Job.DONE)
