@@ -119,7 +119,8 @@ def _decode_audio(data: Any, fmt: Any, cfg: ServerConfig, param: str) -> tuple[t
     try:
         wav, sr = sf.read(io.BytesIO(raw), dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError
-        raise RequestError(400, f"cannot read the audio in {param}: {e}", param) from None
+        reason = str(e).rsplit(">: ", 1)[-1]  # drop "Error opening <_io.BytesIO ...>: "
+        raise RequestError(400, f"cannot read the audio in {param}: {reason}", param) from None
     if wav.shape[0] == 0:
         raise RequestError(400, f"the audio in {param} is empty", param)
     if wav.shape[0] / sr > cfg.max_audio_s:

@@ -162,9 +162,9 @@ class SpeechPipeline:
         name: Model name reported by the server.
 
     Raises:
-        ValueError: If both or neither of ``audio_encoder`` and ``projector`` are given
-            together, both input codecs are given, codebooks do not fit the vocabulary, the
-            tokenizer has no chat template, or the mode needs more heads than the stack has.
+        ValueError: If ``audio_encoder`` comes without ``projector`` (or the reverse), both
+            input codecs are given, the codebooks do not fit the vocabulary, the tokenizer has
+            no chat template, or the mode needs more heads than the stack has.
     """
 
     def __init__(
@@ -452,7 +452,8 @@ class SpeechPipeline:
                 continue  # later "end" events of the same row only carry the result
             now = time.perf_counter() - t0
             if ev.kind == "text":
-                ids = [i for i in ev.ids if not bool(self.vocab.is_audio(torch.tensor(i)))]
+                lo, hi = self.vocab.audio_start, self.vocab.audio_stop
+                ids = [i for i in ev.ids if not lo <= i < hi]  # stray audio ids are not text
                 last_token = ev.ids[-1] if ev.ids else last_token
                 text_ids += ids
                 full = self.tokenizer.decode(text_ids, skip_special_tokens=True)

@@ -62,3 +62,21 @@ def test_module_entry_point_help():
         [sys.executable, "-m", "mctp.cli", "speak", "--help"], capture_output=True, text=True
     )
     assert out.returncode == 0 and "--mode {vanilla,balance,boost,turbo}" in out.stdout
+
+
+def test_packaging_declares_the_command_and_the_web_assets():
+    import tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    scripts = project["project"]["scripts"]
+    assert scripts["mctp"] == "mctp.cli:main" and "mctp-demo" in scripts
+    packages = project["tool"]["setuptools"]["packages"]
+    assert {"mctp.speech", "mctp.serve", "mctp.eval"} <= set(packages)
+    globs = project["tool"]["setuptools"]["package-data"]["mctp"]
+    web = sorted(p.name for p in (root / "mctp" / "web").iterdir())
+    assert web == ["app.js", "index.html"]
+    assert all(any(Path("web", name).match(g) for g in globs) for name in web)
+    extras = project["project"]["optional-dependencies"]
+    assert any(d.startswith("fastapi") for d in extras["serve"])
+    assert any(d.startswith("uvicorn") for d in extras["serve"])
