@@ -68,7 +68,8 @@ def build_tiny_pipeline(
         mode: Default schedule.
         max_new_tokens: Default generation budget.
         device: Where everything runs.
-        **kwargs: Further :class:`SpeechPipeline` arguments.
+        **kwargs: Further :class:`SpeechPipeline` arguments (``num_threads`` defaults to 1
+            here: the tiny model's matrices are too small to share between threads).
 
     Raises:
         ValueError: If ``model`` is given, or as :class:`SpeechPipeline`.
@@ -98,6 +99,7 @@ def build_tiny_pipeline(
         mode=mode,
         max_new_tokens=max_new_tokens,
         name="mctp-tiny",
+        num_threads=kwargs.pop("num_threads", 1),
         **parts,
         **kwargs,
     )

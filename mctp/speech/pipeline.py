@@ -9,6 +9,7 @@ streaming session that turns every audio segment into waveform as soon as it exi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -160,6 +161,10 @@ class SpeechPipeline:
         audio_sampling: :class:`mctp.SamplingConfig` for audio (default: like text).
         system_prompt: A system message put before every conversation, or None.
         name: Model name reported by the server.
+        num_threads: Torch CPU threads while this pipeline prepares and generates (set for
+            the call, restored after; torch's intra-op pool is process-wide), or None to
+            leave torch's setting alone. Tiny models run fastest on 1: their matrices are too
+            small to split, and extra threads only contend for the cores.
 
     Raises:
         ValueError: If ``audio_encoder`` comes without ``projector`` (or the reverse), both
@@ -186,6 +191,7 @@ class SpeechPipeline:
         audio_sampling: Any | None = None,
         system_prompt: str | None = None,
         name: str = "mctp",
+        num_threads: int | None = None,
     ) -> None:
         if audio_tokenizer is not None and audio_encoder is not None:
             raise ValueError("give audio_tokenizer or audio_encoder, not both")
@@ -210,6 +216,9 @@ class SpeechPipeline:
             raise ValueError("the tokenizer has no chat_template")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        self.num_threads = num_threads
         self.backbone, self.stack, self.tokenizer, self.vocab = backbone, stack, tokenizer, vocab
         self.decoder = decoder
         self.audio_tokenizer, self.audio_encoder, self.projector = (
@@ -421,13 +430,36 @@ class SpeechPipeline:
         budget = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         if budget < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {budget}")
-        if messages is None:
-            wavs = [] if audio is None else [self.load_audio(audio, sample_rate)]
-            messages = self.build_messages(text, bool(wavs), task)
-        else:
-            wavs = list(audios or [])
-        prompt = self.prepare(messages, wavs)
-        return self._run(prompt, sched, budget, t0)
+        with self._threads():
+            if messages is None:
+                wavs = [] if audio is None else [self.load_audio(audio, sample_rate)]
+                messages = self.build_messages(text, bool(wavs), task)
+            else:
+                wavs = list(audios or [])
+            prompt = self.prepare(messages, wavs)
+        return self._threaded(self._run(prompt, sched, budget, t0))
+
+    @contextlib.contextmanager
+    def _threads(self) -> Iterator[None]:
+        """Torch's thread count set to :attr:`num_threads` inside, restored after."""
+        if self.num_threads is None:
+            yield
+            return
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.num_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    def _threaded(self, chunks: Iterator[SpeechChunk]) -> Iterator[SpeechChunk]:
+        """Run each step of ``chunks`` under :meth:`_threads` (not while the caller holds a chunk)."""
+        while True:
+            with self._threads():
+                chunk = next(chunks, None)
+            if chunk is None:
+                return
+            yield chunk
 
     def _run(
         self, prompt: Prompt, sched: InterleaveSchedule, budget: int, t0: float

@@ -168,3 +168,22 @@ def test_encoder_input_plus_style(mctp_cache):
     torch.testing.assert_close(embeds[text_pos], plain[text_pos])
     res = pipe(audio=wav, sample_rate=16000)
     assert res.audio.numel() > 0
+
+
+def test_num_threads_is_scoped_to_the_call(tiny):
+    assert tiny.num_threads == 1  # the tiny default
+    torch.set_num_threads(2)
+    seen = []
+    for _ in tiny.stream("hello"):
+        seen.append(torch.get_num_threads())  # the caller's setting between chunks
+    assert seen and set(seen) == {2}
+    assert torch.get_num_threads() == 2
+    with pytest.raises(ValueError, match="num_threads"):
+        SpeechPipeline(
+            backbone=tiny.backbone,
+            stack=tiny.stack,
+            tokenizer=tiny.tokenizer,
+            vocab=tiny.vocab,
+            decoder=tiny.decoder,
+            num_threads=0,
+        )
