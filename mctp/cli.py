@@ -147,7 +147,9 @@ def parser() -> argparse.ArgumentParser:
     """The ``mctp`` argument parser."""
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(
-        prog="mctp", description=__doc__.split("\n\n")[0], formatter_class=fmt
+        prog="mctp",
+        description="Speech in, speech out with MCTP: speak, serve, eval (tiny default built in).",
+        formatter_class=fmt,
     )
     sub = p.add_subparsers(dest="command", required=True)
 

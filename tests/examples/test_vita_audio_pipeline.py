@@ -63,3 +63,18 @@ def test_preset_default_mode_and_codec_folders(folder):
     assert list(pipe.mode.ratio) == [1, 10, 4, 10]  # from the folder's generation config
     res = pipe(audio=FIXTURES / "sensevoice" / "inputs" / "en.wav")
     assert res.sample_rate == 22050 and res.num_tokens == 8
+
+
+def test_preset_as_cli_builder(folder, tmp_path, capsys):
+    from mctp.cli import main
+
+    out = tmp_path / "a.wav"
+    argv = ["speak", "--builder", "vita_audio.pipeline:build_pipeline", "--model", str(folder)]
+    argv += ["--text", "hello world", "--mode", "vanilla", "--max-new-tokens", "6"]
+    argv += ["--out", str(out), "--no-warmup", "--threads", "1"]
+    threads = torch.get_num_threads()
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "mode [1, 0]" in capsys.readouterr().out and out.is_file()
