@@ -1,7 +1,7 @@
 """One generation worker: queued requests, 503 when the queue is full, disconnects free slots.
 
-A pipeline that waits between its chunks makes the timing deterministic; the server is a real
-uvicorn on 127.0.0.1 in a thread of the test process.
+A pipeline that holds its answers at a gate after their first chunk makes the order of events
+deterministic; the server is a real uvicorn on 127.0.0.1 in a thread of the test process.
 """
 
 from __future__ import annotations
@@ -18,25 +18,26 @@ from mctp.serve import GenerationWorker, QueueFull, ServerConfig, create_app
 from mctp.speech import SpeechPipeline
 
 
-class SlowPipeline(SpeechPipeline):
-    """Sleeps ``delay`` seconds before each chunk."""
+class GatedPipeline(SpeechPipeline):
+    """Yields the first chunk of an answer at once, the others only while ``gate`` is open."""
 
-    delay = 0.05
+    gate: threading.Event
 
     def stream(self, *args, **kwargs):
         inner = super().stream(*args, **kwargs)
 
-        def slow():
-            for chunk in inner:
-                time.sleep(self.delay)
+        def gated():
+            for i, chunk in enumerate(inner):
+                if i:
+                    assert self.gate.wait(30), "the test never opened the gate"
                 yield chunk
 
-        return slow()
+        return gated()
 
 
 @pytest.fixture
 def slow(tiny):
-    return SlowPipeline(
+    pipe = GatedPipeline(
         backbone=tiny.backbone,
         stack=tiny.stack,
         tokenizer=tiny.tokenizer,
@@ -45,6 +46,20 @@ def slow(tiny):
         audio_tokenizer=tiny.audio_tokenizer,
         name="slow",
     )
+    pipe.gate = threading.Event()
+    return pipe
+
+
+def _wait_cancelled(app, timeout: float = 10.0) -> None:
+    """Wait until the running job is marked cancelled (the server saw its client leave)."""
+    worker = app.state.api.worker
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        job = worker.running
+        if job is not None and job.cancelled.is_set():
+            return
+        time.sleep(0.02)
+    raise TimeoutError("the server did not notice that the client left")
 
 
 def _health(url: str) -> dict:
@@ -93,7 +108,8 @@ def test_worker_hands_errors_to_the_job_and_goes_on():
 def test_full_queue_answers_503_and_disconnect_frees_the_slot(slow):
     cfg = ServerConfig(max_queue=1, warmup=False)
     body = {"messages": [{"role": "user", "content": "hello"}], "modalities": ["text", "audio"]}
-    with InProcessServer(create_app(slow, cfg)) as srv:
+    app = create_app(slow, cfg)
+    with InProcessServer(app) as srv:
         # A: a streaming request; read its first event, then hang up
         conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
         conn.request(
@@ -122,6 +138,8 @@ def test_full_queue_answers_503_and_disconnect_frees_the_slot(slow):
         # A hangs up: the worker drops it at its next chunk and B runs
         conn.sock.shutdown(2)
         conn.close()
+        _wait_cancelled(app)  # the server noticed the hang-up
+        slow.gate.set()
         t.join(60)
         status, out = results["b"]
         assert status == 200 and out["choices"][0]["message"]["content"]
@@ -133,7 +151,8 @@ def test_full_queue_answers_503_and_disconnect_frees_the_slot(slow):
 def test_non_streaming_client_that_leaves_is_cancelled(slow):
     cfg = ServerConfig(max_queue=2, warmup=False)
     body = {"messages": [{"role": "user", "content": "hello"}]}
-    with InProcessServer(create_app(slow, cfg)) as srv:
+    app = create_app(slow, cfg)
+    with InProcessServer(app) as srv:
         conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
         conn.request(
             "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"}
@@ -143,6 +162,8 @@ def test_non_streaming_client_that_leaves_is_cancelled(slow):
             time.sleep(0.01)
         conn.sock.shutdown(2)
         conn.close()
+        _wait_cancelled(app)  # the server noticed the hang-up
+        slow.gate.set()
         end = time.monotonic() + 10
         while _health(srv.url)["cancelled"] < 1 and time.monotonic() < end:
             time.sleep(0.05)
