@@ -6,15 +6,8 @@ builders (VITA-Audio: ``examples/vita_audio/pipeline.py``).
 """
 
 from .builders import build_tiny_pipeline, load_input_codec
-from .pipeline import (
-    ASR_PROMPT,
-    TTS_PROMPT,
-    AudioInput,
-    Prompt,
-    SpeechChunk,
-    SpeechPipeline,
-    SpeechResult,
-)
+from .pipeline import ASR_PROMPT, TTS_PROMPT, AudioInput, SpeechPipeline
+from .results import Prompt, SpeechChunk, SpeechResult
 
 __all__ = [
     "ASR_PROMPT",

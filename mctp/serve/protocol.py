@@ -1,0 +1,290 @@
+"""Request handling of the server: limits, OpenAI-style errors, parsing, the worker bridge.
+
+Kept apart from the routes (:mod:`mctp.serve.app`) and free of FastAPI imports: requests are
+read through the few ASGI ``Request`` methods they need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .worker import GenerationWorker, Job, QueueFull
+
+__all__ = ["Api", "RequestError", "ServerConfig", "decode_audio", "pcm16", "wav_bytes"]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Limits of the server.
+
+    Attributes:
+        max_queue: Requests that may wait for the generation worker; more get 503.
+        max_body_bytes: Largest request body (413 above).
+        max_audio_s: Longest input audio in seconds (400 above).
+        max_text_chars: Longest input text (400 above).
+        max_new_tokens: Upper bound for ``max_tokens`` / the default budget.
+        warmup: Run one short generation at start-up so the first request is not slower.
+    """
+
+    max_queue: int = 8
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_audio_s: float = 60.0
+    max_text_chars: int = 4000
+    max_new_tokens: int = 1024
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_queue", "max_body_bytes", "max_text_chars", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_audio_s <= 0:
+            raise ValueError(f"max_audio_s must be > 0, got {self.max_audio_s}")
+
+
+class RequestError(Exception):
+    """A request the server refuses, with its HTTP status and an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+    def body(self) -> dict[str, Any]:
+        kind = {
+            400: "invalid_request_error",
+            404: "not_found_error",
+            413: "request_too_large",
+            503: "server_busy",
+        }.get(self.status, "server_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param}}
+
+
+def pcm16(wav: torch.Tensor) -> bytes:
+    """``[S]`` float -> little-endian 16-bit PCM bytes."""
+    x = np.clip(wav.detach().cpu().numpy().astype(np.float32), -1.0, 1.0)
+    return (x * 32767.0).round().astype("<i2").tobytes()
+
+
+def wav_bytes(wav: torch.Tensor, sample_rate: int) -> bytes:
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(
+        buf, wav.detach().cpu().numpy().astype(np.float32), sample_rate, "PCM_16", format="WAV"
+    )
+    return buf.getvalue()
+
+
+def decode_audio(data: Any, fmt: Any, cfg: ServerConfig, param: str) -> tuple[torch.Tensor, int]:
+    """Base64 audio file bytes -> (``[T]`` mono float32, sample rate); 400 on anything bad."""
+    import soundfile as sf
+
+    from mctp.codecs import to_mono
+
+    if not isinstance(data, str) or not data:
+        raise RequestError(400, f"{param}.data must be a non-empty base64 string", param)
+    if fmt is not None and fmt not in ("wav", "flac", "ogg", "mp3"):
+        raise RequestError(
+            400, f"unsupported audio format {fmt!r}: use wav, flac, ogg or mp3", param
+        )
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except ValueError as e:
+        raise RequestError(400, f"{param}.data is not valid base64: {e}", param) from None
+    try:
+        wav, sr = sf.read(io.BytesIO(raw), dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError
+        reason = str(e).rsplit(">: ", 1)[-1]  # drop "Error opening <_io.BytesIO ...>: "
+        raise RequestError(400, f"cannot read the audio in {param}: {reason}", param) from None
+    if wav.shape[0] == 0:
+        raise RequestError(400, f"the audio in {param} is empty", param)
+    if wav.shape[0] / sr > cfg.max_audio_s:
+        raise RequestError(
+            400,
+            f"the audio in {param} lasts {wav.shape[0] / sr:.1f} s; the limit is {cfg.max_audio_s:g} s",
+            param,
+        )
+    if not np.isfinite(wav).all():
+        raise RequestError(400, f"the audio in {param} holds NaN or infinite samples", param)
+    return to_mono(torch.from_numpy(wav), channels_first=False), int(sr)
+
+
+class Api:
+    """Request parsing and the bridge from the worker thread to asyncio."""
+
+    def __init__(self, pipeline: Any, cfg: ServerConfig) -> None:
+        self.pipe, self.cfg = pipeline, cfg
+        self.worker = GenerationWorker(cfg.max_queue)
+        self._checked: dict[int, float] = {}  # job id -> when its connection was last looked at
+
+    # ------------------------------------------------------------------ parsing helpers
+    async def body(self, request: Any) -> dict[str, Any]:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > self.cfg.max_body_bytes:
+            raise RequestError(413, f"request body over {self.cfg.max_body_bytes} bytes")
+        raw = await request.body()
+        if len(raw) > self.cfg.max_body_bytes:
+            raise RequestError(413, f"request body over {self.cfg.max_body_bytes} bytes")
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            raise RequestError(400, f"the body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise RequestError(400, "the body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != self.pipe.name:
+            raise RequestError(
+                404, f"model {model!r} not found; this server has {self.pipe.name!r}", "model"
+            )
+        return body
+
+    def mode(self, body: dict[str, Any]) -> Any:
+        mode = body.get("mode")
+        if mode is None:
+            return None
+        try:
+            return self.pipe.schedule(mode)
+        except (ValueError, TypeError) as e:
+            raise RequestError(400, str(e), "mode") from None
+
+    def budget(self, body: dict[str, Any]) -> int:
+        n = body.get("max_completion_tokens", body.get("max_tokens"))
+        if n is None:
+            return min(self.pipe.max_new_tokens, self.cfg.max_new_tokens)
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.cfg.max_new_tokens:
+            raise RequestError(
+                400,
+                f"max_tokens must be an integer in [1, {self.cfg.max_new_tokens}], got {n!r}",
+                "max_tokens",
+            )
+        return n
+
+    def text(self, value: Any, param: str) -> str:
+        if not isinstance(value, str):
+            raise RequestError(400, f"{param} must be a string", param)
+        if len(value) > self.cfg.max_text_chars:
+            raise RequestError(400, f"{param} is over {self.cfg.max_text_chars} characters", param)
+        return value
+
+    def messages(
+        self, body: dict[str, Any]
+    ) -> tuple[list[dict[str, str]], list[tuple[torch.Tensor, int]]]:
+        from mctp.backbones import AUDIO_PLACEHOLDER
+
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise RequestError(400, "messages must be a non-empty list", "messages")
+        out: list[dict[str, str]] = []
+        audios: list[tuple[torch.Tensor, int]] = []
+        total = 0
+        for i, m in enumerate(msgs):
+            where = f"messages[{i}]"
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+                raise RequestError(400, f"{where} needs a role of system, user or assistant", where)
+            content = m.get("content")
+            if isinstance(content, str):
+                parts = [{"type": "text", "text": content}]
+            elif isinstance(content, list):
+                parts = content
+            else:
+                raise RequestError(
+                    400, f"{where}.content must be a string or a list of parts", where
+                )
+            texts: list[str] = []
+            for j, part in enumerate(parts):
+                p = f"{where}.content[{j}]"
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text":
+                    texts.append(self.text(part.get("text"), p + ".text"))
+                elif kind == "input_audio":
+                    spec = part.get("input_audio")
+                    if not isinstance(spec, dict):
+                        raise RequestError(400, f"{p}.input_audio must be an object", p)
+                    if self.pipe.input_sample_rate is None:
+                        raise RequestError(400, "this model takes no audio input", p)
+                    audios.append(
+                        decode_audio(
+                            spec.get("data"), spec.get("format"), self.cfg, p + ".input_audio"
+                        )
+                    )
+                    total += audios[-1][0].numel() / audios[-1][1]
+                    texts.append(AUDIO_PLACEHOLDER)
+                else:
+                    raise RequestError(
+                        400, f"{p}.type must be 'text' or 'input_audio', got {kind!r}", p
+                    )
+            content_text = "\n".join(t for t in texts if t)
+            if AUDIO_PLACEHOLDER in "".join(t for t in texts if t != AUDIO_PLACEHOLDER):
+                raise RequestError(
+                    400, f"{where} contains the reserved text {AUDIO_PLACEHOLDER}", where
+                )
+            out.append({"role": m["role"], "content": content_text})
+        if total > self.cfg.max_audio_s:
+            raise RequestError(
+                400,
+                f"the request holds {total:.1f} s of audio; the limit is {self.cfg.max_audio_s:g} s",
+                "messages",
+            )
+        if not any(m["role"] == "user" and m["content"] for m in out):
+            raise RequestError(400, "no user message with content", "messages")
+        return out, audios
+
+    # ------------------------------------------------------------------ running jobs
+    def start(self, run: Callable[[], Iterator[Any]]) -> tuple[Job, asyncio.Queue[Any]]:
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue[Any] = asyncio.Queue()
+
+        def sink(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(out.put_nowait, item)
+            except RuntimeError:  # the event loop is gone (server shutting down)
+                pass
+
+        try:
+            job = self.worker.submit(run, sink)
+        except QueueFull as e:
+            raise RequestError(503, str(e)) from None
+        return job, out
+
+    async def next_item(self, out: asyncio.Queue[Any], job: Job, request: Any) -> Any:
+        """The next item of a job; cancels it when the client has disconnected.
+
+        The connection is looked at whenever 0.2 s have passed since the last look, whether
+        or not items keep coming.
+        """
+        while True:
+            last = self._checked.setdefault(job.id, time.monotonic())
+            if time.monotonic() - last >= 0.2:
+                self._checked[job.id] = time.monotonic()
+                if await request.is_disconnected():
+                    job.cancel()
+                    self._checked.pop(job.id, None)
+                    raise asyncio.CancelledError
+            try:
+                item = await asyncio.wait_for(out.get(), timeout=0.2)
+            except TimeoutError:
+                continue
+            if item is Job.DONE or isinstance(item, Exception):
+                self._checked.pop(job.id, None)
+            if isinstance(item, Exception):
+                if isinstance(item, (ValueError, FileNotFoundError)):
+                    raise RequestError(400, str(item)) from item
+                raise item
+            return item
+
+    def stream_run(self, **kwargs: Any) -> Callable[[], Iterator[Any]]:
+        pipe = self.pipe
+
+        def run() -> Iterator[Any]:
+            return pipe.stream(**kwargs)
+
+        return run
