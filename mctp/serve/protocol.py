@@ -59,6 +59,7 @@ class RequestError(Exception):
         self.status, self.message, self.param = status, message, param
 
     def body(self) -> dict[str, Any]:
+        """The OpenAI-style error object."""
         kind = {
             400: "invalid_request_error",
             404: "not_found_error",
@@ -119,7 +120,12 @@ def decode_audio(data: Any, fmt: Any, cfg: ServerConfig, param: str) -> tuple[to
 
 
 class Api:
-    """Request parsing and the bridge from the worker thread to asyncio."""
+    """Request parsing and the bridge from the generation worker's thread to asyncio.
+
+    Args:
+        pipeline: The :class:`~mctp.speech.SpeechPipeline` served.
+        cfg: The server's limits.
+    """
 
     def __init__(self, pipeline: Any, cfg: ServerConfig) -> None:
         self.pipe, self.cfg = pipeline, cfg
@@ -128,6 +134,12 @@ class Api:
 
     # ------------------------------------------------------------------ parsing helpers
     async def body(self, request: Any) -> dict[str, Any]:
+        """The request's JSON object.
+
+        Raises:
+            RequestError: 413 over ``max_body_bytes``, 400 for anything but a JSON object,
+                404 for a ``model`` other than the one served.
+        """
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > self.cfg.max_body_bytes:
             raise RequestError(413, f"request body over {self.cfg.max_body_bytes} bytes")
@@ -148,6 +160,11 @@ class Api:
         return body
 
     def mode(self, body: dict[str, Any]) -> Any:
+        """The request's schedule (None: the pipeline's default).
+
+        Raises:
+            RequestError: 400 for an unknown mode or one the model's heads cannot run.
+        """
         mode = body.get("mode")
         if mode is None:
             return None
@@ -157,6 +174,11 @@ class Api:
             raise RequestError(400, str(e), "mode") from None
 
     def budget(self, body: dict[str, Any]) -> int:
+        """``max_completion_tokens`` / ``max_tokens``, or the default, within the limit.
+
+        Raises:
+            RequestError: 400 for a value that is not an integer in ``[1, max_new_tokens]``.
+        """
         n = body.get("max_completion_tokens", body.get("max_tokens"))
         if n is None:
             return min(self.pipe.max_new_tokens, self.cfg.max_new_tokens)
@@ -169,6 +191,11 @@ class Api:
         return n
 
     def text(self, value: Any, param: str) -> str:
+        """A text field.
+
+        Raises:
+            RequestError: 400 for a non-string or one over ``max_text_chars``.
+        """
         if not isinstance(value, str):
             raise RequestError(400, f"{param} must be a string", param)
         if len(value) > self.cfg.max_text_chars:
@@ -178,6 +205,15 @@ class Api:
     def messages(
         self, body: dict[str, Any]
     ) -> tuple[list[dict[str, str]], list[tuple[torch.Tensor, int]]]:
+        """Chat messages with ``<|audio|>`` where audio parts were, and the decoded audios.
+
+        Returns:
+            ``([{"role", "content"}], [(wav [T], sample rate)])``.
+
+        Raises:
+            RequestError: 400 for malformed messages or parts, unreadable or too long audio,
+                audio sent to a model without speech input, or no user content.
+        """
         from mctp.backbones import AUDIO_PLACEHOLDER
 
         msgs = body.get("messages")
@@ -240,6 +276,11 @@ class Api:
 
     # ------------------------------------------------------------------ running jobs
     def start(self, run: Callable[[], Iterator[Any]]) -> tuple[Job, asyncio.Queue[Any]]:
+        """Queue ``run`` on the worker; its items arrive on the returned asyncio queue.
+
+        Raises:
+            RequestError: 503 when the worker's queue is full.
+        """
         loop = asyncio.get_running_loop()
         out: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -282,6 +323,7 @@ class Api:
             return item
 
     def stream_run(self, **kwargs: Any) -> Callable[[], Iterator[Any]]:
+        """A job function: ``pipeline.stream(**kwargs)``, called on the worker thread."""
         pipe = self.pipe
 
         def run() -> Iterator[Any]:
