@@ -317,7 +317,7 @@ def run_eval(
         asr_model: transformers ASR model folder.
         out: JSON file to write (None: none).
         limit: First N items of each file.
-        head_prompts: Text prompts for ``heads`` (QA questions are used when given).
+        head_prompts: Text prompts for ``heads``.
 
     Returns:
         ``{"asr": ..., "tts": ..., "qa": ..., "heads": ...}`` for the evaluations run.
