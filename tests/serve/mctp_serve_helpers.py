@@ -130,6 +130,7 @@ class Chromium:
                 "--no-first-run",
                 "--autoplay-policy=no-user-gesture-required",
                 "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream",
                 "--remote-debugging-address=127.0.0.1",
                 "--remote-debugging-port=0",
                 f"--user-data-dir={profile}",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import re
 import shutil
+import time
 
 import pytest
 import soundfile as sf
@@ -67,3 +68,23 @@ def test_upload_plays_the_streamed_answer_and_shows_latency(server, browser, tmp
     shot = base64.b64decode(b.send("Page.captureScreenshot", format="png")["data"])
     assert shot.startswith(b"\x89PNG")
     (tmp_path / "page.png").write_bytes(shot)
+
+
+def test_microphone_recording_is_answered(browser):
+    """Chromium's fake capture device (a beep) stands in for the microphone."""
+    b = browser
+    b.wait_for(
+        "document.readyState === 'complete' && document.getElementById('model').textContent === 'mctp-tiny'"
+    )
+    b.eval("document.getElementById('record').click()")
+    b.wait_for("document.getElementById('input-status').textContent === 'recording...'")
+    time.sleep(1.0)
+    b.eval("document.getElementById('stop').click()")
+    b.wait_for("document.getElementById('input-status').textContent === 'recorded'")
+    b.eval("document.getElementById('send').click()")
+    state = b.wait_for(
+        "['done', 'error'].includes(document.body.dataset.state) && document.body.dataset.state"
+    )
+    assert state == "done", b.eval("document.getElementById('status').textContent")
+    assert re.fullmatch(r"\d+ ms", b.eval("document.getElementById('latency').textContent"))
+    assert b.eval("document.getElementById('answer').textContent").startswith("hello")
