@@ -24,6 +24,7 @@ import torch
 __all__ = ["build_demo_model", "main", "teach_answer"]
 
 BOA, EOA, PLACEHOLDER, EOS = 250, 251, 249, 2
+AUDIO_CONTEXT_ID = 248  # <|context_of_audio|>: VITA-Audio-Plus's encoder-frame placeholder
 AUDIO_START, NUM_AUDIO = 252, 64
 
 
@@ -102,7 +103,7 @@ def build_demo_model(
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from mctp import MCTPStack
-    from mctp.backbones import AUDIO_PLACEHOLDER, HFBackbone, SpeechVocab
+    from mctp.backbones import AUDIO_CONTEXT, AUDIO_PLACEHOLDER, HFBackbone, SpeechVocab
     from mctp.backbones import BOA as BOA_S
     from mctp.backbones import EOA as EOA_S
     from mctp.interleave import InterleaveSchedule
@@ -129,7 +130,12 @@ def build_demo_model(
     answer = [*InterleaveSchedule.boost().interleave(text, audio, BOA, EOA), EOS]
     teach_answer(backbone, stack, prompt, answer, steps=train_steps, lr=lr, progress=progress)
     vocab = SpeechVocab(
-        special={BOA_S: BOA, EOA_S: EOA, AUDIO_PLACEHOLDER: PLACEHOLDER},
+        special={
+            BOA_S: BOA,
+            EOA_S: EOA,
+            AUDIO_PLACEHOLDER: PLACEHOLDER,
+            AUDIO_CONTEXT: AUDIO_CONTEXT_ID,
+        },
         audio_start=AUDIO_START,
         num_audio=num_audio,
         vocab_size=cfg.vocab_size,
