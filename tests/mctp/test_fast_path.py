@@ -219,3 +219,59 @@ def test_generator_is_reused_and_checked(model):
         gen.generate(ids, config=gen.config.replace(compile=True))
     gen.reset()
     assert torch.equal(gen.generate(ids).sequences, a.sequences)
+
+
+def test_compile_cache_files_are_checked(tmp_path):
+    from mctp import load_compile_cache
+
+    assert load_compile_cache(tmp_path / "none.bin") is False  # a first start: nothing to load
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"not a cache")
+    with pytest.raises(RuntimeError, match="is not a torch compile cache"):
+        load_compile_cache(bad)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="Inductor on CPU needs a C++ compiler")
+def test_compile_cache_carries_artifacts_to_another_process(tmp_path):
+    """A process compiles Turbo and saves torch's artifacts; a second process with an empty
+    Inductor cache loads them and generates the same tokens (its compile reads the cache)."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from mctp import GenerationConfig, Generator, MCTPStack, load_compile_cache, save_compile_cache
+from mctp.backbones import HFBackbone
+from mctp.interleave import InterleaveSchedule
+torch.manual_seed(0)
+cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2)
+bb = HFBackbone(Qwen2ForCausalLM(cfg).eval())
+stack = MCTPStack.from_backbone(bb.parts(), 2).eval()
+loaded = load_compile_cache(sys.argv[1])
+config = GenerationConfig(mode=InterleaveSchedule.from_ratio([1, 2]), max_new_tokens=8,
+                          compile=True, window=3)
+gen = Generator(bb, stack, config, max_len=32)
+ids = gen.generate(torch.arange(3, 9)[None]).tokens[0].tolist()
+if not loaded:
+    save_compile_cache(sys.argv[1])
+print(loaded, ids)
+"""
+    cache = tmp_path / "cc.bin"
+    outs = []
+    for i in range(2):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor{i}")}
+        run = subprocess.run(
+            [sys.executable, "-c", code, str(cache)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        outs.append(run.stdout.strip().splitlines()[-1])
+    assert cache.is_file() and outs[0].startswith("False") and outs[1].startswith("True")
+    assert outs[0].split(" ", 1)[1] == outs[1].split(" ", 1)[1]
