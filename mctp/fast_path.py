@@ -224,7 +224,9 @@ def load_compile_cache(path: str | Path) -> bool:
     if not p.is_file():
         return False
     try:
-        torch.compiler.load_cache_artifacts(p.read_bytes())
+        info = torch.compiler.load_cache_artifacts(p.read_bytes())
     except Exception as e:  # torch raises several types for a bad blob
         raise RuntimeError(f"{p} is not a torch compile cache: {e}") from e
+    if info is None:  # torch logs why (e.g. a checksum mismatch) and returns None
+        raise RuntimeError(f"{p} is not a torch compile cache (torch could not read it)")
     return True
