@@ -67,12 +67,12 @@ def main() -> None:
     h = backbone.hidden_size
     buf = TokenBuffer(1, 128, dev)
     buf.start(torch.randint(0, 1000, (1, 32), device=dev))
-    cache = backbone.new_cache(1, 128)
-    backbone.forward_cached(buf, cache, 0)
+    cache = backbone.setup_caches(1, 128, device=dev)  # the backbone protocol's decode
+    backbone.decode(buf, cache, buf.index[:32])
+    buf.append(torch.randint(0, 1000, (1, 32), device=dev))  # slots 32..63 to re-read
     decode = maybe_compile(backbone.decode)
     rows = []
     for t in (1, 11, 32):
-        buf.length = 32 + t
         idx = buf.index[32 : 32 + t]
         rows.append(
             (
