@@ -118,6 +118,12 @@ class GenerationConfig:
                     "drafts its own MCTP runs"
                 )
 
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
+        """Pickle (and deep-copy) through the constructor: the read-only mapping is rebuilt."""
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        kw["compile_options"] = dict(self.compile_options)
+        return (_from_fields, (kw,))
+
     # ------------------------------------------------------------------ views
     @property
     def schedule(self) -> InterleaveSchedule:
@@ -196,6 +202,10 @@ class GenerationConfig:
                 value = list(value)
             out[f.name] = value
         return out
+
+
+def _from_fields(kw: dict[str, Any]) -> GenerationConfig:
+    return GenerationConfig(**kw)
 
 
 def _resolve_mode(mode: object) -> InterleaveSchedule:

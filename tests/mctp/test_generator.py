@@ -68,6 +68,12 @@ def test_generation_config_is_frozen_and_replace_validates():
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         cfg.replace(max_new_tokens=-1)
     assert cfg.to_dict()["mode"] == "turbo" and cfg.to_dict()["eos_token_id"] == [2, 3]
+    import copy
+    import pickle
+
+    again = pickle.loads(pickle.dumps(cfg))
+    assert again == cfg and copy.deepcopy(cfg) == cfg
+    assert again.compile_options["backend"] == "eager"
 
 
 def test_generation_config_from_pretrained(tmp_path):
