@@ -162,6 +162,12 @@ class Generator:
             device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
         self.device = torch.device(device)
         self.backbone, self.stack, self.vocab = backbone, stack, vocab
+        if config.compile and getattr(backbone, "path", "fast") == "generic":
+            raise ValueError(
+                f"{getattr(backbone, 'family', type(backbone).__name__)} runs on the backbone's "
+                "generic path (the model's own forward, one host sync per call): it has no "
+                "fixed-shape decode to compile; use compile=False"
+            )
         self._check(config)
         self.config = config
         self.buffer = TokenBuffer(batch_size, max_len, self.device)

@@ -164,3 +164,10 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert grads[0].keys() == grads[1].keys() and grads[0]
         for name in grads[0]:
             torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4)
+
+
+def test_the_generic_path_refuses_compile_by_name():
+    bb = HFBackbone(build("gpt2"))
+    ids = torch.randint(3, VOCAB, (1, 6))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel runs on the backbone's generic path"):
+        generate(bb, None, ids, "vanilla", 4, compile=True)
