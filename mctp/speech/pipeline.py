@@ -38,26 +38,45 @@ AudioInput = str | os.PathLike | torch.Tensor | np.ndarray
 def _generate_events(
     pipe: SpeechPipeline, prompt: Prompt, mode: InterleaveSchedule, max_new_tokens: int
 ) -> Iterator[Any]:
-    """The one place that calls the generator (switch here to another generation API).
+    """The one place that calls the generator: the pipeline's own :class:`mctp.Generator`
+    (caches allocated once, reused by every request; rebuilt larger only when a request needs
+    more slots than it has).
 
     Yields:
-        :class:`mctp.StreamEvent` of row 0 (text ids, audio segments, end).
-    """
-    from mctp.streaming import generate_stream
+        :class:`mctp.StreamEvent` of row 0 (text ids, audio segments, one end).
 
-    kwargs: dict[str, Any] = {
-        "vocab": pipe.vocab,
-        "eos_token_id": pipe.eos_token_id,
-        "audio_chunk": pipe.audio_chunk,
-    }
+    Raises:
+        RuntimeError: If the pipeline is already generating (from another thread).
+    """
+    from mctp.generation_config import GenerationConfig
+    from mctp.generator import Generator, slots_needed
+
+    options: dict[str, Any] = {"mode": mode, "max_new_tokens": max_new_tokens}
+    options["eos_token_id"] = pipe.eos_token_id
     if pipe.text_sampling is not None:
-        kwargs["text_sampling"] = pipe.text_sampling
+        options["text_sampling"] = pipe.text_sampling
     if pipe.audio_sampling is not None:
-        kwargs["audio_sampling"] = pipe.audio_sampling
-    if prompt.prompt_embeds is not None:
-        kwargs["prompt_embeds"] = prompt.prompt_embeds
-    return generate_stream(
-        pipe.backbone, pipe.stack, prompt.input_ids, mode, max_new_tokens, **kwargs
+        options["audio_sampling"] = pipe.audio_sampling
+    cfg = GenerationConfig(**options)
+    heads = 0 if pipe.stack is None else pipe.stack.num_heads
+    need = slots_needed(cfg, prompt.input_ids.shape[1], max_new_tokens, heads)
+    gen = pipe._generator
+    if gen is None or gen.buffer.max_len < need:
+        gen = Generator(
+            pipe.backbone,
+            pipe.stack,
+            cfg,
+            max_len=max(need, 512),
+            vocab=pipe.vocab,
+            device=prompt.input_ids.device,
+        )
+        pipe._generator = gen
+    return gen.stream(
+        prompt.input_ids,
+        prompt_embeds=prompt.prompt_embeds,
+        max_new_tokens=max_new_tokens,
+        config=cfg,
+        audio_chunk=pipe.audio_chunk,
     )
 
 
@@ -160,6 +179,7 @@ class SpeechPipeline:
         self.audio_chunk = audio_chunk
         self.text_sampling, self.audio_sampling = text_sampling, audio_sampling
         self.system_prompt = system_prompt
+        self._generator: Any = None  # the mctp.Generator, made on the first request
         self.name = name
 
     # ------------------------------------------------------------------ properties
