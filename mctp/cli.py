@@ -28,7 +28,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_BUILDER,
         help="module:function that builds the SpeechPipeline from the options below",
     )
-    g.add_argument("--model", type=Path, default=None, help="model folder (None: the tiny default)")
+    g.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="transformers model folder with mctp_heads/ beside its weights (None: the tiny default)",
+    )
     g.add_argument(
         "--tokenizer",
         type=Path,

@@ -5,7 +5,7 @@ taught speech LM and a dummy codec, no download); real models get theirs from th
 builders (VITA-Audio: ``examples/vita_audio/pipeline.py``).
 """
 
-from .builders import build_tiny_pipeline, load_input_codec
+from .builders import build_folder_pipeline, build_tiny_pipeline, load_input_codec
 from .pipeline import ASR_PROMPT, TTS_PROMPT, AudioInput, SpeechPipeline
 from .results import Prompt, SpeechChunk, SpeechResult
 
@@ -17,6 +17,7 @@ __all__ = [
     "SpeechChunk",
     "SpeechPipeline",
     "SpeechResult",
+    "build_folder_pipeline",
     "build_tiny_pipeline",
     "load_input_codec",
 ]

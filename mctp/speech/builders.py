@@ -9,7 +9,9 @@ import torch
 
 from .pipeline import SpeechPipeline
 
-__all__ = ["build_tiny_pipeline", "load_input_codec"]
+__all__ = ["HEADS_FOLDER", "build_folder_pipeline", "build_tiny_pipeline", "load_input_codec"]
+
+HEADS_FOLDER = "mctp_heads"
 
 
 def load_input_codec(
@@ -61,7 +63,8 @@ def build_tiny_pipeline(
     codes for the decoder and at most 256 for the tokenizer.
 
     Args:
-        model: Must be None: a real model folder needs its own builder (for VITA-Audio:
+        model: None for the tiny model; a folder is handed to :func:`build_folder_pipeline`
+            (VITA-Audio's official folders have their own builder,
             ``vita_audio.pipeline:build_pipeline`` in the repository's examples).
         tokenizer: Speech-input codec folder, or None for the dummy codec.
         decoder: Speech-output codec folder, or None for the dummy codec.
@@ -72,7 +75,7 @@ def build_tiny_pipeline(
             here: the tiny model's matrices are too small to share between threads).
 
     Raises:
-        ValueError: If ``model`` is given, or as :class:`SpeechPipeline`.
+        ValueError: As :class:`SpeechPipeline`.
         FileNotFoundError: If a codec folder does not exist.
     """
     from mctp.codecs import DummyCodec, load_codec
@@ -80,10 +83,14 @@ def build_tiny_pipeline(
     from .tiny import tiny_speech_lm
 
     if model is not None:
-        raise ValueError(
-            f"the tiny builder has its own model; to run {model}, use a builder for its format "
-            "(VITA-Audio: --builder vita_audio.pipeline:build_pipeline with examples/ on "
-            "PYTHONPATH)"
+        return build_folder_pipeline(
+            model=model,
+            tokenizer=tokenizer,
+            decoder=decoder,
+            mode=mode,
+            max_new_tokens=max_new_tokens,
+            device=device,
+            **kwargs,
         )
     backbone, stack, tok, vocab = tiny_speech_lm()
     backbone.to(device)
@@ -103,3 +110,89 @@ def build_tiny_pipeline(
         **parts,
         **kwargs,
     )
+
+
+def build_folder_pipeline(
+    *,
+    model: str | os.PathLike[str],
+    tokenizer: str | os.PathLike[str] | None = None,
+    decoder: str | os.PathLike[str] | None = None,
+    mode: str = "boost",
+    max_new_tokens: int = 256,
+    device: str | torch.device = "cpu",
+    **kwargs: Any,
+) -> SpeechPipeline:
+    """A pipeline from a transformers model folder with MCTP heads beside it.
+
+    The folder holds a causal LM and its text tokenizer as ``save_pretrained`` writes them
+    (the tokenizer with the speech tokens, see :func:`mctp.backbones.extend_vocab`, and a chat
+    template) and, in ``mctp_heads/``, the heads written by
+    :meth:`mctp.MCTPStack.save_pretrained` (without them only Vanilla runs).
+
+    Args:
+        model: The model folder.
+        tokenizer: Speech-input codec folder, or None for the dummy codec.
+        decoder: Speech-output codec folder, or None for a dummy codec with one code per
+            audio token.
+        mode: Default schedule.
+        max_new_tokens: Default generation budget.
+        device: Where everything runs.
+        **kwargs: Further :class:`SpeechPipeline` arguments.
+
+    Raises:
+        FileNotFoundError: If ``model`` is not a folder.
+        ValueError: If the tokenizer lacks the speech tokens, or as :class:`SpeechPipeline`.
+    """
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from mctp.backbones import HFBackbone, SpeechVocab
+    from mctp.codecs import DummyCodec, load_codec
+    from mctp.stack import MCTPStack
+
+    folder = Path(model)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {folder} does not exist")
+    lm = AutoModelForCausalLM.from_pretrained(folder).to(device).eval()
+    text_tok = _load_text_tokenizer(folder)
+    backbone = HFBackbone(lm)
+    vocab = SpeechVocab.from_tokenizer(text_tok, vocab_size=backbone.vocab_size)
+    heads = folder / HEADS_FOLDER
+    stack = MCTPStack.from_pretrained(heads, backbone.parts()) if heads.is_dir() else None
+    parts = load_input_codec(tokenizer, backbone.hidden_size, device=device)
+    dec = (
+        DummyCodec(codebook_size=vocab.num_audio)
+        if decoder is None
+        else load_codec(decoder, device=device)
+    )
+    return SpeechPipeline(
+        backbone=backbone,
+        stack=stack,
+        tokenizer=text_tok,
+        vocab=vocab,
+        decoder=dec,
+        mode=mode,
+        max_new_tokens=max_new_tokens,
+        name=folder.name,
+        **parts,
+        **kwargs,
+    )
+
+
+def _load_text_tokenizer(folder: Any) -> Any:
+    """The tokenizer class the folder's ``tokenizer_config.json`` names.
+
+    A generic ``tokenizers`` backend (``TokenizersBackend`` / ``PreTrainedTokenizerFast``) is
+    loaded as such: ``AutoTokenizer`` would pick the model type's own class (e.g. Qwen2's BPE)
+    for it and tokenize differently.
+    """
+    import json
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cfg_file = folder / "tokenizer_config.json"
+    named = json.loads(cfg_file.read_text()).get("tokenizer_class") if cfg_file.is_file() else None
+    if named in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
