@@ -185,6 +185,8 @@ def tiny_speech_lm(
 ) -> tuple[Any, Any, Any, Any]:
     """The tiny taught speech LM (built once, then loaded from the cache).
 
+    The caller's global random state is left as it was (the seed applies inside only).
+
     Args:
         seed: Seed of the weights and the taught answer.
         steps: Teaching steps.
@@ -194,6 +196,11 @@ def tiny_speech_lm(
         ``(backbone, stack, tokenizer, vocab)``: an :class:`~mctp.backbones.HFBackbone`, an
         :class:`~mctp.MCTPStack` with 10 heads, the tokenizer and its ``SpeechVocab``.
     """
+    with torch.random.fork_rng():
+        return _tiny_speech_lm(seed=seed, steps=steps, use_cache=use_cache)
+
+
+def _tiny_speech_lm(*, seed: int, steps: int, use_cache: bool) -> tuple[Any, Any, Any, Any]:
     from safetensors.torch import load_file, save_file
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

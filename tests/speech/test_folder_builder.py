@@ -48,3 +48,15 @@ def test_a_folder_without_heads_runs_vanilla_only(tmp_path, tiny):
     assert pipe.stack is None and pipe("what is the weather").text
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_folder_pipeline(model=tmp_path / "missing")
+
+
+def test_building_the_tiny_model_leaves_the_callers_random_state_alone(tiny):
+    import torch
+
+    from mctp.speech.tiny import tiny_speech_lm
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    tiny_speech_lm()
+    assert torch.equal(torch.rand(3), expected)
