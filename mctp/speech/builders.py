@@ -140,7 +140,7 @@ def build_folder_pipeline(
         **kwargs: Further :class:`SpeechPipeline` arguments.
 
     Raises:
-        FileNotFoundError: If ``model`` is not a folder.
+        FileNotFoundError: If ``model`` is not a folder or has no ``config.json``.
         ValueError: If the tokenizer lacks the speech tokens, or as :class:`SpeechPipeline`.
     """
     from pathlib import Path
@@ -154,6 +154,11 @@ def build_folder_pipeline(
     folder = Path(model)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} does not exist")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a transformers model folder (no config.json); for other formats "
+            "pass their builder (VITA-Audio: --builder vita_audio.pipeline:build_pipeline)"
+        )
     lm = AutoModelForCausalLM.from_pretrained(folder).to(device).eval()
     text_tok = _load_text_tokenizer(folder)
     backbone = HFBackbone(lm)

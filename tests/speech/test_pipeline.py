@@ -135,7 +135,7 @@ def test_constructor_checks(tiny):
         )
     with pytest.raises(ValueError, match="needs 10 MCTP heads"):
         SpeechPipeline(**{**parts, "stack": None}, decoder=tiny.decoder)
-    with pytest.raises(ValueError, match="own model"):
+    with pytest.raises(FileNotFoundError, match="model folder somewhere does not exist"):
         build_tiny_pipeline(model="somewhere")
 
 
