@@ -262,10 +262,8 @@ class HFBackbone(nn.Module):
                 "norm/ln_f/final_layer_norm/final_layernorm/norm_f); MCTP heads need it"
             )
         if self._head_rotary is None:
-            block = self._llama_block()
-            self._head_rotary = RotaryEmbedding(block.self_attn.head_dim).to(
-                self.lm_head.weight.device
-            )
+            head_dim = self.hidden_size // int(self.config.num_attention_heads)  # as DecoderBlock
+            self._head_rotary = RotaryEmbedding(head_dim).to(self.lm_head.weight.device)
         return BackboneParts(
             embed=self.model.get_input_embeddings(),
             norm=norm,
@@ -447,17 +445,13 @@ class HFBackbone(nn.Module):
     def _probe_kv_layout(self) -> tuple[list[int], list[int], list[int]]:
         """Per-layer (kv heads, key head dim, value head dim), from one 1-token forward."""
         if self._kv_layout is None:
-            probe = KVCache(self.num_layers, 1, 1)
+            probe = KVCache(self.num_layers, 1, 1)  # allocates itself on the first write
             device = self.lm_head.weight.device
             with torch.no_grad():
                 x = self.base.embed_tokens(torch.zeros(1, 1, dtype=torch.long, device=device))
                 idx = torch.zeros(1, dtype=torch.long, device=device)
-                probe.set_positions(idx)
-                pos = idx[None]
                 valid = torch.ones(1, 1, dtype=torch.bool, device=device)
-                self._layers(
-                    x, lambda w: self._mask(decode_mask(idx, valid, w), x.dtype), pos, probe
-                )
+                self._decode_embeds(x, idx[None], idx, valid, probe)
             keys = [k for k in probe.keys if k is not None]
             values = [v for v in probe.values if v is not None]
             if len(keys) != self.num_layers:
