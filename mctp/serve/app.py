@@ -161,14 +161,7 @@ def create_app(pipeline: Any, config: ServerConfig | None = None) -> Any:
             return StreamingResponse(
                 _speech_events(first, out, job, request), media_type="text/event-stream"
             )
-        result = None
-        while True:
-            item = await api.next_item(out, job, request)
-            if item is Job.DONE:
-                break
-            if item.kind == "end":
-                result = item.result
-        assert result is not None
+        result = await api.final_result(out, job, request)
         data = wav_bytes(result.audio, result.sample_rate) if fmt == "wav" else pcm16(result.audio)
         headers = {
             "x-mctp-first-chunk-ms": str(_stats(result)["first_chunk_ms"]),
@@ -248,14 +241,7 @@ def create_app(pipeline: Any, config: ServerConfig | None = None) -> Any:
             first = await api.next_item(out, job, request)
             gen = _chat_events(first, out, job, request, cid, created, want_audio)
             return StreamingResponse(gen, media_type="text/event-stream")
-        result = None
-        while True:
-            item = await api.next_item(out, job, request)
-            if item is Job.DONE:
-                break
-            if item.kind == "end":
-                result = item.result
-        assert result is not None
+        result = await api.final_result(out, job, request)
         message: dict[str, Any] = {"role": "assistant", "content": result.text}
         if want_audio:
             data = (

@@ -322,6 +322,16 @@ class Api:
                 raise item
             return item
 
+    async def final_result(self, out: asyncio.Queue[Any], job: Job, request: Any) -> Any:
+        """Read a job to its end (as :meth:`next_item`) and return the result of its ``end``
+        chunk."""
+        result = None
+        while (item := await self.next_item(out, job, request)) is not Job.DONE:
+            if item.kind == "end":
+                result = item.result
+        assert result is not None
+        return result
+
     def stream_run(self, **kwargs: Any) -> Callable[[], Iterator[Any]]:
         """A job function: ``pipeline.stream(**kwargs)``, called on the worker thread."""
         pipe = self.pipe
