@@ -8,6 +8,7 @@ labelled tokens.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -196,7 +197,7 @@ class MCTPTrainingModel(nn.Module):
             position_ids = default_position_ids(input_ids, attention_mask)
         if shift_labels is None:
             shift_labels = shift_targets(labels, position_ids, attention_mask)
-        if self.train_backbone:
+        with contextlib.nullcontext() if self.train_backbone else torch.no_grad():
             embeds = self._embed(input_ids, audio_features, audio_feature_lengths)
             out = self.backbone(
                 input_ids,
@@ -204,15 +205,6 @@ class MCTPTrainingModel(nn.Module):
                 attention_mask=attention_mask,
                 inputs_embeds=embeds,
             )
-        else:
-            with torch.no_grad():
-                embeds = self._embed(input_ids, audio_features, audio_feature_lengths)
-                out = self.backbone(
-                    input_ids,
-                    position_ids=position_ids,
-                    attention_mask=attention_mask,
-                    inputs_embeds=embeds,
-                )
         hidden = out.hidden
         main_sum, main_count = chunked_cross_entropy(
             hidden if self.train_backbone else hidden.detach(),
