@@ -5,7 +5,7 @@ Two paths, chosen at construction and named by :attr:`HFBackbone.path`:
 * ``"fast"`` for models laid out like Llama (``embed_tokens / layers / norm / rotary_emb``:
   Llama, Qwen2/2.5/3, Mistral, Mixtral, Gemma 1-3, Phi3, OLMo2, ...). The wrapper drives the
   model's own modules in a loop of its own, handing every layer a pre-allocated
-  :class:`~mctp.cache.KVCache` and masks built from tensors (static shapes, the same loop on
+  :class:`~mctp.engine.cache.KVCache` and masks built from tensors (static shapes, the same loop on
   CPU and GPU, capturable in CUDA graphs). Sliding-window and hybrid local/global layers get
   their window as a mask over cache slots; families with per-layer-type rotary tables (Gemma3)
   get the table of each layer's type.
@@ -31,11 +31,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from mctp.cache import KVCache
 from mctp.compat import call_block
-from mctp.layers import DecoderBlock, RotaryEmbedding
-from mctp.losses import chunked_cross_entropy
-from mctp.masks import (
+from mctp.engine.cache import KVCache
+from mctp.engine.masks import (
     additive,
     check_batch_shapes,
     decode_mask,
@@ -43,6 +41,8 @@ from mctp.masks import (
     segment_ids,
     segment_mask,
 )
+from mctp.layers import DecoderBlock, RotaryEmbedding
+from mctp.losses import chunked_cross_entropy
 from mctp.stack import BackboneParts, shift_targets
 
 from .attention import (
@@ -55,7 +55,7 @@ from .attention import (
 from .generic import GenericRunner, find_final_norm
 
 if TYPE_CHECKING:
-    from mctp.buffer import TokenBuffer
+    from mctp.engine.buffer import TokenBuffer
 
 __all__ = ["BackboneOutput", "HFBackbone"]
 
@@ -473,7 +473,7 @@ class HFBackbone(nn.Module):
     ) -> Any:
         """A cache for :meth:`decode` with every buffer allocated now.
 
-        On the fast path a :class:`~mctp.cache.KVCache` with ``[B, kv_heads, max_len, D]``
+        On the fast path a :class:`~mctp.engine.cache.KVCache` with ``[B, kv_heads, max_len, D]``
         buffers per layer; on the generic path transformers' ``DynamicCache`` (it grows as
         the model writes; nothing can be allocated ahead for arbitrary architectures).
 

@@ -6,7 +6,7 @@ A backbone is the speech LLM the MCTP heads sit on. It has two faces:
   ``h^0`` the heads read (plus its own LM loss), and :meth:`Backbone.parts` hands the heads the
   modules they share (embedding, final norm, lm_head, rotary tables);
 * generation: :meth:`Backbone.setup_caches` allocates every cache buffer up front and
-  :meth:`Backbone.decode` runs the slots ``idx`` of a :class:`~mctp.buffer.TokenBuffer`
+  :meth:`Backbone.decode` runs the slots ``idx`` of a :class:`~mctp.engine.buffer.TokenBuffer`
   through the cache. Slots may be processed again (rolled back and re-read): the backbone
   overwrites or crops its cache entries at those slots. The cache object is opaque to the
   engine; only the backbone reads it.
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from .buffer import TokenBuffer
+    from .engine.buffer import TokenBuffer
 
 __all__ = ["Backbone", "BackboneParts", "ForwardOutput", "RotaryFn"]
 

@@ -5,7 +5,7 @@ cache as ``past_key_values=`` and calls ``past_key_values.update(k, v, layer_idx
 5.24 it takes ``cache=`` and calls ``cache.update(k, v, layer_idx, kwargs=...)``. Every
 place in mctp that runs a decoder block (backbone layers, MCTP heads, our own
 :class:`~mctp.layers.DecoderBlock`) goes through :func:`call_block`, which reads the name
-from the block's signature once per class; :class:`~mctp.cache.KVCache.update` accepts any
+from the block's signature once per class; :class:`~mctp.engine.cache.KVCache.update` accepts any
 extra arguments. Nothing here imports transformers.
 """
 

@@ -10,7 +10,7 @@ with ``h^0`` the backbone's final-normed last hidden state. The token embedding 
 ``final_norm``, ``lm_head`` and the rotary tables are the backbone's own modules, shared and
 never owned here (they do not appear in this module's ``state_dict``/``parameters``). Head
 ``k`` exists at positions whose position id is > ``k`` and never looks across a packed
-sample boundary. Generation uses :class:`mctp.decoding.MCTPDecoder`, a separate object.
+sample boundary. Generation uses :class:`mctp.engine.decoding.MCTPDecoder`, a separate object.
 Every stack is assembled by :meth:`MCTPStack.from_parts` (heads + a backbone's shared parts).
 """
 
@@ -29,9 +29,7 @@ from torch import nn
 
 from .backbone import BackboneParts, RotaryFn
 from .compat import call_block
-from .layers import RMSNorm
-from .losses import chunked_cross_entropy
-from .masks import (
+from .engine.masks import (
     additive,
     check_batch_shapes,
     default_position_ids,
@@ -39,6 +37,8 @@ from .masks import (
     segment_mask,
     valid_positions,
 )
+from .layers import RMSNorm
+from .losses import chunked_cross_entropy
 from .vocab import OutputVocab
 
 __all__ = ["BackboneParts", "MCTPHead", "MCTPOutput", "MCTPStack", "shift_targets"]
@@ -411,16 +411,6 @@ class MCTPStack(nn.Module):
         return type(self).from_parts(
             self.shared_parts(), list(self.heads), output_vocab=output_vocab
         )
-
-    def decoder(self, buffer: Any, *, dtype: torch.dtype | None = None) -> Any:
-        """Generation-time state for these heads over ``buffer`` (a :class:`mctp.TokenBuffer`).
-
-        Returns:
-            An :class:`mctp.MCTPDecoder` (per-head static KV caches, ``step``/``truncate``/``reset``).
-        """
-        from .decoding import MCTPDecoder
-
-        return MCTPDecoder(self, buffer, dtype=dtype)
 
     # ------------------------------------------------------------------ shared parts
     @property

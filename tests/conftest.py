@@ -52,7 +52,7 @@ class TinyLM(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states [B, T, H] (packed samples via position ids)."""
-        from mctp.masks import default_position_ids, segment_ids, segment_mask
+        from mctp.engine.masks import default_position_ids, segment_ids, segment_mask
 
         if position_ids is None:
             position_ids = default_position_ids(ids)

@@ -48,8 +48,8 @@ def _generate_events(
     Raises:
         RuntimeError: If the pipeline is already generating (from another thread).
     """
-    from mctp.generation_config import GenerationConfig
-    from mctp.generator import Generator, slots_needed
+    from mctp.engine.generation_config import GenerationConfig
+    from mctp.engine.generator import Generator, slots_needed
 
     options: dict[str, Any] = {"mode": mode, "max_new_tokens": max_new_tokens}
     options["eos_token_id"] = pipe.eos_token_id

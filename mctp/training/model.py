@@ -192,7 +192,7 @@ class MCTPTrainingModel(nn.Module):
         if labels is None:
             raise ValueError("MCTPTrainingModel.forward needs labels")
         if position_ids is None:
-            from mctp.masks import default_position_ids
+            from mctp.engine.masks import default_position_ids
 
             position_ids = default_position_ids(input_ids, attention_mask)
         if shift_labels is None:

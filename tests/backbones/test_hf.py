@@ -172,10 +172,10 @@ def test_heads_on_eager_and_sdpa_backbones_agree(tiny_hf):
 def test_generate_name_is_the_function_after_importing_the_module():
     import importlib
 
-    importlib.import_module("mctp.generation")
+    importlib.import_module("mctp.engine.generation")
     from mctp import generate
 
-    assert callable(generate) and generate.__module__ == "mctp.generation"
+    assert callable(generate) and generate.__module__ == "mctp.engine.generation"
 
 
 def test_cached_decode_runs_sdpa_for_a_flash_configured_model(tiny_hf):

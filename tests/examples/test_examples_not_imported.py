@@ -52,7 +52,12 @@ def test_library_imports_no_example(tmp_path):
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert not report["failed"], report["failed"]
     # The walk did reach the modules (a walk that finds nothing would pass vacuously).
-    for name in ("mctp.stack", "mctp.generation", "mctp.backbones.hf", "mctp.interleave.schedule"):
+    for name in (
+        "mctp.stack",
+        "mctp.engine.generation",
+        "mctp.backbones.hf",
+        "mctp.interleave.schedule",
+    ):
         assert name in report["imported"]
     assert any(n.startswith("mctp.codecs.") for n in report["imported"])
     examples = str(ROOT / "examples")

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from mctp.cache import KVCache
 from mctp.compat import cache_argument, call_block
+from mctp.engine.cache import KVCache
 
 
 class _Old(nn.Module):  # transformers <= 5.23 layer signature

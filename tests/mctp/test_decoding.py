@@ -30,7 +30,7 @@ def _replay(lm, stack, seq, prompt_len, chains, attention_mask=None):
     buf.start(
         seq[:, :prompt_len], None if attention_mask is None else attention_mask[:, :prompt_len]
     )
-    dec = stack.decoder(buf)
+    dec = MCTPDecoder(stack, buf)
     got = {}
     seen = 0  # slots whose backbone state is recorded
     for run in chains:

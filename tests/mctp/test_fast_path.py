@@ -56,7 +56,7 @@ def test_first_call_prefills_and_catches_up_in_windows(model, mode, prompt_len, 
     first chain's, Boost's 4 text tokens + 10 with window 11) catch up in extra windows: no
     eager multi-token forward and no exact-backlog head run at all, and the same tokens."""
     from mctp import GenerationConfig, Generator
-    from mctp.decoding import MCTPDecoder
+    from mctp.engine.decoding import MCTPDecoder
 
     bb, stack = model
     g = torch.Generator().manual_seed(prompt_len)

@@ -7,6 +7,7 @@ import torch
 
 from mctp import MCTPStack, SamplingConfig, generate, generate_stream
 from mctp.backbones import HFBackbone
+from mctp.engine.decoding import MCTPDecoder
 from mctp.interleave import InterleaveSchedule
 
 MODES = ["vanilla", "balance", "boost", "turbo"]
@@ -396,7 +397,7 @@ def test_plus_heads_embed_placeholder_ids_teacher_forced(tiny_hf):
     # cached decoder: prefill the prompt with frames, then force the 10 tokens through the heads
     buf, cache = TokenBuffer(1, 32), bb.new_cache(1, 32)
     buf.start(ids, prompt_embeds=frames)
-    dec = stack.decoder(buf)
+    dec = MCTPDecoder(stack, buf)
     h0, logits0 = bb.forward_cached(buf, cache, 0)
     dec.write_backbone(0, h0)
     torch.testing.assert_close(logits0[:, -1], ref_main[:, 11], atol=1e-4, rtol=1e-4)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mctp import SamplingConfig, TokenPicker, greedy, sample_logits
-from mctp.sampling import apply_repetition_penalty
+from mctp.engine.sampling import apply_repetition_penalty
 
 
 def test_greedy_takes_the_first_maximum():

@@ -22,66 +22,23 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from mctp.interleave import BACKBONE, Source
 
-from .backbone import Backbone
+from ..backbone import Backbone
+from ..stack import MCTPStack
 from .buffer import TokenBuffer
 from .decoding import MCTPDecoder
 from .fast_path import ExactPath, FastPath
 from .generation_config import GenerationConfig
+from .result import GenerationResult
 from .sampling import SpeechIds, TokenPicker
 from .segmenter import StreamEvent, StreamSegmenter
-from .stack import MCTPStack
 
 __all__ = ["GenerationResult", "Generator"]
-
-
-@dataclass
-class GenerationResult:
-    """What a generation returns.
-
-    Attributes:
-        sequences: ``[B, P + G]`` prompt and generated ids (``pad_id`` after a row stopped).
-            All tensors of the result are on the CPU and are ordinary (not inference) tensors.
-        tokens: Per row, the generated ids up to and including the first stop id.
-        sources: Per row, who produced each of ``tokens``: -1 the backbone, ``k`` MCTP head k.
-        num_backbone_forwards: Backbone forwards including the prefill.
-        num_mctp_steps: MCTP head runs (each run of one head produces one token).
-        num_drafted: Verified mode: drafted tokens the backbone checked.
-        num_accepted: Verified mode: drafted tokens that were kept.
-        prefill_s: Seconds spent in the prefill.
-        total_s: Seconds for the whole call.
-        first_audio_s: Seconds from the start until the first complete audio segment
-            (its EOA) of any row, or None.
-        cycle_times: ``(tokens generated so far, seconds)`` after every cycle.
-    """
-
-    sequences: torch.Tensor
-    tokens: list[torch.Tensor]
-    sources: list[torch.Tensor]
-    num_backbone_forwards: int
-    num_mctp_steps: int
-    num_drafted: int = 0
-    num_accepted: int = 0
-    prefill_s: float = 0.0
-    total_s: float = 0.0
-    first_audio_s: float | None = None
-    cycle_times: list[tuple[int, float]] = field(default_factory=list)
-
-    @property
-    def acceptance_rate(self) -> float | None:
-        """Accepted / drafted tokens in verified mode (None otherwise)."""
-        return self.num_accepted / self.num_drafted if self.num_drafted else None
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Generated tokens (all rows) per second of the whole call."""
-        return sum(t.numel() for t in self.tokens) / self.total_s if self.total_s > 0 else 0.0
 
 
 def slots_needed(
@@ -113,8 +70,8 @@ class Generator:
 
     Every cache is allocated here (the backbone's :meth:`~mctp.backbone.Backbone.setup_caches`
     and the heads' caches), and the computation path is chosen here from ``config.compile``:
-    :class:`~mctp.fast_path.FastPath` (fixed shapes, compiled) or
-    :class:`~mctp.fast_path.ExactPath`. The first call therefore already runs the compiled
+    :class:`~mctp.engine.fast_path.FastPath` (fixed shapes, compiled) or
+    :class:`~mctp.engine.fast_path.ExactPath`. The first call therefore already runs the compiled
     path (it compiles first). A Generator serves one call at a time: a second call from
     another thread while one runs (or while a stream is open) raises ``RuntimeError``.
 
@@ -347,7 +304,7 @@ class Generator:
         audio_chunk: int | None = None,
         streamer: Any = None,
     ) -> Iterator[StreamEvent]:
-        """Like :meth:`generate`, but yields :class:`~mctp.segmenter.StreamEvent` as soon as
+        """Like :meth:`generate`, but yields :class:`~mctp.engine.segmenter.StreamEvent` as soon as
         tokens exist: text tokens after every cycle, an audio segment as soon as its EOA is
         produced (in Boost/Turbo: after the first backbone forward plus one MCTP chain), or
         pieces of ``audio_chunk`` tokens; exactly one ``"end"`` per row, the last carrying

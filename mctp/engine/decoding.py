@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..compat import call_block
 from .buffer import TokenBuffer
 from .cache import KVCache, static_buffer
-from .compat import call_block
 from .masks import additive, decode_mask
 from .sampling import greedy
 
 if TYPE_CHECKING:
-    from .stack import MCTPStack
+    from ..stack import MCTPStack
 
 __all__ = ["ChainOutput", "MCTPDecoder", "TokenBuffer", "WindowChain"]
 
@@ -78,7 +78,7 @@ class MCTPDecoder:
     Two ways to run a chain of heads: :meth:`step` processes every head's exact backlog (any
     shape); :meth:`window_chain` builds a fixed-shape chain (``window`` slots per head) that a
     caller may compile, run with :meth:`run_window`. The token buffer's cursor only moves
-    through :class:`~mctp.buffer.TokenBuffer` methods.
+    through :class:`~mctp.engine.buffer.TokenBuffer` methods.
 
     Args:
         stack: The trained heads.

@@ -1,8 +1,8 @@
-"""``generate``: one generation with a throw-away :class:`~mctp.generator.Generator`.
+"""``generate``: one generation with a throw-away :class:`~mctp.engine.generator.Generator`.
 
 For repeated calls of the same batch size (and on the fast path, where the compiled
-callables live in the Generator) build a :class:`~mctp.generator.Generator` once and call
-its :meth:`~mctp.generator.Generator.generate`; this function is the one-shot form.
+callables live in the Generator) build a :class:`~mctp.engine.generator.Generator` once and call
+its :meth:`~mctp.engine.generator.Generator.generate`; this function is the one-shot form.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import torch
 
 from mctp.interleave import InterleaveSchedule, Mode
 
-from .backbone import Backbone
+from ..backbone import Backbone
+from ..stack import MCTPStack
 from .generation_config import GenerationConfig
 from .generator import GenerationResult, Generator, slots_needed
 from .sampling import SamplingConfig, SpeechIds
-from .stack import MCTPStack
 
 __all__ = ["GenerationResult", "Generator", "build_config", "generate"]
 

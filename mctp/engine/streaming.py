@@ -1,7 +1,7 @@
 """``generate_stream``: one streamed generation (text tokens and audio segments as they appear).
 
-The events come from :class:`~mctp.segmenter.StreamSegmenter`; hold a
-:class:`~mctp.generator.Generator` and call its :meth:`~mctp.generator.Generator.stream` to
+The events come from :class:`~mctp.engine.segmenter.StreamSegmenter`; hold a
+:class:`~mctp.engine.generator.Generator` and call its :meth:`~mctp.engine.generator.Generator.stream` to
 reuse the state across calls.
 """
 
@@ -14,12 +14,12 @@ import torch
 
 from mctp.interleave import InterleaveSchedule, Mode
 
-from .backbone import Backbone
+from ..backbone import Backbone
+from ..stack import MCTPStack
 from .generation import build_config, one_shot_generator
 from .generation_config import GenerationConfig
 from .sampling import SamplingConfig, SpeechIds
 from .segmenter import StreamEvent, StreamSegmenter
-from .stack import MCTPStack
 
 __all__ = ["StreamEvent", "StreamSegmenter", "generate_stream"]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from .generator import GenerationResult
+    from .result import GenerationResult
     from .sampling import SpeechIds
 
 __all__ = ["EventKind", "StreamEvent", "StreamSegmenter"]

@@ -1,4 +1,4 @@
-"""How a :class:`~mctp.generator.Generator` runs the backbone and the heads: two paths.
+"""How a :class:`~mctp.engine.generator.Generator` runs the backbone and the heads: two paths.
 
 :class:`ExactPath` runs every backbone forward and every head over exactly the slots it has
 not seen yet (any shape, eager). :class:`FastPath` runs them on fixed shapes (one- and
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .backbone import Backbone
+from ..backbone import Backbone
 from .buffer import TokenBuffer
 from .decoding import MCTPDecoder
 

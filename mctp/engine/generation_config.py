@@ -1,4 +1,16 @@
-"""``GenerationConfig``: every option of a generation in one frozen, validated object."""
+"""The two settings objects of the engine, each frozen and validated.
+
+* :class:`EngineConfig`: what is fixed when an engine (a :class:`~mctp.Generator`, a
+  :class:`~mctp.speech.SpeechPipeline`, a server) is built: device, cache dtype, batch
+  capacity, cache length, the compiled fast path and its options, audio-only heads (they change
+  compiled shapes), the compile-cache folder. Changing one means building another engine.
+* :class:`GenerationConfig`: what one request may choose: mode, budget, sampling, stop ids,
+  verified decoding.
+
+Every other entry point (``generate``, ``generate_stream``, ``Generator``, ``SpeechPipeline``,
+``mctp speak``/``serve``) takes these objects or keyword options whose names are their fields
+(:func:`split_options`), so each option is declared once, here.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +25,7 @@ from mctp.interleave import InterleaveSchedule, Mode
 
 from .sampling import SamplingConfig
 
-__all__ = ["GenerationConfig"]
+__all__ = ["EngineConfig", "GenerationConfig", "split_options"]
 
 
 def _is_int(x: object) -> bool:
@@ -22,7 +34,7 @@ def _is_int(x: object) -> bool:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """How to generate: schedule, length, token choice, stop ids, verification, fast path.
+    """What one request chooses: schedule, length, token choice, stop ids, verification.
 
     Validated at construction: a wrong type, a NaN or an out-of-range value raises here, not
     in the middle of a generation. Change a field with :meth:`replace`.
@@ -40,22 +52,10 @@ class GenerationConfig:
             draft ``draft_len`` tokens after every backbone forward; with another schedule
             they draft that schedule's MCTP runs.
         draft_len: Verified Vanilla: drafted tokens per cycle (default: all heads).
-        audio_heads: Score MCTP heads over BOA, EOA and the audio tokens only (exact when the
-            heads only emit those, as in Boost/Balance/Turbo; needs speech ids).
-        stop_check_every: Look at the stop flags every this many backbone forwards.
-        compile: The fast path: the backbone's decode step and every MCTP chain run on fixed
-            shapes, compiled with ``torch.compile`` (CUDA graphs on CUDA).
-        compile_options: Extra ``torch.compile`` keyword arguments (e.g.
-            ``{"backend": "aot_eager"}``); read-only mapping.
-        window: Fast path: slots per fixed-shape head run and backbone re-read, ``>= 1``.
-        prefill_windows: Fast path: prompts of ``window .. prefill_windows * window`` slots are
-            prefilled as that many window decodes, and head backlogs up to that many windows
-            catch up in compiled windows (0: always the eager multi-token path).
 
     Raises:
-        ValueError: On an unknown mode, a non-positive ``max_new_tokens``, ``window`` or
-            ``stop_check_every``, a negative ``prefill_windows`` or stop id, ``draft_len``
-            with a non-Vanilla verified schedule, sampling with ``verify``.
+        ValueError: On an unknown mode, a non-positive ``max_new_tokens``, a negative stop
+            id, ``draft_len`` with a non-Vanilla verified schedule, sampling with ``verify``.
         TypeError: On a value of the wrong type (e.g. a float where an int is needed).
     """
 
@@ -67,39 +67,20 @@ class GenerationConfig:
     pad_id: int = 0
     verify: bool = False
     draft_len: int | None = None
-    audio_heads: bool = False
-    stop_check_every: int = 8
-    compile: bool = False
-    compile_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
-    window: int = 16
-    prefill_windows: int = 4
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "mode", _resolve_mode(self.mode))
-        for name in ("max_new_tokens", "stop_check_every", "window"):
-            value = getattr(self, name)
-            if not _is_int(value):
-                raise TypeError(f"{name} must be an int, got {value!r}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if not _is_int(self.prefill_windows):
-            raise TypeError(f"prefill_windows must be an int, got {self.prefill_windows!r}")
-        if self.prefill_windows < 0:
-            raise ValueError(f"prefill_windows must be >= 0, got {self.prefill_windows}")
+        _check_int(self, "max_new_tokens", 1)
         if not _is_int(self.pad_id):
             raise TypeError(f"pad_id must be an int, got {self.pad_id!r}")
-        for name in ("verify", "audio_heads", "compile"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.verify, bool):
+            raise TypeError(f"verify must be a bool, got {self.verify!r}")
         for name in ("text_sampling", "audio_sampling"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, SamplingConfig):
                 raise TypeError(f"{name} must be a SamplingConfig, got {type(value).__name__}")
         set_(self, "eos_token_id", _stop_ids(self.eos_token_id))
-        if not isinstance(self.compile_options, Mapping):
-            raise TypeError(f"compile_options must be a mapping, got {self.compile_options!r}")
-        set_(self, "compile_options", MappingProxyType(dict(self.compile_options)))
         if self.draft_len is not None:
             if not _is_int(self.draft_len):
                 raise TypeError(f"draft_len must be an int, got {self.draft_len!r}")
@@ -117,12 +98,6 @@ class GenerationConfig:
                     f"draft_len applies to verified Vanilla; schedule {self.schedule.ratio} "
                     "drafts its own MCTP runs"
                 )
-
-    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
-        """Pickle (and deep-copy) through the constructor: the read-only mapping is rebuilt."""
-        kw = {f.name: getattr(self, f.name) for f in fields(self)}
-        kw["compile_options"] = dict(self.compile_options)
-        return (_from_fields, (kw,))
 
     # ------------------------------------------------------------------ views
     @property
@@ -202,10 +177,6 @@ class GenerationConfig:
                 value = list(value)
             out[f.name] = value
         return out
-
-
-def _from_fields(kw: dict[str, Any]) -> GenerationConfig:
-    return GenerationConfig(**kw)
 
 
 def _resolve_mode(mode: object) -> InterleaveSchedule:
