@@ -19,7 +19,7 @@ Usage::
     python benchmarks/modes.py --config 0.5b --new-tokens 128 --compile --max-autotune --window 11
     python benchmarks/modes.py --config 7b --device cuda --dtype bfloat16 --new-tokens 1024 --compile
 
-``--compile`` times the fast path (``GenerationConfig(compile=True)``) for every mode, Vanilla
+``--compile`` times the fast path (``EngineConfig(compile=True)``) for every mode, Vanilla
 included (``--compile-cache FILE`` reuses the compiled artifacts of an earlier run):
 CUDA graphs on CUDA; on CPU ``--max-autotune`` adds Inductor's GEMM templates with frozen
 weights (bf16 weights, fp32 arithmetic in registers: the fastest multi-row bf16 GEMM we found on
@@ -169,36 +169,45 @@ def main() -> None:
             variants.append((mode, "full", {}))
             variants.append((mode, "audio", {"audio_heads": True}))
 
-    from mctp import GenerationConfig, Generator, load_compile_cache, save_compile_cache
+    from mctp import (
+        EngineConfig,
+        GenerationConfig,
+        Generator,
+        load_compile_cache,
+        save_compile_cache,
+    )
 
     compile_options: dict = {}
     if args.compile and args.max_autotune:
         compile_options = autotune_mode(args.device, cudagraphs=True)
     loaded = args.compile and args.compile_cache and load_compile_cache(args.compile_cache)
-    base_cfg = GenerationConfig(
-        mode="vanilla",
-        max_new_tokens=n,
+    base_cfg = GenerationConfig(mode="vanilla", max_new_tokens=n)
+    engine = EngineConfig(
+        device=args.device,
+        max_len=args.prompt + n + 32,
         compile=args.compile,
         compile_options=compile_options,
         window=args.window,
     )
-    # one Generator (caches, buffers, compiled callables) per stack, reused by every run
+    # one Generator (caches, buffers, compiled callables) per stack and head vocabulary,
+    # reused by every run (audio-only heads change compiled shapes: an engine setting)
     gens = {
-        use_stack: Generator(
+        (use_stack, audio): Generator(
             backbone,
             stack if use_stack else None,
             base_cfg,
-            max_len=args.prompt + n + 32,
+            engine=engine.replace(audio_heads=audio),
             vocab=speech,
-            device=args.device,
         )
-        for use_stack in (False, True)
+        for use_stack, audio in ((False, False), (True, False), (True, True))
+        if speech is not None or not audio
     }
 
     def run(mode: str, kw: dict):
         kw = dict(kw)
         m = kw.pop("mode", mode)
-        gen = gens[mode != "vanilla"]
+        audio = kw.pop("audio_heads", False)
+        gen = gens[(mode != "vanilla", audio)]
         cfg = gen.config.replace(mode=m, **kw)
         return gen.generate(prompt, config=cfg, sync_timings=True)
 

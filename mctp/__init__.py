@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "ChainOutput": "engine.decoding",
     "CheckpointError": "checkpoint",
     "DecoderBlock": "layers",
+    "EngineConfig": "engine.generation_config",
     "GenerationConfig": "engine.generation_config",
     "GenerationResult": "engine.result",
     "Generator": "engine.generator",

@@ -48,7 +48,51 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--mode", choices=MODES, default="boost", help="generation schedule")
     g.add_argument("--max-new-tokens", type=int, default=512, help="generation budget")
+    g.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="verified (lossless) decoding: the heads draft, the backbone checks (greedy only)",
+    )
     g.add_argument("--device", default="cpu", help="torch device")
+    e = p.add_argument_group("engine (fixed when the model is loaded: mctp.EngineConfig)")
+    e.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="model dtype; auto: bfloat16 on CUDA, the model's own on CPU (bf16 is fast on "
+        "CPUs with AVX-512-BF16/AMX, slow on AVX2-only ones)",
+    )
+    e.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the compiled fixed-shape fast path; auto: on for CUDA (CUDA graphs), off on CPU "
+        "(compiling takes minutes there; use --compile-cache to pay it once)",
+    )
+    e.add_argument(
+        "--audio-heads",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="MCTP heads score BOA/EOA and audio tokens only: faster, and the same answer as "
+        "long as the heads only emit audio in audio slots (a head that would emit a text "
+        "token there is held to audio instead); lossless with --verify",
+    )
+    e.add_argument(
+        "--compile-cache",
+        type=Path,
+        default=None,
+        help="folder for compiled artifacts: a second start loads them instead of compiling",
+    )
+    e.add_argument(
+        "--max-batch",
+        type=int,
+        default=None,
+        help="rows generated together (default: 8 for serve, 1 otherwise)",
+    )
+    e.add_argument(
+        "--max-len", type=int, default=4096, help="cache slots per row (prompt + answer)"
+    )
     g.add_argument(
         "--threads",
         type=int,
@@ -81,6 +125,31 @@ def build_from_args(args: argparse.Namespace) -> Any:
         mode=args.mode,
         max_new_tokens=args.max_new_tokens,
         device=args.device,
+        verify=args.verify,
+        engine=engine_from_args(args),
+    )
+
+
+def engine_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`mctp.EngineConfig` of the engine flags (``auto`` resolved for the device).
+
+    Raises:
+        ValueError: As :class:`mctp.EngineConfig` (the message names the setting).
+    """
+    from mctp import EngineConfig
+
+    cuda = str(args.device).startswith("cuda")
+    dtype = {"auto": "bfloat16" if cuda else None}.get(args.dtype, args.dtype)
+    compile_ = {"auto": cuda, "on": True, "off": False}[args.compile]
+    default_batch = 8 if args.command == "serve" else 1
+    return EngineConfig(
+        device=args.device,
+        dtype=dtype,
+        max_batch=default_batch if args.max_batch is None else args.max_batch,
+        max_len=args.max_len,
+        compile=compile_,
+        compile_cache=None if args.compile_cache is None else str(args.compile_cache),
+        audio_heads=bool(args.audio_heads),
     )
 
 
@@ -93,8 +162,8 @@ def _speak(args: argparse.Namespace) -> int:
         return 2
     t = time.perf_counter()
     pipe = build_from_args(args)
-    if args.warmup:  # one-time start-up costs (allocations, kernels) stay out of the latency
-        pipe("hello", max_new_tokens=8)
+    if args.warmup:  # one-time start-up costs (allocations, compiling) stay out of the latency
+        pipe.warmup()
     print(f"model ready in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     result = None
     with tqdm(desc="answering", unit="chunk", disable=None, file=sys.stderr) as bar:

@@ -32,6 +32,167 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What is fixed when an engine is built (vLLM's engine arguments; a request never changes
+    these). Validated at construction; change a field with :meth:`replace`.
+
+    Attributes:
+        device: Where buffers (and, in builders, the model) live; None = the backbone's device.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (or a ``torch.dtype``): the cache
+            dtype of a :class:`~mctp.Generator` (its backbone keeps its own weights), the model
+            dtype in builders (``mctp speak/serve --dtype``); None = the backbone's.
+        max_batch: Rows an engine runs together (its batch capacity); a call with fewer rows
+            is padded to it so that compiled shapes never change.
+        max_len: Cache slots per row: prompt + new tokens + the slack of a chain or draft.
+        compile: The fast path: the backbone's decode step and every MCTP chain run on fixed
+            shapes, compiled with ``torch.compile`` (CUDA graphs on CUDA).
+        compile_options: Extra ``torch.compile`` keyword arguments (e.g.
+            ``{"backend": "aot_eager"}``); stored read-only.
+        compile_cache: A folder for compiled artifacts: loaded when the engine is built, written
+            after its warm-up, so a second process skips compiling. None = torch's defaults.
+        window: Fast path: slots per fixed-shape head run and backbone re-read, ``>= 1``.
+        prefill_windows: Fast path: prompts of ``window .. prefill_windows * window`` slots are
+            prefilled as that many window decodes, and head backlogs up to that many windows
+            catch up in compiled windows (0: always the eager multi-token path).
+        audio_heads: MCTP heads score BOA, EOA and the audio tokens only (exact when the heads
+            only emit those, as in Boost/Balance/Turbo; needs speech ids). It changes the
+            heads' output shape, so it is fixed per engine.
+        stop_check_every: Look at the stop flags every this many backbone forwards (one host
+            read each time).
+
+    Raises:
+        ValueError: On a non-positive ``max_batch``, ``max_len`` (< 2), ``window`` or
+            ``stop_check_every``, a negative ``prefill_windows``, or an unknown dtype.
+        TypeError: On a value of the wrong type.
+    """
+
+    device: str | None = None
+    dtype: str | None = None
+    max_batch: int = 1
+    max_len: int = 2048
+    compile: bool = False
+    compile_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    compile_cache: str | None = None
+    window: int = 16
+    prefill_windows: int = 4
+    audio_heads: bool = False
+    stop_check_every: int = 8
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        for name, low in (("max_batch", 1), ("max_len", 2), ("window", 1)):
+            _check_int(self, name, low)
+        _check_int(self, "stop_check_every", 1)
+        _check_int(self, "prefill_windows", 0)
+        for name in ("compile", "audio_heads"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.compile_options, Mapping):
+            raise TypeError(f"compile_options must be a mapping, got {self.compile_options!r}")
+        set_(self, "compile_options", MappingProxyType(dict(self.compile_options)))
+        if self.dtype is not None:
+            name = str(self.dtype).removeprefix("torch.")
+            if name not in _DTYPES:
+                raise ValueError(
+                    f"dtype must be one of {sorted(set(_DTYPES.values()))}, got {self.dtype!r}"
+                )
+            set_(self, "dtype", _DTYPES[name])
+        if self.device is not None:
+            import torch
+
+            if isinstance(self.device, torch.device):
+                set_(self, "device", str(self.device))
+            if not isinstance(self.device, str):
+                raise TypeError(f"device must be a string, got {self.device!r}")
+            try:
+                torch.device(self.device)
+            except RuntimeError as e:
+                raise ValueError(f"device {self.device!r} is not a torch device: {e}") from e
+        if self.compile_cache is not None:
+            set_(self, "compile_cache", str(self.compile_cache))
+
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
+        """Pickle (and deep-copy) through the constructor: the read-only mapping is rebuilt."""
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        kw["compile_options"] = dict(self.compile_options)
+        return (_engine_from_fields, (kw,))
+
+    @property
+    def torch_dtype(self) -> Any:
+        """``dtype`` as a ``torch.dtype`` (None when unset)."""
+        import torch
+
+        return None if self.dtype is None else getattr(torch, self.dtype)
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        """A copy with ``changes`` applied (validated again).
+
+        Raises:
+            ValueError, TypeError: As the constructor.
+        """
+        return replace(self, **changes)
+
+
+def _engine_from_fields(kw: dict[str, Any]) -> EngineConfig:
+    return EngineConfig(**kw)
+
+
+def _check_int(obj: object, name: str, low: int) -> None:
+    value = getattr(obj, name)
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+ENGINE_FIELDS = frozenset(f.name for f in fields(EngineConfig))
+
+
+def split_options(
+    options: Mapping[str, Any],
+    *,
+    engine: EngineConfig | None = None,
+    config: GenerationConfig | None = None,
+) -> tuple[EngineConfig, GenerationConfig]:
+    """Keyword options to the two settings objects, by field name (the one mapping used by
+    ``generate``, ``generate_stream`` and ``Generator``).
+
+    Args:
+        options: Field names of :class:`EngineConfig` or :class:`GenerationConfig` and values
+            (``compile`` may be a mapping: the fast path with those ``torch.compile`` options).
+        engine: Settings the engine options are applied on (default: ``EngineConfig()``).
+        config: Settings the request options are applied on (default: ``GenerationConfig()``).
+
+    Returns:
+        ``(engine settings, request settings)``.
+
+    Raises:
+        TypeError: On a name that is a field of neither (the message names it) or a value of
+            the wrong type.
+        ValueError: As the two constructors.
+    """
+    request_fields = {f.name for f in fields(GenerationConfig)}
+    unknown = sorted(set(options) - ENGINE_FIELDS - request_fields)
+    if unknown:
+        raise TypeError(
+            f"unknown generation option(s) {unknown}: engine settings are "
+            f"{sorted(ENGINE_FIELDS)}, request settings {sorted(request_fields)}"
+        )
+    eng = {k: v for k, v in options.items() if k in ENGINE_FIELDS}
+    if isinstance(eng.get("compile"), Mapping):  # compile={...}: on, with these options
+        eng["compile_options"] = {**eng.get("compile_options", {}), **eng["compile"]}
+        eng["compile"] = True
+    req = {k: v for k, v in options.items() if k in request_fields}
+    engine = EngineConfig(**eng) if engine is None else engine.replace(**eng)
+    config = GenerationConfig(**req) if config is None else config.replace(**req)
+    return engine, config
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """What one request chooses: schedule, length, token choice, stop ids, verification.

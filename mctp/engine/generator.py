@@ -33,7 +33,7 @@ from ..stack import MCTPStack
 from .buffer import TokenBuffer
 from .decoding import MCTPDecoder
 from .fast_path import ExactPath, FastPath
-from .generation_config import GenerationConfig
+from .generation_config import EngineConfig, GenerationConfig, split_options
 from .result import GenerationResult
 from .sampling import SpeechIds, TokenPicker
 from .segmenter import StreamEvent, StreamSegmenter
@@ -42,15 +42,20 @@ __all__ = ["GenerationResult", "Generator"]
 
 
 def slots_needed(
-    config: GenerationConfig, prompt_len: int, max_new_tokens: int, num_heads: int
+    config: GenerationConfig,
+    prompt_len: int,
+    max_new_tokens: int,
+    num_heads: int,
+    engine: EngineConfig | None = None,
 ) -> int:
     """Cache slots a call needs: prompt + new tokens + what a chain or draft may overshoot
-    (``num_heads``: the stack's, the default draft of verified Vanilla)."""
+    (``num_heads``: the stack's, the default draft of verified Vanilla; fixed chains of the
+    compiled path run whole MCTP runs)."""
     over = 0
     if config.verify:
         sched = config.schedule
         over = sched.max_heads if sched.uses_mctp else config.draft_len or num_heads
-    if config.compile:
+    if engine is not None and engine.compile:
         over = max(over, config.schedule.max_heads)
     return prompt_len + max_new_tokens + over + 1
 
@@ -69,7 +74,7 @@ class Generator:
     built once and reused by every call of the same batch size.
 
     Every cache is allocated here (the backbone's :meth:`~mctp.backbone.Backbone.setup_caches`
-    and the heads' caches), and the computation path is chosen here from ``config.compile``:
+    and the heads' caches), and the computation path is chosen here from ``engine.compile``:
     :class:`~mctp.engine.fast_path.FastPath` (fixed shapes, compiled) or
     :class:`~mctp.engine.fast_path.ExactPath`. The first call therefore already runs the compiled
     path (it compiles first). A Generator serves one call at a time: a second call from
@@ -85,16 +90,18 @@ class Generator:
     Args:
         backbone: The backbone (:class:`mctp.backbone.Backbone`, e.g. ``HFBackbone``).
         stack: The MCTP heads, or None (Vanilla only).
-        config: Default options of every call (default: ``GenerationConfig()`` = Boost, which
-            needs a stack; pass ``GenerationConfig(mode="vanilla")`` without one).
-        batch_size: ``B`` of every call.
-        max_len: Slots of every buffer: prompt + new tokens + slack (``max_heads + 1``).
+        config: Default request settings of every call (default: ``GenerationConfig()`` =
+            Boost, which needs a stack; pass ``GenerationConfig(mode="vanilla")`` without one).
+        engine: Engine settings (:class:`~mctp.EngineConfig`: device, cache dtype,
+            ``max_batch``, ``max_len``, compile, window, audio-only heads, ...).
         vocab: Speech ids (:class:`mctp.backbones.SpeechVocab`): enables separate audio
             sampling, audio-only heads and audio events.
-        device: Where the buffers live (default: the backbone's lm_head device, else CPU).
-        dtype: Cache dtype (default: the backbone's).
+        **engine_options: Fields of :class:`~mctp.EngineConfig` applied on ``engine`` (e.g.
+            ``max_len=256, compile=True``).
 
     Raises:
+        TypeError: On an option that is not an engine setting (a request setting passed
+            here names itself in the message).
         ValueError: If the config's schedule needs a stack (or more heads than it has),
             ``verify`` or ``audio_heads`` lack what they need, or sizes are not positive.
     """
@@ -105,21 +112,30 @@ class Generator:
         stack: MCTPStack | None = None,
         config: GenerationConfig | None = None,
         *,
-        batch_size: int = 1,
-        max_len: int = 2048,
+        engine: EngineConfig | None = None,
         vocab: SpeechIds | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        **engine_options: Any,
     ) -> None:
         config = GenerationConfig() if config is None else config
         if not isinstance(config, GenerationConfig):
             raise TypeError(f"config must be a GenerationConfig, got {type(config).__name__}")
+        if engine is not None and not isinstance(engine, EngineConfig):
+            raise TypeError(f"engine must be an EngineConfig, got {type(engine).__name__}")
+        bad = sorted(set(engine_options) - {f for f in EngineConfig.__dataclass_fields__})
+        if bad:
+            raise TypeError(
+                f"unknown engine setting(s) {bad}; request settings go in config= "
+                "(a GenerationConfig) or in the call"
+            )
+        engine, _ = split_options(engine_options, engine=engine, config=config)
+        device = engine.device
         if device is None:
             weight = getattr(getattr(backbone, "lm_head", None), "weight", None)
             device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
         self.device = torch.device(device)
+        self.engine = engine
         self.backbone, self.stack, self.vocab = backbone, stack, vocab
-        if config.compile and getattr(backbone, "path", "fast") == "generic":
+        if engine.compile and getattr(backbone, "path", "fast") == "generic":
             raise ValueError(
                 f"{getattr(backbone, 'family', type(backbone).__name__)} runs on the backbone's "
                 "generic path (the model's own forward, one host sync per call): it has no "
@@ -127,29 +143,35 @@ class Generator:
             )
         self._check(config)
         self.config = config
-        self.buffer = TokenBuffer(batch_size, max_len, self.device)
-        self.cache = backbone.setup_caches(batch_size, max_len, dtype=dtype, device=self.device)
-        self._dtype = dtype
-        self._decoders: dict[bool, MCTPDecoder] = {}
+        b, s = engine.max_batch, engine.max_len
+        self.buffer = TokenBuffer(b, s, self.device)
+        self._dtype = engine.torch_dtype
+        self.cache = backbone.setup_caches(b, s, dtype=self._dtype, device=self.device)
+        self.decoder: MCTPDecoder | None = None
         if stack is not None:
-            self._decoder(config.audio_heads)
+            if engine.audio_heads:
+                v = vocab
+                assert v is not None
+                stack = stack.with_output_vocab([v.boa, v.eoa, *range(v.audio_start, v.audio_stop)])
+            self.decoder = MCTPDecoder(stack, self.buffer, dtype=self._dtype)
         self.path: FastPath | ExactPath = (
             FastPath(
                 backbone,
                 device=self.device,
-                window=config.window,
-                prefill_windows=config.prefill_windows,
-                compile_options=config.compile_options,
+                window=engine.window,
+                prefill_windows=engine.prefill_windows,
+                compile_options=engine.compile_options,
             )
-            if config.compile
+            if engine.compile
             else ExactPath(backbone)
         )
         self._lock = threading.Lock()
+        self.rows = b  # rows of the running (or last) call: <= max_batch
 
     # ------------------------------------------------------------------ set-up
     @property
-    def batch_size(self) -> int:
-        """``B`` of every call."""
+    def max_batch(self) -> int:
+        """Rows the engine runs together (calls with fewer rows are padded to it)."""
         return self.buffer.batch_size
 
     @property
@@ -172,21 +194,8 @@ class Generator:
                 raise ValueError(
                     f"draft_len must be in [1, {stack.num_heads}], got {config.draft_len}"
                 )
-        if config.audio_heads and self.vocab is None:
+        if self.engine.audio_heads and self.vocab is None:
             raise ValueError("audio_heads=True needs speech ids (pass vocab=SpeechVocab)")
-
-    def _decoder(self, audio_heads: bool) -> MCTPDecoder:
-        """The heads' state (audio-only view when ``audio_heads``), built once."""
-        assert self.stack is not None
-        dec = self._decoders.get(audio_heads)
-        if dec is None:
-            stack = self.stack
-            if audio_heads:
-                v = self.vocab
-                assert v is not None
-                stack = stack.with_output_vocab([v.boa, v.eoa, *range(v.audio_start, v.audio_stop)])
-            dec = self._decoders[audio_heads] = MCTPDecoder(stack, self.buffer, dtype=self._dtype)
-        return dec
 
     def _call_config(self, config: GenerationConfig | None, **changes: Any) -> GenerationConfig:
         cfg = self.config if config is None else config
@@ -195,13 +204,6 @@ class Generator:
         changes = {k: v for k, v in changes.items() if v is not None}
         if changes:
             cfg = cfg.replace(**changes)
-        fixed = ("compile", "compile_options", "window", "prefill_windows")
-        diff = [f for f in fixed if getattr(cfg, f) != getattr(self.config, f)]
-        if diff:
-            raise ValueError(
-                f"{diff} differ from this Generator's: the computation path is chosen when the "
-                "Generator is built; build another Generator for other fast-path settings"
-            )
         self._check(cfg)
         return cfg
 
@@ -213,8 +215,8 @@ class Generator:
         """
         with self._acquire():
             self.buffer.clear()
-            for dec in self._decoders.values():
-                dec.reset()
+            if self.decoder is not None:
+                self.decoder.reset()
 
     # ------------------------------------------------------------------ calls
     def _acquire(self) -> _Held:
@@ -268,7 +270,7 @@ class Generator:
         """
         cfg = self._call_config(config, max_new_tokens=max_new_tokens)
         if streamer is not None:
-            if self.batch_size != 1:
+            if input_ids.ndim == 2 and input_ids.shape[0] != 1:
                 raise ValueError("streamer= needs batch size 1 (as transformers' streamers)")
             events = self._events(
                 input_ids, cfg, attention_mask, prompt_embeds, heads_read_prompt_embeds,
@@ -344,7 +346,7 @@ class Generator:
             speech = self.vocab
             seg = StreamSegmenter(
                 speech if speech is not None else _NoAudio(),
-                self.batch_size,
+                run.rows,
                 cfg.eos_token_id,
                 audio_chunk=audio_chunk,
             )
@@ -356,18 +358,23 @@ class Generator:
             for produced in run.cycles():
                 now = time.perf_counter() - t0
                 cycle_times.append((produced, now))
-                new = buf.ids[:, p + read : run.end].tolist()  # one read per cycle
+                new = buf.ids[: run.rows, p + read : run.end].tolist()  # one read per cycle
                 read = run.end - p
-                for r in range(self.batch_size):
+                for r in range(run.rows):
                     for ev in seg.feed(r, new[r], now, run.forwards):
                         if streamer is not None and ev.kind == "text":
                             streamer.put(torch.tensor(ev.ids))
+                        if ev.kind == "end":
+                            ev.row_result = run.result(t0, cycle_times, rows=[r])
                         yield ev
             _sync(self.device)
             result = run.result(t0, cycle_times)
             if streamer is not None:
                 streamer.end()
-            yield from seg.finish(time.perf_counter() - t0, run.forwards, result)
+            for ev in seg.finish(time.perf_counter() - t0, run.forwards, result):
+                if ev.kind == "end" and ev.row_result is None:
+                    ev.row_result = run.result(t0, cycle_times, rows=[ev.row])
+                yield ev
 
 
 class _NoAudio:
@@ -413,9 +420,11 @@ class _Run:
     ) -> None:
         _check_input_ids(input_ids)
         b, p = input_ids.shape
-        if b != gen.batch_size:
+        cap = gen.max_batch
+        if not 1 <= b <= cap:
             raise ValueError(
-                f"this Generator serves batch size {gen.batch_size}; the prompt has {b} rows"
+                f"the prompt has {b} rows; this engine runs at most max_batch={cap} rows "
+                "(EngineConfig.max_batch)"
             )
         if attention_mask is not None:
             if attention_mask.shape != input_ids.shape:
@@ -427,7 +436,7 @@ class _Run:
                     "pad prompts on the left: attention_mask[:, -1] must be 1 for every row"
                 )
         heads = 0 if gen.stack is None else gen.stack.num_heads
-        need = slots_needed(cfg, p, cfg.max_new_tokens, heads)
+        need = slots_needed(cfg, p, cfg.max_new_tokens, heads, gen.engine)
         if need > gen.max_len:
             over = need - p - cfg.max_new_tokens
             raise ValueError(
@@ -436,7 +445,15 @@ class _Run:
             )
         device = gen.device
         input_ids = input_ids.to(device)
-        self.gen, self.cfg, self.path = gen, cfg, gen.path
+        self.rows = gen.rows = b
+        if b < cap:  # pad with copies of row 0 (already stopped): compiled shapes never change
+            extra = cap - b
+            input_ids = torch.cat([input_ids, input_ids[:1].expand(extra, -1)])
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, attention_mask[:1].expand(extra, -1)])
+            if prompt_embeds is not None:
+                prompt_embeds = torch.cat([prompt_embeds, prompt_embeds[:1].expand(extra, -1, -1)])
+        self.gen, self.cfg, self.engine, self.path = gen, cfg, gen.engine, gen.path
         self.schedule = cfg.schedule
         self.max_new, self.prompt_len = cfg.max_new_tokens, p
         self.buffer, self.cache = gen.buffer, gen.cache
@@ -449,7 +466,8 @@ class _Run:
         self.decoder: MCTPDecoder | None = None
         self.head_index = None
         if gen.stack is not None and (self.schedule.uses_mctp or cfg.verify):
-            self.decoder = gen._decoder(cfg.audio_heads)
+            assert gen.decoder is not None
+            self.decoder = gen.decoder
             self.decoder.reset()
             vocab = self.decoder.stack.output_vocab
             self.head_index = None if vocab is None else vocab.index.to(device)
@@ -460,11 +478,11 @@ class _Run:
             cfg.audio_sampling_or_text,
             generator,
             device,
-            b,
+            cap,
         )
         self.picker.observe(input_ids)
         self.stop_ids = torch.tensor(cfg.eos_token_id, dtype=torch.long, device=device)
-        self.done = torch.zeros(b, dtype=torch.bool, device=device)
+        self.done = torch.arange(cap, device=device) >= b  # padding rows count as stopped
         self.sources: list[int] = []  # per generated slot, shared by all rows
         self.forwards = self.mctp_steps = self.drafted = self.accepted = 0
         self.processed = 0  # slots whose backbone states are in the cache
@@ -536,8 +554,8 @@ class _Run:
         drafts = buf.ids[:, s0 + 1 : s0 + 1 + k]
         agree = (drafts == choice[:, :k]).long().cumprod(dim=1).sum(dim=1)
         a = int(agree.min()) if k > 0 else 0  # the one host read per cycle
-        self.drafted += k * buf.batch_size
-        self.accepted += a * buf.batch_size
+        self.drafted += k * self.rows
+        self.accepted += a * self.rows
         keep = s0 + 1 + a
         buf.truncate(keep)
         self.decoder.truncate(keep)
@@ -551,7 +569,7 @@ class _Run:
         """Run the generation; yields the number of generated tokens after every cycle."""
         self._backbone_token()  # the prefill produces the first token
         yield self.produced
-        every = self.cfg.stop_check_every
+        every = self.engine.stop_check_every
         if self.cfg.verify:
             while self.produced < self.max_new:
                 self._verified_cycle()
@@ -581,21 +599,30 @@ class _Run:
         return bool(self.stop_ids.numel()) and bool(self.done.all())
 
     @torch.inference_mode(False)  # ordinary tensors: callers may train on the ids
-    def result(self, t0: float, cycle_times: list[tuple[int, float]]) -> GenerationResult:
+    def result(
+        self,
+        t0: float,
+        cycle_times: list[tuple[int, float]],
+        rows: Sequence[int] | None = None,
+    ) -> GenerationResult:
+        """The result of the call so far, for all rows or for ``rows`` only (a row that
+        stopped early gets its own result while the others go on)."""
         buf, speech = self.buffer, self.gen.vocab
+        picked = list(range(self.rows)) if rows is None else list(rows)
+        sel = torch.tensor(picked, dtype=torch.long, device=buf.device)
         n = self.end
-        rows, srcs = [], []
+        out_rows, srcs = [], []
         src = torch.tensor(self.sources[: n - self.prompt_len], dtype=torch.long)
         first_audio_len = None
-        gen_cpu = buf.ids[:, self.prompt_len : n].cpu().clone()
+        gen_cpu = buf.ids.index_select(0, sel)[:, self.prompt_len : n].cpu().clone()
         stops = self.stop_ids.cpu()
-        for r in range(buf.batch_size):
+        for r in range(len(picked)):
             ids = gen_cpu[r]
             if stops.numel():
                 hit = torch.isin(ids, stops).nonzero()
                 if hit.numel():
                     ids = ids[: int(hit[0]) + 1]
-            rows.append(ids)
+            out_rows.append(ids)
             srcs.append(src[: ids.numel()])
             if speech is not None:
                 eoa = (ids == speech.eoa).nonzero()
@@ -604,9 +631,9 @@ class _Run:
                     first_audio_len = (
                         length if first_audio_len is None else min(first_audio_len, length)
                     )
-        seq = torch.full((buf.batch_size, n), self.cfg.pad_id, dtype=torch.long)
-        seq[:, : self.prompt_len] = buf.ids[:, : self.prompt_len].cpu()
-        for r, ids in enumerate(rows):
+        seq = torch.full((len(picked), n), self.cfg.pad_id, dtype=torch.long)
+        seq[:, : self.prompt_len] = buf.ids.index_select(0, sel)[:, : self.prompt_len].cpu()
+        for r, ids in enumerate(out_rows):
             seq[r, self.prompt_len : self.prompt_len + ids.numel()] = ids
         first_audio_s = None
         if first_audio_len is not None:
@@ -615,7 +642,7 @@ class _Run:
             )
         return GenerationResult(
             sequences=seq,
-            tokens=rows,
+            tokens=out_rows,
             sources=srcs,
             num_backbone_forwards=self.forwards,
             num_mctp_steps=self.mctp_steps,

@@ -35,6 +35,9 @@ class StreamEvent:
         forwards: Backbone forwards run so far (the prefill counts as the first).
         result: On the very last event of the call (the last row's ``"end"``), the full
             :class:`~mctp.GenerationResult`; None otherwise.
+        row_result: On every ``"end"`` that the generator emits: this row's own
+            :class:`~mctp.GenerationResult` (one row), available as soon as the row stops
+            while other rows go on; None on other events and from a bare segmenter.
     """
 
     kind: EventKind
@@ -43,6 +46,7 @@ class StreamEvent:
     time_s: float
     forwards: int = 0
     result: GenerationResult | None = None
+    row_result: GenerationResult | None = None
 
 
 class StreamSegmenter:

@@ -7,7 +7,7 @@ reuse the state across calls.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -16,9 +16,9 @@ from mctp.interleave import InterleaveSchedule, Mode
 
 from ..backbone import Backbone
 from ..stack import MCTPStack
-from .generation import build_config, one_shot_generator
-from .generation_config import GenerationConfig
-from .sampling import SamplingConfig, SpeechIds
+from .generation import _with_positional, one_shot_generator
+from .generation_config import EngineConfig, GenerationConfig
+from .sampling import SpeechIds
 from .segmenter import StreamEvent, StreamSegmenter
 
 __all__ = ["StreamEvent", "StreamSegmenter", "generate_stream"]
@@ -28,29 +28,19 @@ def generate_stream(
     backbone: Backbone,
     stack: MCTPStack | None,
     input_ids: torch.Tensor,
-    mode: str | Mode | InterleaveSchedule = "boost",
-    max_new_tokens: int = 256,
+    mode: str | Mode | InterleaveSchedule | None = None,
+    max_new_tokens: int | None = None,
     *,
     vocab: SpeechIds | None = None,
     audio_chunk: int | None = None,
     attention_mask: torch.Tensor | None = None,
     prompt_embeds: torch.Tensor | None = None,
     heads_read_prompt_embeds: bool = False,
-    text_sampling: SamplingConfig | None = None,
-    audio_sampling: SamplingConfig | None = None,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_id: int = 0,
-    verify: bool = False,
-    draft_len: int | None = None,
-    audio_heads: bool = False,
     generator: torch.Generator | None = None,
-    max_len: int | None = None,
-    stop_check_every: int = 8,
-    compile: bool | Mapping[str, Any] = False,
-    window: int = 16,
-    prefill_windows: int = 4,
     streamer: Any = None,
+    engine: EngineConfig | None = None,
     config: GenerationConfig | None = None,
+    **options: Any,
 ) -> Iterator[StreamEvent]:
     """Like :func:`mctp.generate`, but yields :class:`StreamEvent` as soon as tokens exist.
 
@@ -58,7 +48,7 @@ def generate_stream(
     produced (in Boost/Turbo: after the first backbone forward plus one MCTP chain), or in
     pieces of ``audio_chunk`` tokens when set. Every row gets exactly one ``"end"``; the last
     event carries the :class:`~mctp.GenerationResult`. The arguments are those of
-    :func:`mctp.generate` (``vocab`` is required here) plus:
+    :func:`mctp.generate` (``vocab`` is required here; settings by name as there) plus:
 
     Args:
         audio_chunk: Emit partial audio segments of this many tokens.
@@ -69,26 +59,12 @@ def generate_stream(
     Raises:
         ValueError: As :func:`mctp.generate`, and when ``vocab`` is missing (audio events
             need it) or ``audio_chunk < 1``.
+        TypeError: As :func:`mctp.generate`.
     """
     if vocab is None:
         raise ValueError("generate_stream needs vocab= (speech ids) to find audio segments")
-    cfg = build_config(
-        mode,
-        max_new_tokens,
-        text_sampling=text_sampling,
-        audio_sampling=audio_sampling,
-        eos_token_id=eos_token_id,
-        pad_id=pad_id,
-        verify=verify,
-        draft_len=draft_len,
-        audio_heads=audio_heads,
-        stop_check_every=stop_check_every,
-        compile=compile,
-        window=window,
-        prefill_windows=prefill_windows,
-        config=config,
-    )
-    gen = one_shot_generator(backbone, stack, input_ids, cfg, max_len, vocab)
+    options = _with_positional(options, mode, max_new_tokens)
+    gen = one_shot_generator(backbone, stack, input_ids, options, vocab, engine, config)
     return gen.stream(
         input_ids,
         attention_mask=attention_mask,

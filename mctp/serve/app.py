@@ -80,10 +80,23 @@ def create_app(pipeline: Any, config: ServerConfig | None = None) -> Any:
     cfg = config or ServerConfig()
     api = Api(pipeline, cfg)
 
+    state: dict[str, Any] = {"status": "warming" if cfg.warmup else "ready", "warmup_s": 0.0}
+
+    def warm() -> Any:
+        """The warm-up, as the worker's first job (no request runs beside it)."""
+        try:
+            state["warmup_s"] = round(pipeline.warmup(_warm_modes(pipeline)), 3)
+            state["status"] = "ready"
+        except Exception as e:
+            state["status"] = "failed"
+            state["error"] = f"warm-up failed: {e}"
+            raise
+        return iter(())
+
     @asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
         if cfg.warmup:
-            await asyncio.to_thread(pipeline, "hello", max_new_tokens=16)
+            api.worker.submit(warm, lambda _item: None)
         yield
         api.worker.close()
 
@@ -95,18 +108,24 @@ def create_app(pipeline: Any, config: ServerConfig | None = None) -> Any:
         return JSONResponse(exc.body(), status_code=exc.status)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health() -> JSONResponse:
         w = api.worker
-        return {
-            "status": "ok",
+        body = {
+            **state,
             "model": pipeline.name,
+            "engine": {k: v for k, v in pipeline.engine.__dict__.items() if k != "compile_options"},
             "busy": w.busy,
+            "running": w.running,
             "waiting": w.waiting,
             "max_queue": w.max_queue,
+            "batches": w.batches,
+            "max_rows_seen": w.max_rows_seen,
             "completed": w.completed,
             "cancelled": w.cancelled,
             "failed": w.failed,
         }
+        # 200 once ready: load balancers and clients wait for the warm-up (503 before)
+        return JSONResponse(body, status_code=200 if state["status"] == "ready" else 503)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -325,6 +344,20 @@ def create_app(pipeline: Any, config: ServerConfig | None = None) -> Any:
             api._checked.pop(job.id, None)
 
     return app
+
+
+def _warm_modes(pipeline: Any) -> list[Any]:
+    """The modes the warm-up runs: every named mode the stack can run (each compiles its own
+    shapes on the fast path), the default first."""
+    from mctp.interleave import InterleaveSchedule, Mode
+
+    heads = 0 if pipeline.stack is None else pipeline.stack.num_heads
+    out = [pipeline.mode]
+    for m in Mode:
+        sched = InterleaveSchedule.from_mode(m.value)
+        if sched != pipeline.mode and (not sched.uses_mctp or sched.max_heads <= heads):
+            out.append(sched)
+    return out
 
 
 def serve(

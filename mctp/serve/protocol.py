@@ -33,7 +33,10 @@ class ServerConfig:
         max_audio_s: Longest input audio in seconds (400 above).
         max_text_chars: Longest input text (400 above).
         max_new_tokens: Upper bound for ``max_tokens`` / the default budget.
-        warmup: Run one short generation at start-up so the first request is not slower.
+        warmup: Run one short generation per mode at start-up (the compiled path compiles
+            there) before ``/health`` reports ready.
+        lanes: Generators of ``max_batch`` rows each: a request that arrives while every
+            lane runs a batch waits for the first to end.
     """
 
     max_queue: int = 8
@@ -42,9 +45,10 @@ class ServerConfig:
     max_text_chars: int = 4000
     max_new_tokens: int = 1024
     warmup: bool = True
+    lanes: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("max_queue", "max_body_bytes", "max_text_chars", "max_new_tokens"):
+        for name in ("max_queue", "max_body_bytes", "max_text_chars", "max_new_tokens", "lanes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_audio_s <= 0:
@@ -128,8 +132,14 @@ class Api:
     """
 
     def __init__(self, pipeline: Any, cfg: ServerConfig) -> None:
+        from mctp.speech.batching import SpeechBatcher
+
         self.pipe, self.cfg = pipeline, cfg
-        self.worker = GenerationWorker(cfg.max_queue)
+        self.worker = GenerationWorker(
+            cfg.max_queue,
+            batcher=SpeechBatcher(pipeline, lanes=cfg.lanes),
+            turn=pipeline._threads,
+        )
         self._checked: dict[int, float] = {}  # job id -> when its connection was last looked at
 
     # ------------------------------------------------------------------ parsing helpers
@@ -332,11 +342,14 @@ class Api:
         assert result is not None
         return result
 
-    def stream_run(self, **kwargs: Any) -> Callable[[], Iterator[Any]]:
-        """A job function: ``pipeline.stream(**kwargs)``, called on the worker thread."""
+    def stream_run(self, **kwargs: Any) -> Callable[[], Any]:
+        """A job function: ``pipeline.open(**kwargs)`` (the prepared request, which the
+        worker batches with others), called on the worker thread; the request's timings
+        count from now (queueing included)."""
         pipe = self.pipe
+        arrived = time.perf_counter()
 
-        def run() -> Iterator[Any]:
-            return pipe.stream(**kwargs)
+        def run() -> Any:
+            return pipe.open(**kwargs, arrived=arrived)
 
         return run

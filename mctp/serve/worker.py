@@ -1,22 +1,26 @@
-"""One generation worker for the server: a bounded queue of jobs, run one at a time.
+"""The server's generation worker: a bounded queue, and one thread that runs many jobs at once.
 
-Every request becomes a :class:`Job`; a single thread runs the jobs in order (the model and
-its caches are used by one request at a time), so concurrent clients queue instead of
-fighting over the CPU/GPU. When ``max_queue`` jobs are waiting, :meth:`GenerationWorker.submit`
-raises :class:`QueueFull` (the server answers 503). A job whose client went away is cancelled:
-a waiting job is skipped, a running one stops at its next chunk, and the worker moves on.
+Every request becomes a :class:`Job`. A single thread owns the model and its caches. A job's
+function runs on that thread and returns either an iterator of items (run in turns with the
+other jobs) or a request the worker's *batcher* accepts (e.g. a prepared
+:class:`~mctp.speech.SpeechRequest`): waiting requests that fit together start as one batch on
+a free Generator, each gets its own item iterator, and every running job advances one item per
+turn, so that concurrent clients are generated together instead of one after another. When
+``max_queue`` jobs are waiting, :meth:`GenerationWorker.submit` raises :class:`QueueFull` (the
+server answers 503). A job whose client went away is cancelled: a waiting job is skipped, a
+running one stops at its next item.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
-import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["GenerationWorker", "Job", "QueueFull"]
+__all__ = ["Batcher", "GenerationWorker", "Job", "QueueFull"]
 
 _DONE = object()
 
@@ -49,88 +53,199 @@ class Job:
         self.cancelled.set()
 
 
+class Batcher(Protocol):
+    """What the worker needs to batch requests (:class:`mctp.speech.SpeechBatcher`)."""
+
+    max_batch: int
+
+    def accepts(self, request: Any) -> bool:
+        """Whether ``request`` (what a job's function returned) is batched."""
+        ...
+
+    def fits(self, a: Any, b: Any) -> bool:
+        """Whether two accepted requests may run in one batch."""
+        ...
+
+    def can_start(self) -> bool:
+        """Whether a batch can start now (a Generator is free)."""
+        ...
+
+    def start(self, requests: Sequence[Any]) -> list[Iterator[Any]]:
+        """Start ``requests`` together; one item iterator per request, in order."""
+        ...
+
+
 class GenerationWorker:
-    """Runs jobs one at a time on a background thread, with a bounded waiting queue.
+    """Runs jobs on one background thread, batching what its batcher accepts, with a bounded
+    waiting queue.
 
     Args:
-        max_queue: Jobs that may wait (besides the running one) before :meth:`submit` refuses.
+        max_queue: Jobs that may wait (not yet running) before :meth:`submit` refuses.
+        batcher: Groups accepted requests into batches (None: every job's function must
+            return an iterator; jobs still run in turns).
+        turn: Called around every item a running job produces (e.g. the pipeline's torch
+            thread setting), as a context manager factory; None for none.
 
     Raises:
         ValueError: If ``max_queue < 1``.
     """
 
-    def __init__(self, max_queue: int = 8) -> None:
+    def __init__(
+        self,
+        max_queue: int = 8,
+        *,
+        batcher: Batcher | None = None,
+        turn: Callable[[], Any] | None = None,
+    ) -> None:
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.max_queue = max_queue
-        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self.batcher = batcher
+        self._turn = turn
+        self._queue: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._closing = False
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()
-        self.running: Job | None = None
+        self._active: list[tuple[Job, Iterator[Any]]] = []
+        self._waiting: list[tuple[Job, Any]] = []  # accepted requests not started yet
         self.completed = 0
         self.cancelled = 0
         self.failed = 0
+        self.batches = 0
+        self.max_rows_seen = 0
         self._thread = threading.Thread(target=self._loop, name="mctp-generation", daemon=True)
         self._thread.start()
 
     @property
     def waiting(self) -> int:
-        """Jobs in the queue (not counting the running one)."""
-        return self._queue.qsize()
+        """Jobs not running yet (queued, or prepared and waiting for a free Generator)."""
+        return len(self._queue) + len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        """Jobs producing items now."""
+        return len(self._active)
 
     @property
     def busy(self) -> bool:
         """Whether a job is running."""
-        return self.running is not None
+        return bool(self._active)
 
-    def submit(self, run: Callable[[], Iterator[Any]], sink: Callable[[Any], None]) -> Job:
+    @property
+    def active_jobs(self) -> list[Job]:
+        """The jobs producing items now."""
+        return [job for job, _ in self._active]
+
+    def submit(self, run: Callable[[], Any], sink: Callable[[Any], None]) -> Job:
         """Queue a job.
 
         Raises:
             QueueFull: If ``max_queue`` jobs are already waiting.
         """
         job = Job(run=run, sink=sink, id=next(self._ids))
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise QueueFull(
-                f"the server is busy: {self.max_queue} requests are waiting; retry later"
-            ) from None
+        with self._cond:
+            if self.waiting >= self.max_queue:
+                raise QueueFull(
+                    f"the server is busy: {self.max_queue} requests are waiting; retry later"
+                )
+            self._queue.append(job)
+            self._cond.notify()
         return job
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the thread after the jobs already queued."""
-        self._queue.put(None)
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
         self._thread.join(timeout)
 
+    # ------------------------------------------------------------------ the thread
     def _loop(self) -> None:
         while True:
-            job = self._queue.get()
-            if job is None:
+            with self._cond:
+                while not self._queue and not self._active and not self._waiting:
+                    if self._closing:
+                        return
+                    self._cond.wait()
+                new = list(self._queue)
+                self._queue.clear()
+            for job in new:
+                self._admit(job)
+            self._start_batches()
+            self._turns()
+
+    def _admit(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            self.cancelled += 1
+            return
+        try:
+            out = job.run()
+        except Exception as e:  # handed to the request that caused it
+            self.failed += 1
+            job.sink(e)
+            return
+        if self.batcher is not None and self.batcher.accepts(out):
+            self._waiting.append((job, out))
+        else:
+            self._active.append((job, iter(out)))
+
+    def _start_batches(self) -> None:
+        b = self.batcher
+        while b is not None and self._waiting:
+            self._waiting = [(j, r) for j, r in self._waiting if not self._drop_cancelled(j)]
+            if not self._waiting or not b.can_start():
                 return
+            first = self._waiting[0][1]
+            picked = [0]
+            for i in range(1, len(self._waiting)):
+                if len(picked) >= b.max_batch:
+                    break
+                if b.fits(first, self._waiting[i][1]):
+                    picked.append(i)
+            jobs = [self._waiting[i] for i in picked]
+            for i in reversed(picked):
+                del self._waiting[i]
+            try:
+                iterators = b.start([r for _, r in jobs])
+            except Exception as e:
+                for job, _ in jobs:
+                    self.failed += 1
+                    job.sink(e)
+                continue
+            self.batches += 1
+            self.max_rows_seen = max(self.max_rows_seen, len(jobs))
+            self._active.extend((job, it) for (job, _), it in zip(jobs, iterators))
+
+    def _drop_cancelled(self, job: Job) -> bool:
+        if job.cancelled.is_set():
+            self.cancelled += 1
+            return True
+        return False
+
+    def _turns(self) -> None:
+        """Every running job produces one item (or ends)."""
+        still: list[tuple[Job, Iterator[Any]]] = []
+        for job, items in self._active:
             if job.cancelled.is_set():
+                close = getattr(items, "close", None)
+                if close is not None:
+                    close()
                 self.cancelled += 1
                 continue
-            self.running = job
-            error: Exception | None = None
             try:
-                items = job.run()
-                for item in items:
-                    if job.cancelled.is_set():
-                        close = getattr(items, "close", None)
-                        if close is not None:
-                            close()
-                        break
-                    job.sink(item)
-            except Exception as e:  # handed to the request that caused it
-                error = e
-            # the worker is free (and counted) before the request hears that it is done
-            self.running = None
-            if error is not None:
-                self.failed += 1
-                job.sink(error)
-            elif job.cancelled.is_set():
-                self.cancelled += 1
-            else:
+                if self._turn is None:
+                    item = next(items)
+                else:
+                    with self._turn():
+                        item = next(items)
+            except StopIteration:
                 self.completed += 1
                 job.sink(Job.DONE)
+                continue
+            except Exception as e:  # handed to the request that caused it
+                self.failed += 1
+                job.sink(e)
+                continue
+            job.sink(item)
+            still.append((job, items))
+        self._active = still

@@ -5,8 +5,9 @@ taught speech LM and a dummy codec, no download); real models get theirs from th
 builders (VITA-Audio: ``examples/vita_audio/pipeline.py``).
 """
 
+from .batching import SpeechBatcher
 from .builders import build_folder_pipeline, build_tiny_pipeline, load_input_codec
-from .pipeline import ASR_PROMPT, TTS_PROMPT, AudioInput, SpeechPipeline
+from .pipeline import ASR_PROMPT, TTS_PROMPT, AudioInput, SpeechPipeline, SpeechRequest
 from .results import Prompt, SpeechChunk, SpeechResult
 
 __all__ = [
@@ -14,8 +15,10 @@ __all__ = [
     "TTS_PROMPT",
     "AudioInput",
     "Prompt",
+    "SpeechBatcher",
     "SpeechChunk",
     "SpeechPipeline",
+    "SpeechRequest",
     "SpeechResult",
     "build_folder_pipeline",
     "build_tiny_pipeline",

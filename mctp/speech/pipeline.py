@@ -13,6 +13,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from mctp.interleave import InterleaveSchedule, Mode
 
 from .results import Prompt, SpeechChunk, SpeechResult
 
-__all__ = ["ASR_PROMPT", "TTS_PROMPT", "AudioInput", "SpeechPipeline"]
+__all__ = ["ASR_PROMPT", "TTS_PROMPT", "AudioInput", "SpeechPipeline", "SpeechRequest"]
 
 ASR_PROMPT = "Convert the speech to text."
 """VITA-Audio's ASR instruction (followed by a newline and the audio)."""
@@ -35,49 +36,28 @@ AudioInput = str | os.PathLike | torch.Tensor | np.ndarray
 """A wav path, or a waveform (``[T]`` or ``[T, C]``/``[C, T]``) given with its sample rate."""
 
 
-def _generate_events(
-    pipe: SpeechPipeline, prompt: Prompt, mode: InterleaveSchedule, max_new_tokens: int
-) -> Iterator[Any]:
-    """The one place that calls the generator: the pipeline's own :class:`mctp.Generator`
-    (caches allocated once, reused by every request; rebuilt larger only when a request needs
-    more slots than it has).
+@dataclass
+class SpeechRequest:
+    """A prepared request: its prompt and request settings, ready to join a cohort.
 
-    Yields:
-        :class:`mctp.StreamEvent` of row 0 (text ids, audio segments, one end).
-
-    Raises:
-        RuntimeError: If the pipeline is already generating (from another thread).
+    Attributes:
+        prompt: The model input (:class:`Prompt`).
+        config: Request settings (:class:`mctp.GenerationConfig`: mode, budget, sampling,
+            stop ids, verification).
+        t0: ``time.perf_counter()`` when the request arrived (its timings count from here,
+            waiting included).
     """
-    from mctp.engine.generation_config import GenerationConfig
-    from mctp.engine.generator import Generator, slots_needed
 
-    options: dict[str, Any] = {"mode": mode, "max_new_tokens": max_new_tokens}
-    options["eos_token_id"] = pipe.eos_token_id
-    if pipe.text_sampling is not None:
-        options["text_sampling"] = pipe.text_sampling
-    if pipe.audio_sampling is not None:
-        options["audio_sampling"] = pipe.audio_sampling
-    cfg = GenerationConfig(**options)
-    heads = 0 if pipe.stack is None else pipe.stack.num_heads
-    need = slots_needed(cfg, prompt.input_ids.shape[1], max_new_tokens, heads)
-    gen = pipe._generator
-    if gen is None or gen.buffer.max_len < need:
-        gen = Generator(
-            pipe.backbone,
-            pipe.stack,
-            cfg,
-            max_len=max(need, 512),
-            vocab=pipe.vocab,
-            device=prompt.input_ids.device,
-        )
-        pipe._generator = gen
-    return gen.stream(
-        prompt.input_ids,
-        prompt_embeds=prompt.prompt_embeds,
-        max_new_tokens=max_new_tokens,
-        config=cfg,
-        audio_chunk=pipe.audio_chunk,
-    )
+    prompt: Prompt
+    config: Any
+    t0: float
+
+    @property
+    def row(self) -> Any:
+        """This request as a :class:`mctp.engine.batching.RowRequest`."""
+        from mctp.engine.batching import RowRequest
+
+        return RowRequest(self.prompt.input_ids, self.config, self.prompt.prompt_embeds)
 
 
 class SpeechPipeline:
@@ -103,6 +83,12 @@ class SpeechPipeline:
             segments (None: whole segments).
         text_sampling: :class:`mctp.SamplingConfig` for text (default greedy).
         audio_sampling: :class:`mctp.SamplingConfig` for audio (default: like text).
+        verify: Verified (lossless) decoding by default (greedy only).
+        engine: Engine settings (:class:`mctp.EngineConfig`: device, dtype, ``max_batch``,
+            ``max_len``, compile, audio-only heads, compile cache); the pipeline's
+            Generators are built from it once and reused by every request. Its ``dtype``,
+            when set, is applied to the backbone and the heads here (the codecs keep theirs).
+            Default: ``EngineConfig(max_len=4096)``, eager, the model's dtype.
         system_prompt: A system message put before every conversation, or None.
         name: Model name reported by the server.
         num_threads: Torch CPU threads while this pipeline prepares and generates (set for
@@ -133,6 +119,8 @@ class SpeechPipeline:
         audio_chunk: int | None = None,
         text_sampling: Any | None = None,
         audio_sampling: Any | None = None,
+        verify: bool = False,
+        engine: Any | None = None,
         system_prompt: str | None = None,
         name: str = "mctp",
         num_threads: int | None = None,
@@ -170,19 +158,92 @@ class SpeechPipeline:
             audio_encoder,
             projector,
         )
-        self.mode = self.schedule(mode)
+        from mctp.engine.generation_config import EngineConfig, GenerationConfig
+        from mctp.engine.sampling import SamplingConfig
+
         eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         if eos is None:
             raise ValueError("no eos_token_id given and the tokenizer has none")
-        self.eos_token_id = eos
-        self.max_new_tokens = max_new_tokens
+        self.generation = GenerationConfig(
+            mode=self.schedule(mode),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            text_sampling=text_sampling or SamplingConfig(),
+            audio_sampling=audio_sampling,
+            verify=verify,
+        )
+        """The default request settings (one :class:`mctp.GenerationConfig`)."""
+        self.engine = EngineConfig(max_len=4096) if engine is None else engine
+        if not isinstance(self.engine, EngineConfig):
+            raise TypeError(f"engine must be an EngineConfig, got {type(self.engine).__name__}")
+        if self.engine.dtype is not None:  # the engine's dtype is the model's (codecs stay)
+            backbone.to(self.engine.torch_dtype)
+            if stack is not None:
+                stack.to(self.engine.torch_dtype)
         self.audio_chunk = audio_chunk
-        self.text_sampling, self.audio_sampling = text_sampling, audio_sampling
         self.system_prompt = system_prompt
-        self._generator: Any = None  # the mctp.Generator, made on the first request
+        self._lanes: list[Any] = []  # Generators built from self.engine, on first use
         self.name = name
 
     # ------------------------------------------------------------------ properties
+    @property
+    def mode(self) -> InterleaveSchedule:
+        """The default schedule."""
+        return self.generation.schedule
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The default budget."""
+        return self.generation.max_new_tokens
+
+    @property
+    def eos_token_id(self) -> tuple[int, ...]:
+        """The stop ids."""
+        return self.generation.eos_token_id
+
+    def generators(self, n: int = 1) -> list[Any]:
+        """The pipeline's first ``n`` :class:`mctp.Generator` (built from :attr:`engine` on
+        first use, then reused by every request: caches and compiled code made once)."""
+        from mctp.engine.generator import Generator
+
+        while len(self._lanes) < n:
+            self._lanes.append(
+                Generator(
+                    self.backbone,
+                    self.stack,
+                    self.generation,
+                    engine=self.engine,
+                    vocab=self.vocab,
+                )
+            )
+        return self._lanes[:n]
+
+    def warmup(self, modes: Sequence[str | Mode | InterleaveSchedule] | None = None) -> float:
+        """Run one short request per mode on every built Generator (the compiled path compiles
+        here, not in a user's first request); writes the compile cache when the engine names
+        one.
+
+        Returns:
+            Seconds spent.
+        """
+        t = time.perf_counter()
+        if modes is None:
+            modes = [self.mode]
+        for lane in self.generators(max(1, len(self._lanes))):
+            for mode in modes:
+                sched = self.schedule(mode)
+                req = self.open("hello", mode=sched, max_new_tokens=40)
+                from mctp.engine.batching import Cohort
+
+                for _ in self.answer(req, Cohort(lane, [req.row]).events(0)):
+                    pass
+        cache = self.engine.compile_cache
+        if self.engine.compile and cache is not None:
+            from mctp.engine.fast_path import save_compile_cache
+
+            save_compile_cache(Path(cache) / "mctp-compile-cache.bin")
+        return time.perf_counter() - t
+
     @property
     def sample_rate(self) -> int:
         """Sample rate of the answers' audio (the decoder's)."""
@@ -338,6 +399,66 @@ class SpeechPipeline:
         )
 
     # ------------------------------------------------------------------ generation
+    def open(
+        self,
+        text: str | None = None,
+        audio: AudioInput | None = None,
+        sample_rate: int | None = None,
+        *,
+        task: str = "chat",
+        messages: Sequence[dict[str, str]] | None = None,
+        audios: Sequence[torch.Tensor] | None = None,
+        mode: str | Mode | InterleaveSchedule | None = None,
+        max_new_tokens: int | None = None,
+        verify: bool | None = None,
+        arrived: float | None = None,
+    ) -> SpeechRequest:
+        """Prepare a request (prompt and request settings) without generating: what
+        :meth:`stream` does first, and what a server batches.
+
+        Args: as :meth:`stream`, and ``arrived``: ``time.perf_counter()`` when the request
+        arrived (default now): its timings (first chunk, ...) count from there, waiting
+        included.
+
+        Returns:
+            :class:`SpeechRequest`.
+
+        Raises:
+            ValueError: On bad arguments, or a prompt + budget that does not fit the engine's
+                ``max_len``.
+            mctp.codecs.AudioError, FileNotFoundError: On unreadable audio.
+        """
+        t0 = time.perf_counter() if arrived is None else arrived
+        changes: dict[str, Any] = {}
+        if mode is not None:
+            changes["mode"] = self.schedule(mode)
+        if max_new_tokens is not None:
+            budget = int(max_new_tokens)
+            if budget < 1:
+                raise ValueError(f"max_new_tokens must be >= 1, got {budget}")
+            changes["max_new_tokens"] = budget
+        if verify is not None:
+            changes["verify"] = verify
+        config = self.generation.replace(**changes) if changes else self.generation
+        with self._threads():
+            if messages is None:
+                wavs = [] if audio is None else [self.load_audio(audio, sample_rate)]
+                messages = self.build_messages(text, bool(wavs), task)
+            else:
+                wavs = list(audios or [])
+            prompt = self.prepare(messages, wavs)
+        from mctp.engine.generator import slots_needed
+
+        heads = 0 if self.stack is None else self.stack.num_heads
+        p = prompt.input_ids.shape[1]
+        need = slots_needed(config, p, config.max_new_tokens, heads, self.engine)
+        if need > self.engine.max_len:
+            raise ValueError(
+                f"the prompt ({p} tokens) + max_new_tokens ({config.max_new_tokens}) needs "
+                f"{need} cache slots; the engine has max_len={self.engine.max_len}"
+            )
+        return SpeechRequest(prompt, config, t0)
+
     def stream(
         self,
         text: str | None = None,
@@ -349,6 +470,7 @@ class SpeechPipeline:
         audios: Sequence[torch.Tensor] | None = None,
         mode: str | Mode | InterleaveSchedule | None = None,
         max_new_tokens: int | None = None,
+        verify: bool | None = None,
     ) -> Iterator[SpeechChunk]:
         """Answer, yielding text and waveform chunks as they are produced.
 
@@ -362,6 +484,7 @@ class SpeechPipeline:
             audios: Waveforms at :attr:`input_sample_rate` for ``messages``.
             mode: Overrides the default schedule.
             max_new_tokens: Overrides the default budget.
+            verify: Overrides the default of verified decoding.
 
         Yields:
             :class:`SpeechChunk`; the last one is ``"end"`` with the :class:`SpeechResult`.
@@ -369,20 +492,16 @@ class SpeechPipeline:
         Raises:
             ValueError: On bad arguments (see :meth:`build_messages`, :meth:`prepare`).
             mctp.codecs.AudioError, FileNotFoundError: On unreadable audio.
+            RuntimeError: If the pipeline's Generator is busy (another thread's request).
         """
-        t0 = time.perf_counter()
-        sched = self.mode if mode is None else self.schedule(mode)
-        budget = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
-        if budget < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {budget}")
-        with self._threads():
-            if messages is None:
-                wavs = [] if audio is None else [self.load_audio(audio, sample_rate)]
-                messages = self.build_messages(text, bool(wavs), task)
-            else:
-                wavs = list(audios or [])
-            prompt = self.prepare(messages, wavs)
-        return self._threaded(self._run(prompt, sched, budget, t0))
+        from mctp.engine.batching import Cohort
+
+        req = self.open(
+            text, audio, sample_rate, task=task, messages=messages, audios=audios, mode=mode,
+            max_new_tokens=max_new_tokens, verify=verify,
+        )  # fmt: skip
+        events = Cohort(self.generators(1)[0], [req.row], audio_chunk=self.audio_chunk).events(0)
+        return self._threaded(self.answer(req, events))
 
     @contextlib.contextmanager
     def _threads(self) -> Iterator[None]:
@@ -406,14 +525,17 @@ class SpeechPipeline:
                 return
             yield chunk
 
-    def _run(
-        self, prompt: Prompt, sched: InterleaveSchedule, budget: int, t0: float
-    ) -> Iterator[SpeechChunk]:
+    def answer(self, request: SpeechRequest, events: Iterator[Any]) -> Iterator[SpeechChunk]:
+        """Speak a request's generation: its row's :class:`mctp.StreamEvent` (text ids, audio
+        segments, one ``"end"`` carrying the row's result) into :class:`SpeechChunk`.
+
+        Yields:
+            :class:`SpeechChunk`; the last one is ``"end"`` with the :class:`SpeechResult`.
+        """
+        prompt, sched, t0 = request.prompt, request.config.schedule, request.t0
         session = self.decoder.stream()
         session.reset()
-        stops = (
-            {self.eos_token_id} if isinstance(self.eos_token_id, int) else set(self.eos_token_id)
-        )
+        stops = set(request.config.eos_token_id)
         text_ids: list[int] = []
         said = ""
         wav: list[torch.Tensor] = []
@@ -422,8 +544,10 @@ class SpeechPipeline:
         last_token: int | None = None
         gen = None
         ended = False
-        for ev in _generate_events(self, prompt, sched, budget):
-            if ev.result is not None:
+        for ev in events:
+            if ev.row_result is not None:
+                gen = ev.row_result
+            elif ev.result is not None:
                 gen = ev.result
             if ended or ev.row not in (0, -1):
                 continue  # later "end" events of the same row only carry the result

@@ -79,13 +79,15 @@ def test_first_call_prefills_and_catches_up_in_windows(model, mode, prompt_len, 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(type(bb), "decode", spy_decode)
         mp.setattr(MCTPDecoder, "step", spy_step)
-        cfg = GenerationConfig(mode=mode, max_new_tokens=26, **_eager(window))
-        gen = Generator(bb, stack, cfg, batch_size=2, max_len=128)
+        cfg = GenerationConfig(mode=mode, max_new_tokens=26)
+        gen = Generator(bb, stack, cfg, max_batch=2, max_len=128, **_eager(window))
         fast = gen.generate(ids, attention_mask=mask)
         assert set(shapes) <= {1, window} and not exact_chains
         again = gen.generate(ids, attention_mask=mask)
         shapes.clear()
-        off = Generator(bb, stack, cfg.replace(prefill_windows=0), batch_size=2, max_len=128)
+        off = Generator(
+            bb, stack, cfg, max_batch=2, max_len=128, **{**_eager(window), "prefill_windows": 0}
+        )
         res_off = off.generate(ids, attention_mask=mask)
         assert shapes[0] == prompt_len  # one eager prefill
         assert bool(exact_chains) == (mode != "vanilla")
@@ -146,10 +148,8 @@ def test_compiled_turbo_gives_the_eager_tokens_without_recompiling(model):
     prompts = [torch.randint(3, 128, (1, 20)) for _ in range(3)]
     refs = [generate(bb, stack, ids, "turbo", 40) for ids in prompts]
     torch._dynamo.reset()
-    cfg = GenerationConfig(
-        mode="turbo", max_new_tokens=40, compile=True, compile_options={"backend": "aot_eager"}
-    )
-    gen = Generator(bb, stack, cfg, max_len=128)
+    cfg = GenerationConfig(mode="turbo", max_new_tokens=40)
+    gen = Generator(bb, stack, cfg, max_len=128, compile={"backend": "aot_eager"})
     outs = [gen.generate(prompts[0])]
     with torch._dynamo.config.patch(error_on_recompile=True):
         outs += [gen.generate(ids) for ids in prompts[1:]]
@@ -172,8 +172,8 @@ def test_inductor_cpu_turbo_gives_the_eager_tokens(model):
     torch._dynamo.reset()
     try:
         with inductor_config.patch(freezing=True):
-            cfg = GenerationConfig(mode="turbo", max_new_tokens=40, compile=True, window=11)
-            gen = Generator(bb, stack, cfg, max_len=128)
+            cfg = GenerationConfig(mode="turbo", max_new_tokens=40)
+            gen = Generator(bb, stack, cfg, max_len=128, compile=True, window=11)
             first, second = gen.generate(ids), gen.generate(ids)
     finally:
         torch._dynamo.reset()  # frozen graphs hold this model's weights as constants
@@ -190,8 +190,8 @@ def test_cuda_graphs_turbo_matches_eager(model):
 
         ids = torch.randint(3, 128, (1, 40), device="cuda")
         ref = generate(bb, stack, ids, "turbo", 60)
-        cfg = GenerationConfig(mode="turbo", max_new_tokens=60, compile=True)
-        gen = Generator(bb, stack, cfg, max_len=128, device="cuda")
+        cfg = GenerationConfig(mode="turbo", max_new_tokens=60)
+        gen = Generator(bb, stack, cfg, max_len=128, device="cuda", compile=True)
         for _ in range(3):  # capture (windowed prefill and catch-up included); replay
             fast = gen.generate(ids)
             assert torch.equal(fast.sequences, ref.sequences)
@@ -203,7 +203,7 @@ def test_generator_is_reused_and_checked(model):
     from mctp import GenerationConfig, Generator
 
     bb, stack = model
-    gen = Generator(bb, stack, GenerationConfig(mode="boost", max_new_tokens=30), batch_size=2,
+    gen = Generator(bb, stack, GenerationConfig(mode="boost", max_new_tokens=30), max_batch=2,
                     max_len=80)  # fmt: skip
     ids = torch.randint(3, 128, (2, 10))
     a = gen.generate(ids)
@@ -211,11 +211,13 @@ def test_generator_is_reused_and_checked(model):
     assert torch.equal(a.sequences, generate(bb, stack, ids, "boost", 30).sequences)
     assert torch.equal(b.sequences, generate(bb, stack, ids, "turbo", 30).sequences)
     assert torch.equal(gen.generate(ids).sequences, a.sequences)
-    with pytest.raises(ValueError, match="serves batch size 2; the prompt has 1 rows"):
-        gen.generate(ids[:1])
+    # fewer rows than max_batch: padded to it, the answer is the row's own
+    assert torch.equal(gen.generate(ids[:1]).sequences, a.sequences[:1])
+    with pytest.raises(ValueError, match="3 rows; this engine runs at most max_batch=2"):
+        gen.generate(torch.cat([ids, ids[:1]]))
     with pytest.raises(ValueError, match="needs 111 cache slots, max_len is 80"):
         gen.generate(ids, max_new_tokens=100)
-    with pytest.raises(ValueError, match="chosen when the Generator is built"):
+    with pytest.raises(TypeError, match="compile"):  # an engine setting is no request setting
         gen.generate(ids, config=gen.config.replace(compile=True))
     gen.reset()
     assert torch.equal(gen.generate(ids).sequences, a.sequences)
@@ -252,9 +254,8 @@ cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidd
 bb = HFBackbone(Qwen2ForCausalLM(cfg).eval())
 stack = MCTPStack.from_backbone(bb.parts(), 2).eval()
 loaded = load_compile_cache(sys.argv[1])
-config = GenerationConfig(mode=InterleaveSchedule.from_ratio([1, 2]), max_new_tokens=8,
-                          compile=True, window=3)
-gen = Generator(bb, stack, config, max_len=32)
+config = GenerationConfig(mode=InterleaveSchedule.from_ratio([1, 2]), max_new_tokens=8)
+gen = Generator(bb, stack, config, max_len=32, compile=True, window=3)
 ids = gen.generate(torch.arange(3, 9)[None]).tokens[0].tolist()
 if not loaded:
     save_compile_cache(sys.argv[1])

@@ -9,8 +9,9 @@ import threading
 import pytest
 import torch
 
-from mctp import GenerationConfig, Generator, MCTPStack, SamplingConfig, generate
+from mctp import EngineConfig, GenerationConfig, Generator, MCTPStack, SamplingConfig, generate
 from mctp.backbones import HFBackbone
+from mctp.engine.generation_config import split_options
 from mctp.interleave import InterleaveSchedule
 
 
@@ -34,9 +35,6 @@ def model(tiny_hf):
         ({"max_new_tokens": 0}, ValueError, "max_new_tokens must be >= 1"),
         ({"max_new_tokens": 2.5}, TypeError, "max_new_tokens must be an int"),
         ({"max_new_tokens": True}, TypeError, "max_new_tokens must be an int"),
-        ({"window": 0}, ValueError, "window must be >= 1"),
-        ({"stop_check_every": 0}, ValueError, "stop_check_every must be >= 1"),
-        ({"prefill_windows": -1}, ValueError, "prefill_windows must be >= 0"),
         ({"eos_token_id": -2}, ValueError, "eos_token_id must be >= 0"),
         ({"eos_token_id": 2.0}, TypeError, "eos_token_id must be int"),
         ({"verify": 1}, TypeError, "verify must be a bool"),
@@ -49,7 +47,6 @@ def model(tiny_hf):
             "greedy decoding only",
         ),
         ({"text_sampling": {"do_sample": True}}, TypeError, "must be a SamplingConfig"),
-        ({"compile_options": 3}, TypeError, "compile_options must be a mapping"),
     ],
 )
 def test_generation_config_rejects_bad_values(kwargs, error, match):
@@ -57,13 +54,46 @@ def test_generation_config_rejects_bad_values(kwargs, error, match):
         GenerationConfig(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"window": 0}, ValueError, "window must be >= 1"),
+        ({"stop_check_every": 0}, ValueError, "stop_check_every must be >= 1"),
+        ({"prefill_windows": -1}, ValueError, "prefill_windows must be >= 0"),
+        ({"compile_options": 3}, TypeError, "compile_options must be a mapping"),
+        ({"max_batch": 0}, ValueError, "max_batch must be >= 1"),
+        ({"max_len": 1}, ValueError, "max_len must be >= 2"),
+        ({"dtype": "int8"}, ValueError, "dtype must be one of"),
+        ({"device": "tpu9"}, ValueError, "is not a torch device"),
+        ({"compile": "yes"}, TypeError, "compile must be a bool"),
+        ({"audio_heads": 1}, TypeError, "audio_heads must be a bool"),
+    ],
+)
+def test_engine_config_rejects_bad_values(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        EngineConfig(**kwargs)
+
+
+def test_options_split_by_name_between_engine_and_request():
+    eng, cfg = split_options({"mode": "turbo", "compile": {"backend": "eager"}, "window": 11})
+    assert (eng.compile, dict(eng.compile_options), eng.window) == (True, {"backend": "eager"}, 11)
+    assert cfg.schedule == InterleaveSchedule.turbo()
+    with pytest.raises(TypeError, match=r"unknown generation option\(s\) \['windw'\]"):
+        split_options({"windw": 3})
+    assert EngineConfig(dtype="bf16").dtype == "bfloat16"
+    assert EngineConfig(dtype=torch.bfloat16).torch_dtype is torch.bfloat16
+    with pytest.raises(TypeError, match="unknown engine setting"):
+        Generator(None, None, GenerationConfig(mode="vanilla"), mode="turbo")  # type: ignore[arg-type]
+
+
 def test_generation_config_is_frozen_and_replace_validates():
-    cfg = GenerationConfig(mode="turbo", eos_token_id=[2, 3], compile_options={"backend": "eager"})
+    cfg = GenerationConfig(mode="turbo", eos_token_id=[2, 3])
     assert cfg.schedule == InterleaveSchedule.turbo() and cfg.eos_token_id == (2, 3)
     with pytest.raises(AttributeError):
         cfg.max_new_tokens = 5  # type: ignore[misc]
+    eng = EngineConfig(compile=True, compile_options={"backend": "eager"})
     with pytest.raises(TypeError):
-        cfg.compile_options["backend"] = "inductor"  # type: ignore[index]
+        eng.compile_options["backend"] = "inductor"  # type: ignore[index]
     assert cfg.replace(max_new_tokens=5).max_new_tokens == 5
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         cfg.replace(max_new_tokens=-1)
@@ -73,7 +103,9 @@ def test_generation_config_is_frozen_and_replace_validates():
 
     again = pickle.loads(pickle.dumps(cfg))
     assert again == cfg and copy.deepcopy(cfg) == cfg
-    assert again.compile_options["backend"] == "eager"
+    eng_again = pickle.loads(pickle.dumps(eng))
+    assert eng_again == eng and copy.deepcopy(eng) == eng
+    assert eng_again.compile_options["backend"] == "eager"
 
 
 def test_generation_config_from_pretrained(tmp_path):
@@ -138,7 +170,7 @@ def test_generator_checks_its_stack_and_vocab(model):
     with pytest.raises(ValueError, match="verify=True uses MCTP heads but no stack"):
         Generator(bb, None, GenerationConfig(mode="vanilla", verify=True))
     with pytest.raises(ValueError, match="audio_heads=True needs speech ids"):
-        Generator(bb, stack, GenerationConfig(audio_heads=True))
+        Generator(bb, stack, GenerationConfig(), audio_heads=True)
     with pytest.raises(ValueError, match=r"draft_len must be in \[1, 10\]"):
         Generator(bb, stack, GenerationConfig(mode="vanilla", verify=True, draft_len=11))
     gen = Generator(bb, None, GenerationConfig(mode="vanilla", max_new_tokens=4), max_len=32)

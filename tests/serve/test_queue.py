@@ -23,8 +23,8 @@ class GatedPipeline(SpeechPipeline):
 
     gate: threading.Event
 
-    def stream(self, *args, **kwargs):
-        inner = super().stream(*args, **kwargs)
+    def answer(self, *args, **kwargs):
+        inner = super().answer(*args, **kwargs)
 
         def gated():
             for i, chunk in enumerate(inner):
@@ -55,8 +55,7 @@ def _wait_cancelled(app, timeout: float = 10.0) -> None:
     worker = app.state.api.worker
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        job = worker.running
-        if job is not None and job.cancelled.is_set():
+        if any(job.cancelled.is_set() for job in worker.active_jobs):
             return
         time.sleep(0.02)
     raise TimeoutError("the server did not notice that the client left")
@@ -106,7 +105,8 @@ def test_worker_hands_errors_to_the_job_and_goes_on():
 
 
 def test_full_queue_answers_503_and_disconnect_frees_the_slot(slow):
-    cfg = ServerConfig(max_queue=1, warmup=False)
+    # one Generator: a request arriving while it runs a batch waits for it (lanes=1)
+    cfg = ServerConfig(max_queue=1, warmup=False, lanes=1)
     body = {"messages": [{"role": "user", "content": "hello"}], "modalities": ["text", "audio"]}
     app = create_app(slow, cfg)
     with InProcessServer(app) as srv:
@@ -149,7 +149,7 @@ def test_full_queue_answers_503_and_disconnect_frees_the_slot(slow):
 
 
 def test_non_streaming_client_that_leaves_is_cancelled(slow):
-    cfg = ServerConfig(max_queue=2, warmup=False)
+    cfg = ServerConfig(max_queue=2, warmup=False, lanes=1)
     body = {"messages": [{"role": "user", "content": "hello"}]}
     app = create_app(slow, cfg)
     with InProcessServer(app) as srv:

@@ -26,7 +26,9 @@ def test_health_and_models(server):
     status, _, data = request(server, "/health")
     assert status == 200
     health = json.loads(data)
-    assert health["status"] == "ok" and health["model"] == "mctp-tiny"
+    assert health["status"] == "ready" and health["model"] == "mctp-tiny"
+    assert health["warmup_s"] > 0  # the warm-up ran (every mode) before /health said ready
+    assert health["engine"]["max_batch"] == 8 and health["engine"]["audio_heads"] is False
     status, _, data = request(server, "/v1/models")
     models = json.loads(data)
     assert status == 200 and models["object"] == "list"

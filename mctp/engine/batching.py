@@ -1,0 +1,249 @@
+"""Batched generation of independent requests: cohorts of rows on a few Generators.
+
+A server receives requests one by one; the engine runs them together. A :class:`Cohort` puts
+the prompts of several requests into one left-padded batch on a :class:`~mctp.Generator` and
+streams it; each request reads its own row (:meth:`Cohort.events`) and stops on its own: its
+``"end"`` event (with the row's :class:`~mctp.GenerationResult`) comes as soon as the row
+produced a stop id, while the other rows go on. A :class:`BatchScheduler` owns a few
+Generators ("lanes", each with ``max_batch`` rows): a request that arrives while one cohort
+runs starts a new cohort on a free lane at once, together with every compatible request
+waiting at that moment, and the cohorts advance in turns. Rows of one cohort share a schedule
+and its phase, so requests join at the start of a cohort (the next point where a new row can
+begin its schedule); requests with other request settings (mode, budget, sampling) never
+share a cohort.
+
+Everything here runs on the caller's thread (the server's generation worker): nothing is
+shared between threads, and a cohort only computes when one of its rows is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .generation_config import GenerationConfig
+from .generator import Generator
+from .segmenter import StreamEvent
+
+__all__ = ["BatchScheduler", "Cohort", "RowRequest", "left_pad"]
+
+
+@dataclass
+class RowRequest:
+    """One request's part of a cohort.
+
+    Attributes:
+        input_ids: ``[1, P]`` prompt ids.
+        config: Its request settings (rows of one cohort have equal settings).
+        prompt_embeds: ``[1, P, H]`` prompt embeddings for the backbone's prefill, or None.
+    """
+
+    input_ids: torch.Tensor
+    config: GenerationConfig
+    prompt_embeds: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.input_ids.ndim != 2 or self.input_ids.shape[0] != 1:
+            raise ValueError(f"input_ids must be [1, P], got {tuple(self.input_ids.shape)}")
+        if self.prompt_embeds is not None and self.prompt_embeds.shape[:2] != self.input_ids.shape:
+            raise ValueError(
+                f"prompt_embeds {tuple(self.prompt_embeds.shape)} must be [1, P, H] with "
+                f"P = {self.input_ids.shape[1]}"
+            )
+
+    def fits_with(self, other: RowRequest) -> bool:
+        """Whether both can share a cohort (equal settings, both or neither with embeddings)."""
+        return self.config == other.config and (self.prompt_embeds is None) == (
+            other.prompt_embeds is None
+        )
+
+
+def left_pad(
+    requests: Sequence[RowRequest],
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Stack prompts of different lengths, left-padded.
+
+    Returns:
+        ``(input_ids [B, P], attention_mask [B, P] or None when no row is padded,
+        prompt_embeds [B, P, H] or None)``.
+    """
+    p = max(r.input_ids.shape[1] for r in requests)
+    ids = torch.zeros(len(requests), p, dtype=torch.long)
+    mask = torch.zeros(len(requests), p, dtype=torch.long)
+    embeds = None
+    if requests[0].prompt_embeds is not None:
+        e0 = requests[0].prompt_embeds
+        embeds = e0.new_zeros(len(requests), p, e0.shape[-1])
+    for i, r in enumerate(requests):
+        n = r.input_ids.shape[1]
+        ids[i, p - n :] = r.input_ids[0].cpu()
+        mask[i, p - n :] = 1
+        if embeds is not None:
+            assert r.prompt_embeds is not None
+            embeds[i, p - n :] = r.prompt_embeds[0]
+    padded = bool((mask == 0).any())
+    return ids, (mask if padded else None), embeds
+
+
+class Cohort:
+    """Rows generated together on one Generator; each row is read on its own.
+
+    Args:
+        generator: The lane (free: no call running on it).
+        requests: One to ``generator.max_batch`` compatible requests.
+        audio_chunk: Audio pieces of this many tokens inside long segments (None: segments).
+
+    Raises:
+        ValueError: On no requests, more than the lane's ``max_batch``, or incompatible ones.
+    """
+
+    def __init__(
+        self,
+        generator: Generator,
+        requests: Sequence[RowRequest],
+        *,
+        audio_chunk: int | None = None,
+    ) -> None:
+        if not requests:
+            raise ValueError("a cohort needs at least one request")
+        if len(requests) > generator.max_batch:
+            raise ValueError(
+                f"{len(requests)} requests exceed the lane's max_batch={generator.max_batch}"
+            )
+        if not all(r.fits_with(requests[0]) for r in requests):
+            raise ValueError("the requests of a cohort must have equal request settings")
+        self.generator = generator
+        ids, mask, embeds = left_pad(requests)
+        self._stream = generator.stream(
+            ids.to(generator.device),
+            attention_mask=None if mask is None else mask.to(generator.device),
+            prompt_embeds=embeds,
+            config=requests[0].config,
+            audio_chunk=audio_chunk,
+        )
+        self._queues: list[deque[StreamEvent]] = [deque() for _ in requests]
+        self._open = [True] * len(requests)  # a reader still wants this row
+        self.finished = False
+
+    @property
+    def rows(self) -> int:
+        """Rows of this cohort."""
+        return len(self._queues)
+
+    def _advance(self) -> None:
+        """One event of the shared stream (the generator computes when its queue is empty)."""
+        ev = next(self._stream, None)
+        if ev is None:
+            self.finished = True
+            return
+        if 0 <= ev.row < self.rows:
+            self._queues[ev.row].append(ev)
+
+    def events(self, row: int) -> Iterator[StreamEvent]:
+        """Row ``row``'s events (as ``row=0``), ending with its ``"end"``; reading them drives
+        the cohort. Closing this iterator early abandons the row; the cohort stops when no
+        row is read any more.
+
+        Raises:
+            IndexError: On a row out of range.
+        """
+        if not 0 <= row < self.rows:
+            raise IndexError(f"row {row} out of range for a cohort of {self.rows}")
+        queue = self._queues[row]
+        try:
+            while True:
+                while not queue:
+                    if self.finished:
+                        return
+                    self._advance()
+                ev = queue.popleft()
+                yield dataclasses.replace(ev, row=0, result=None)
+                if ev.kind == "end":
+                    return
+        finally:
+            self._open[row] = False
+            if not any(self._open):
+                self.close()
+
+    def close(self) -> None:
+        """Stop the generation (frees the lane)."""
+        if not self.finished:
+            self._stream.close()
+            self.finished = True
+
+    @property
+    def busy(self) -> bool:
+        """Whether the lane is still in use by this cohort."""
+        if not self.finished and not any(self._open):
+            self.close()
+        return not self.finished
+
+
+class BatchScheduler:
+    """Starts cohorts of compatible waiting requests on free lanes.
+
+    Args:
+        lanes: Generators of one engine (same backbone, stack and settings); each runs one
+            cohort at a time.
+        audio_chunk: Passed to every cohort.
+
+    Raises:
+        ValueError: On no lanes.
+    """
+
+    def __init__(self, lanes: Sequence[Generator], *, audio_chunk: int | None = None) -> None:
+        if not lanes:
+            raise ValueError("a scheduler needs at least one Generator")
+        self.lanes = list(lanes)
+        self.audio_chunk = audio_chunk
+        self._cohorts: dict[int, Cohort] = {}
+
+    @property
+    def max_batch(self) -> int:
+        """Rows per cohort."""
+        return self.lanes[0].max_batch
+
+    def free_lane(self) -> Generator | None:
+        """A lane with no cohort running, or None."""
+        for i, lane in enumerate(self.lanes):
+            cohort = self._cohorts.get(i)
+            if cohort is None or not cohort.busy:
+                self._cohorts.pop(i, None)
+                return lane
+        return None
+
+    def start(self, requests: Sequence[RowRequest]) -> list[Iterator[StreamEvent]]:
+        """Start ``requests`` as one cohort on a free lane.
+
+        Returns:
+            Each request's event iterator, in order.
+
+        Raises:
+            RuntimeError: If no lane is free.
+            ValueError: As :class:`Cohort`.
+        """
+        lane = self.free_lane()
+        if lane is None:
+            raise RuntimeError("no free lane: wait until a cohort ends")
+        cohort = Cohort(lane, requests, audio_chunk=self.audio_chunk)
+        self._cohorts[self.lanes.index(lane)] = cohort
+        return [cohort.events(r) for r in range(cohort.rows)]
+
+    @staticmethod
+    def pick(waiting: Sequence[RowRequest], limit: int) -> list[int]:
+        """Indices of the requests that start together: the oldest one and, in order, every
+        later one that fits with it, up to ``limit``."""
+        if not waiting:
+            return []
+        first = waiting[0]
+        out = [0]
+        for i in range(1, len(waiting)):
+            if len(out) >= limit:
+                break
+            if waiting[i].fits_with(first):
+                out.append(i)
+        return out

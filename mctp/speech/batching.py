@@ -1,0 +1,56 @@
+"""``SpeechBatcher``: the server's worker batches prepared speech requests through it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from .pipeline import SpeechPipeline, SpeechRequest
+
+__all__ = ["SpeechBatcher"]
+
+
+class SpeechBatcher:
+    """Runs :class:`SpeechRequest` of one pipeline in cohorts on its Generators.
+
+    Args:
+        pipeline: The pipeline; its :attr:`~SpeechPipeline.engine` gives each Generator
+            ``max_batch`` rows.
+        lanes: Generators (each runs one cohort at a time; a request arriving while every
+            lane is busy waits for the first cohort to end).
+
+    Raises:
+        ValueError: If ``lanes < 1``.
+    """
+
+    def __init__(self, pipeline: SpeechPipeline, lanes: int = 2) -> None:
+        from mctp.engine.batching import BatchScheduler
+
+        if lanes < 1:
+            raise ValueError(f"lanes must be >= 1, got {lanes}")
+        self.pipeline = pipeline
+        self.scheduler = BatchScheduler(
+            pipeline.generators(lanes), audio_chunk=pipeline.audio_chunk
+        )
+        self.max_batch = self.scheduler.max_batch
+
+    def accepts(self, request: Any) -> bool:
+        """Whether ``request`` is a prepared :class:`SpeechRequest`."""
+        return isinstance(request, SpeechRequest)
+
+    def fits(self, a: SpeechRequest, b: SpeechRequest) -> bool:
+        """Whether two requests may share a cohort (equal request settings)."""
+        return a.row.fits_with(b.row)
+
+    def can_start(self) -> bool:
+        """Whether a Generator is free."""
+        return self.scheduler.free_lane() is not None
+
+    def start(self, requests: Sequence[SpeechRequest]) -> list[Iterator[Any]]:
+        """Start ``requests`` as one cohort; each gets its chunk iterator.
+
+        Raises:
+            RuntimeError: If no Generator is free.
+        """
+        events = self.scheduler.start([r.row for r in requests])
+        return [self.pipeline.answer(r, ev) for r, ev in zip(requests, events)]
