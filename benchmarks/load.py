@@ -9,7 +9,14 @@ mixed, throughput, and p50/p95 first-audio-chunk latency as the client sees it (
 first audio delta) and as the server measures it.
 
     python benchmarks/load.py --clients 4 --seconds 20            # starts a tiny server itself
+    python benchmarks/load.py --clients 1,4,8 --seconds 20        # side by side, with ratios
+    python benchmarks/load.py --clients 1,4,8 --server-args "--max-batch 8 --dtype bfloat16"
     python benchmarks/load.py --url http://127.0.0.1:8000 --clients 8 --seconds 30
+
+With several client counts the runs share one server and the table adds, per count, the
+throughput (audio seconds per second) over that of one client and the p95 first-chunk latency
+over that of one client. The first chunk is timed from the request's arrival (the server's
+figure includes the time the request waited for the engine).
 
 Only loopback addresses are accepted. Loops stop after ``--seconds`` or ``--max-requests``
 per client, whichever comes first.
@@ -332,9 +339,11 @@ def start_server(extra: list[str] | None = None, timeout: float = 300.0) -> tupl
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode}")
         try:
-            _get("127.0.0.1", port, "/health")
-            return f"http://127.0.0.1:{port}", proc
-        except OSError:
+            health = json.loads(_get("127.0.0.1", port, "/health"))
+            if health.get("status") == "ready":  # 503 "warming" until the warm-up ran
+                return f"http://127.0.0.1:{port}", proc
+            time.sleep(0.3)
+        except (OSError, ValueError):
             time.sleep(0.3)
     proc.terminate()
     raise TimeoutError("the server did not start")
@@ -357,35 +366,63 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--url", default=None, help="a running server (loopback); None: start one")
-    p.add_argument("--clients", type=int, default=4, help="concurrent clients")
+    p.add_argument(
+        "--clients", default="4", help="concurrent clients, or a comma list run side by side"
+    )
+    p.add_argument(
+        "--server-args", default="", help="extra `mctp serve` flags for the server started here"
+    )
     p.add_argument("--seconds", type=float, default=10.0, help="how long to send requests")
     p.add_argument("--max-requests", type=int, default=1000, help="most requests per client")
     p.add_argument("--mode", default="boost", help="generation mode")
     p.add_argument("--json", default=None, help="write the summary here")
     args = p.parse_args(argv)
+    counts = [int(c) for c in str(args.clients).split(",")]
     proc = None
     url = args.url
     if url is None:
-        url, proc = start_server(["--max-queue", str(max(8, 2 * args.clients))])
+        extra = ["--max-queue", str(max(8, 2 * max(counts))), *args.server_args.split()]
+        url, proc = start_server(extra)
+    reps = []
     try:
-        rep = run_load(
-            url,
-            clients=args.clients,
-            seconds=args.seconds,
-            max_requests=args.max_requests,
-            mode=args.mode,
-        )
+        for n in counts:
+            reps.append(
+                run_load(
+                    url,
+                    clients=n,
+                    seconds=args.seconds,
+                    max_requests=args.max_requests,
+                    mode=args.mode,
+                )
+            )
+        health = json.loads(_get(*_check_loopback(url), "/health"))
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(10)
     print(_cpu())
-    print(f"torch threads of the server: 1 (tiny default); python {platform.python_version()}")
-    print(rep.table())
+    print(f"python {platform.python_version()}; server flags: {args.server_args or '(defaults)'}")
+    print(f"server engine: {health.get('engine')}; batches run: {health.get('batches')}, ")
+    print(f"most rows in one batch: {health.get('max_rows_seen')}")
+    for rep in reps:
+        print(rep.table())
+    if len(reps) > 1:
+        base = reps[0].summary()
+        print("\n| clients | throughput / 1 client | p95 first chunk / 1 client |")
+        print("|---|---|---|")
+        for rep in reps:
+            s = rep.summary()
+            thr = s["audio_s_per_s"] / base["audio_s_per_s"] if base["audio_s_per_s"] else 0.0
+            p95 = (
+                s["first_chunk_p95_ms"] / base["first_chunk_p95_ms"]
+                if base["first_chunk_p95_ms"]
+                else 0.0
+            )
+            print(f"| {s['clients']} | {thr:.2f}x | {p95:.2f}x |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rep.summary(), f, indent=2)
-    if rep.lost or rep.mixed or rep.failed:
+            json.dump([r.summary() for r in reps], f, indent=2)
+    if any(r.lost or r.mixed or r.failed for r in reps):
         sys.exit(1)
 
 

@@ -11,9 +11,9 @@ import torch
 
 from mctp.backbones import HFBackbone, SpeechVocab
 from mctp.engine.generation import GenerationResult, generate
+from mctp.engine.streaming import StreamEvent, generate_stream
 from mctp.interleave import InterleaveSchedule, Mode
 from mctp.stack import MCTPStack
-from mctp.engine.streaming import StreamEvent, generate_stream
 
 from .checkpoint import load_vita_audio, save_vita_audio
 

@@ -1,0 +1,80 @@
+"""Cohorts: requests generated together give each its own answer, and rows stop on their own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mctp import EngineConfig, GenerationConfig, Generator, generate
+from mctp.engine.batching import BatchScheduler, Cohort, RowRequest, left_pad
+
+
+@pytest.mark.parametrize("mode", ["boost", "vanilla"])
+def test_cohort_rows_equal_their_lone_answers_and_stop_on_their_own(toy, mode):
+    cfg = GenerationConfig(mode=mode, max_new_tokens=60, eos_token_id=2)
+    g = torch.Generator().manual_seed(11)
+    prompts = [toy.prompt, torch.randint(3, 60, (1, 9), generator=g), toy.prompt[:, 2:]]
+    lone = [
+        generate(toy.backbone, toy.stack, p, config=cfg, vocab=toy.vocab).tokens[0].tolist()
+        for p in prompts
+    ]
+    assert lone[0] == toy.answer and len(lone[1]) == 60  # row 0 stops early, row 1 does not
+    gen = Generator(toy.backbone, toy.stack, cfg, engine=EngineConfig(max_batch=4, max_len=96),
+                    vocab=toy.vocab)  # fmt: skip
+    cohort = Cohort(gen, [RowRequest(p, cfg) for p in prompts])
+    streams = [cohort.events(r) for r in range(3)]
+    first = list(streams[0])  # read row 0 alone: it ends while the others are still running
+    assert first[-1].kind == "end" and not cohort.finished
+    assert first[-1].row_result.tokens[0].tolist() == lone[0]
+    rest = [list(s) for s in streams[1:]]
+    assert cohort.finished
+    for events, want in zip([first, *rest], lone):
+        got = events[-1].row_result.tokens[0].tolist()
+        assert got == want
+        assert all(ev.row == 0 for ev in events) and [ev.kind for ev in events].count("end") == 1
+
+
+def test_abandoned_rows_free_the_lane_and_the_scheduler_picks_compatible_requests(toy):
+    cfg = GenerationConfig(mode="boost", max_new_tokens=40, eos_token_id=2)
+    other = cfg.replace(mode="turbo")
+    lanes = [
+        Generator(
+            toy.backbone,
+            toy.stack,
+            cfg,
+            engine=EngineConfig(max_batch=2, max_len=64),
+            vocab=toy.vocab,
+        )  # fmt: skip
+    ]
+    sched = BatchScheduler(lanes)
+    reqs = [RowRequest(toy.prompt, cfg), RowRequest(toy.prompt, other), RowRequest(toy.prompt, cfg)]
+    assert BatchScheduler.pick(reqs, 2) == [0, 2]
+    streams = sched.start([reqs[0], reqs[2]])
+    next(streams[0])
+    assert sched.free_lane() is None
+    with pytest.raises(RuntimeError, match="no free lane"):
+        sched.start([reqs[1]])
+    for s in streams:
+        s.close()  # both readers left: the generation stops, the lane is free again
+    assert sched.free_lane() is lanes[0]
+    (again,) = sched.start([reqs[1]])
+    assert list(again)[-1].row_result.tokens[0].tolist() == (
+        generate(toy.backbone, toy.stack, toy.prompt, config=other, vocab=toy.vocab)
+        .tokens[0]
+        .tolist()
+    )
+    with pytest.raises(ValueError, match="max_batch=1"):
+        Cohort(Generator(toy.backbone, toy.stack, cfg, max_len=64, vocab=toy.vocab), reqs[:2])
+    with pytest.raises(ValueError, match="equal request settings"):
+        Cohort(lanes[0], reqs[:2])
+    with pytest.raises(ValueError, match=r"must be \[1, P\]"):
+        RowRequest(torch.zeros(2, 3, dtype=torch.long), cfg)
+
+
+def test_left_pad_marks_only_padding():
+    cfg = GenerationConfig()
+    ids, mask, embeds = left_pad([RowRequest(torch.tensor([[5, 6, 7]]), cfg)] * 2)
+    assert mask is None and embeds is None and ids.tolist() == [[5, 6, 7]] * 2
+    ids, mask, _ = left_pad([RowRequest(torch.tensor([[5, 6, 7]]), cfg),
+                             RowRequest(torch.tensor([[8]]), cfg)])  # fmt: skip
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
