@@ -44,7 +44,7 @@ def test_abandoned_rows_free_the_lane_and_the_scheduler_picks_compatible_request
             cfg,
             engine=EngineConfig(max_batch=2, max_len=64),
             vocab=toy.vocab,
-        )  # fmt: skip
+        )
     ]
     sched = BatchScheduler(lanes)
     reqs = [RowRequest(toy.prompt, cfg), RowRequest(toy.prompt, other), RowRequest(toy.prompt, cfg)]
