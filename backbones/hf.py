@@ -496,11 +496,21 @@ class HFBackbone(nn.Module):
             device=device or weight.device,
         )
 
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings ``[B, T, H]`` of ``ids [B, T]``."""
+        return self.model.get_input_embeddings()(ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Output logits ``[B, T, V]`` of final hidden states ``[B, T, H]`` (soft-capped where
+        the family caps them)."""
+        return self._logits(hidden)
+
     @torch.inference_mode()
     def forward_cached(
         self, buffer: TokenBuffer, cache: Any, start: int, *, all_logits: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Process slots ``start .. buffer.length-1`` of the buffer with the cache.
+        """Process slots ``start .. buffer.length-1`` of a token buffer with the cache (a
+        convenience over :meth:`decode` for tests and scripts; the engine calls ``decode``).
 
         Returns:
             ``(hidden [B, T, H], logits [B, T or 1, V])``.
@@ -511,21 +521,27 @@ class HFBackbone(nn.Module):
         stop = buffer.length
         if not 0 <= start < stop:
             raise ValueError(f"nothing to process: start {start}, sequence length {stop}")
-        return self.decode(buffer, cache, buffer.index[start:stop], all_logits=all_logits)
+        idx = buffer.index[start:stop]
+        x = buffer.embed(self.embed, idx)
+        hidden = self.decode(x, buffer.positions.index_select(1, idx), idx, buffer.valid, cache)
+        return hidden, self._logits(hidden if all_logits else hidden[:, -1:])
 
     def decode(
-        self, buffer: TokenBuffer, cache: Any, idx: torch.Tensor, *, all_logits: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run slots ``idx [T]`` (ascending, contiguous) of the buffer through the cache.
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        valid: torch.Tensor,
+        cache: Any,
+    ) -> torch.Tensor:
+        """One cached decode step over tensors: embeddings ``[B, T, H]`` at cache slots
+        ``slots [T]`` (ascending, contiguous) with position ids ``positions [B, T]``; ``valid
+        [B, S]`` marks the real (non-padding) slots of the cache.
 
         Returns:
-            ``(hidden [B, T, H], logits [B, T or 1, V])``.
+            Final-normed hidden states ``[B, T, H]``.
         """
-        pos = buffer.positions.index_select(1, idx)
-        x = buffer.embed(self.model.get_input_embeddings(), idx)
-        hidden = self._decode_embeds(x, pos, idx, buffer.valid, cache)
-        logits = self._logits(hidden if all_logits else hidden[:, -1:])
-        return hidden, logits
+        return self._decode_embeds(embeds, positions, slots, valid, cache)
 
     def _decode_embeds(
         self,

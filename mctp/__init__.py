@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     "BackboneParts": "backbone",
     "ChainOutput": "engine.decoding",
     "CheckpointError": "checkpoint",
+    "DecodeState": "engine.state",
     "DecoderBlock": "layers",
     "EngineConfig": "engine.generation_config",
     "GenerationConfig": "engine.generation_config",

@@ -111,6 +111,22 @@ class KVCache:
             self.values[i] = static_buffer(torch.zeros(b, h, s, dv, dtype=dtype, device=device))
         return self
 
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache over rows ``start .. stop - 1`` of this one: its buffers are views, so what
+        a forward writes through it lands here (a 1-row prefill of a request joining a batch).
+
+        Raises:
+            ValueError: If the buffers are not allocated or the rows are out of range.
+        """
+        if not self.allocated:
+            raise ValueError("allocate() the cache before taking row views")
+        if not 0 <= start < stop <= self.batch_size:
+            raise ValueError(f"rows {start}..{stop} out of range for batch size {self.batch_size}")
+        view = KVCache(self.num_layers, stop - start, self.max_len, single_layer=self.single_layer)
+        view.keys = [k[start:stop] for k in self.keys]  # type: ignore[index]
+        view.values = [v[start:stop] for v in self.values]  # type: ignore[index]
+        return view
+
     def set_positions(self, positions: torch.Tensor) -> None:
         """Set the sequence indices ``[T]`` (long) the next ``update`` calls write to."""
         self._positions = positions

@@ -126,6 +126,24 @@ class MCTPDecoder:
         self.next_index = [min(c, max(length - 1, k + 1)) for k, c in enumerate(self.next_index)]
         self.backbone_length = min(self.backbone_length, length)
 
+    def replace_row(self, row: int, start: int, hidden: torch.Tensor) -> None:
+        """A new sequence took row ``row`` from slot ``start`` on (a request joining a running
+        batch): record its backbone states ``hidden [T, H]`` for slots ``start ..
+        start + T - 1`` and let every head re-read from there (head ``k`` from ``start + k +
+        1``, where the row's positions exceed ``k``). The other rows' entries at those slots
+        are computed again from the same inputs.
+
+        Raises:
+            ValueError: If the states reach past the backbone states of the other rows.
+        """
+        t = hidden.shape[0]
+        if start + t > self.backbone_length:
+            raise ValueError(
+                f"row states reach slot {start + t}; backbone states cover {self.backbone_length}"
+            )
+        self.hidden[0, row, start : start + t] = hidden.to(self.hidden.dtype)
+        self.next_index = [min(c, start + k + 1) for k, c in enumerate(self.next_index)]
+
     def write_backbone(self, start: int, hidden: torch.Tensor) -> None:
         """Record backbone last hidden states ``[B, T, H]`` for slots ``start..start+T-1``.
 
