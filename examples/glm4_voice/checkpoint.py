@@ -358,13 +358,13 @@ def load_glm4_voice(
     dtype = dtype or (first.dtype if first is not None else torch.float32)
     with torch.device("meta"):
         model = GlmForCausalLM(glm_config(shape))
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)
     # Non-persistent buffers (rotary inv_freq) were created on meta: recompute them.
     rotary = model.model.rotary_emb
     inv_freq, _ = rotary.compute_default_rope_parameters(rotary.config, torch.device(device))
     rotary.inv_freq = inv_freq
     rotary.original_inv_freq = inv_freq.clone()
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    # load_state_dict copies (and casts) each CPU tensor into its parameter on ``device``
     try:
         load_strict(model, state, what=f"GLM-4-Voice ({where})")
     except CheckpointError as err:

@@ -195,7 +195,7 @@ class GLM4Voice:
         Raises:
             ValueError: On audio codes outside the codebook.
         """
-        text = self.vocab.prompt(self.tokenizer, user, system=system)
+        text = self.vocab.prompt(user, system=system)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return torch.tensor([ids], dtype=torch.long, device=self.device)
 

@@ -195,13 +195,10 @@ class GLM4VoiceVocab:
             )
         return cls(special=special, audio_start=start, num_audio=n, vocab_size=vocab_size)
 
-    def prompt(
-        self, tokenizer: Any, user: str | Sequence[int], *, system: str | None = None
-    ) -> str:
+    def prompt(self, user: str | Sequence[int], *, system: str | None = None) -> str:
         """The released turn format as text.
 
         Args:
-            tokenizer: Unused for text input; kept for symmetry with audio input.
             user: The instruction text, or audio codes ``[N]`` (sent as
                 ``<|begin_of_audio|><|audio_k|>...<|end_of_audio|>``).
             system: System prompt (default: the released demo's for the input kind).
