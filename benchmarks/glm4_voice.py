@@ -30,6 +30,7 @@ import argparse
 import platform
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -122,6 +123,7 @@ def main() -> None:
     t0 = time.perf_counter()
     backbone, stack, rng, weight_bytes = build(args, dtype)
     build_s = time.perf_counter() - t0
+    print(f"built in {build_s:.1f} s", file=sys.stderr, flush=True)
     modes = {
         "vanilla": (InterleaveSchedule.vanilla(), False),
         "native [13, 26]": (
@@ -150,8 +152,9 @@ def main() -> None:
         )
 
     t0 = time.perf_counter()
-    for sched, verify in modes.values():  # warm-up: allocations, kernels
+    for name, (sched, verify) in modes.items():  # warm-up: allocations, kernels
         run(sched, verify)
+        print(f"warm-up {name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     warm_s = time.perf_counter() - t0
     rows: dict[str, list] = {m: [] for m in modes}
     for _ in range(args.repeats):
@@ -159,6 +162,7 @@ def main() -> None:
             res = run(sched, verify)
             first = next(s for produced, s in res.cycle_times if produced >= FIRST_AUDIO_TOKENS)
             rows[name].append((first, res.total_s, res))
+            print(f"{name}: {res.total_s:.2f} s", file=sys.stderr, flush=True)
 
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_info()
     print(
