@@ -115,3 +115,25 @@ def test_tokenizer_without_audio_tokens_is_refused(folder: Path, tmp_path: Path)
         GLM4VoiceVocab.from_tokenizer(tok, vocab_size=10**6, num_audio=16384)
     with pytest.raises(ValueError, match="do not fit the model's 50 embedding rows"):
         GLM4VoiceVocab.from_tokenizer(tok, vocab_size=50)
+
+
+def test_sharded_folder_as_released(folder: Path, llm: GLM4Voice, tmp_path: Path) -> None:
+    """The 9B ships model-0000k-of-0000n.safetensors shards with an index."""
+    f = _copy(folder, tmp_path / "m")
+    sd = load_file(str(f / "model.safetensors"))
+    (f / "model.safetensors").unlink()
+    keys = sorted(sd)
+    shards = {
+        "model-00001-of-00002.safetensors": keys[::2],
+        "model-00002-of-00002.safetensors": keys[1::2],
+    }
+    weight_map = {}
+    for name, part in shards.items():
+        save_file({k: sd[k] for k in part}, str(f / name))
+        weight_map.update(dict.fromkeys(part, name))
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (f / "model.safetensors.index.json").write_text(json.dumps(index))
+    model = load_glm4_voice(f)
+    ids = torch.tensor([[1, 2, 3, llm.vocab.audio_start]])
+    want = llm.backbone.model(ids).logits
+    torch.testing.assert_close(model(ids).logits, want, atol=0, rtol=0)
