@@ -8,7 +8,8 @@ under ``torchrun``/``accelerate launch`` with DDP, FSDP and DeepSpeed ZeRO (all 
 accelerate), reports to TensorBoard/W&B and only lets the main process write. This class adds
 only what MCTP needs:
 
-* :meth:`compute_loss`: ``(main CE + w * mean_k CE_k) / num_items_in_batch`` from
+* :meth:`compute_loss`: the stage loss of :func:`mctp.total_loss` and :func:`mctp.mctp_loss`
+  (``main + w * mean_k``, every summed cross-entropy over ``num_items_in_batch``) from
   :class:`~mctp.training.MCTPTrainingModel`; per-head sums are accumulated and logged as
   ``loss_main``, ``loss_head_<k>`` (token means over all ranks) with ``tokens_per_second``.
 * a non-finite guard: before every optimizer step all ranks agree whether a micro-batch loss or
@@ -221,7 +222,8 @@ class MCTPTrainer(Trainer):
         """Held-out loss (main and per head) and each head's greedy agreement with the backbone.
 
         Returns:
-            ``{prefix}_loss`` (the stage loss, token-normalised over the whole set),
+            ``{prefix}_loss`` (the stage loss of :func:`mctp.total_loss` with the whole set as
+            one batch: every summed cross-entropy over the set's labelled-token count),
             ``{prefix}_loss_main``, ``{prefix}_loss_head_<k>`` and
             ``{prefix}_agreement_head_<k>`` (fraction of head ``k``'s scored positions where its
             argmax equals the backbone's argmax for the same next token).
@@ -256,17 +258,25 @@ class MCTPTrainer(Trainer):
         if not acc:
             raise ValueError("the evaluation set is empty")
         acc = self._reduce({k: v.to(self.args.device) for k, v in acc.items()})
-        count = max(float(acc["main_count"].sum()), 1.0)
+        from mctp.losses import MCTPLoss, total_loss
+
+        count = acc["main_count"].sum()
+        main = acc["main_sum"].sum() / count.clamp_min(1)
         p = metric_key_prefix
-        metrics: dict[str, float] = {f"{p}_loss_main": float(acc["main_sum"].sum()) / count}
-        total = metrics[f"{p}_loss_main"] if inner.train_backbone else 0.0
-        if n:
-            sums, counts = acc["head_sums"], acc["head_counts"].clamp_min(1)
-            total += inner.mtp_loss_weight * float((sums / count).mean())
+        metrics: dict[str, float] = {f"{p}_loss_main": float(main)}
+        mtp = None
+        if n:  # the whole set as one batch: every sum over its labelled-token count
+            mtp = MCTPLoss.from_sums(
+                acc["head_sums"], acc["head_counts"], count, weight=inner.mtp_loss_weight
+            )
             for k in range(n):
-                metrics[f"{p}_loss_head_{k}"] = float(sums[k] / counts[k])
-                metrics[f"{p}_agreement_head_{k}"] = float(acc["agree"][k] / counts[k])
-        metrics[f"{p}_loss"] = total
+                metrics[f"{p}_loss_head_{k}"] = float(mtp.per_head[k])
+                metrics[f"{p}_agreement_head_{k}"] = float(
+                    acc["agree"][k] / acc["head_counts"][k].clamp_min(1)
+                )
+        metrics[f"{p}_loss"] = float(
+            total_loss(main, mtp, backbone_frozen=not inner.train_backbone)
+        )
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(
             self.args, self.state, self.control, metrics
