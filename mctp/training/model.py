@@ -138,6 +138,25 @@ class MCTPTrainingModel(nn.Module):
             raise RuntimeError(f"stage {stage.name!r} sets no mtp_loss_weight")
         return self._mtp_loss_weight
 
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def _keys_to_ignore_on_save(self) -> list[str]:
+        """State-dict names that alias another name's memory (tied embeddings, modules the
+        backbone registers twice): checkpoints keep the first name of each, so after a resume
+        these are the missing keys, which transformers' ``Trainer`` accepts when they equal
+        this list (it then calls :meth:`tie_weights`)."""
+        seen: set[tuple[int, int]] = set()
+        aliases = []
+        for name, t in self.state_dict().items():
+            key = (id(t), 0) if t.device.type == "meta" else (t.data_ptr(), t.storage_offset())
+            if key in seen:
+                aliases.append(name)
+            seen.add(key)
+        return aliases
+
+    def tie_weights(self) -> None:
+        """Nothing to do: aliased names share their memory, loading one fills all."""
+
     # ------------------------------------------------------------------ structure
     @property
     def is_plus(self) -> bool:
