@@ -169,7 +169,8 @@ class MCTPTrainer(Trainer):
         ValueError: On an unknown ``on_nonfinite``, or ``"skip"`` under DeepSpeed (which owns
             the optimizer step).
         RuntimeError: If the installed transformers lacks a private method it extends
-            (:func:`check_transformers_api`).
+            (:func:`check_transformers_api`), or divides gradients twice under gradient
+            accumulation (before 5.5.4).
     """
 
     def __init__(
@@ -184,6 +185,15 @@ class MCTPTrainer(Trainer):
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
         check_transformers_api()
         super().__init__(*args, **kwargs)
+        if self.accelerator.gradient_accumulation_steps != 1:
+            import transformers
+
+            raise RuntimeError(
+                f"transformers {transformers.__version__} hands gradient accumulation to "
+                "accelerate, which divides every gradient by the accumulation steps on top of "
+                "the num_items_in_batch normalisation (wrong updates; fixed in transformers "
+                "5.5.4): upgrade transformers"
+            )
         sized = hasattr(self.train_dataset, "__len__")
         if not shuffle and sized and self.args.train_sampling_strategy == "random":
             self.args = copy.copy(self.args)  # the caller's arguments stay as they were

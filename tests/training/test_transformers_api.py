@@ -76,3 +76,14 @@ def test_resuming_a_checkpoint_that_does_not_fit_raises(tmp_path):
     more = _trainer(tmp_path, heads=3, steps=2)  # a third head the checkpoint lacks
     with pytest.raises(RuntimeError, match=r"does not match the model: missing \['stack\.heads\.2"):
         more.train(resume_from_checkpoint=True)
+
+
+def test_a_release_that_divides_gradients_twice_is_refused(tmp_path, monkeypatch):
+    """transformers < 5.5.4 gave accelerate the accumulation steps: gradients divided twice."""
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(Accelerator, "gradient_accumulation_steps", property(lambda self: 2))
+    with pytest.raises(
+        RuntimeError, match=r"divides every gradient .* fixed in transformers 5\.5\.4"
+    ):
+        _trainer(tmp_path)
