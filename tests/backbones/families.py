@@ -142,7 +142,14 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "gptj": (  # parallel attention and MLP
         "GPTJConfig",
         "GPTJForCausalLM",
-        {"n_embd": 32, "n_layer": 2, "n_head": 4, "rotary_dim": 4, "n_positions": 256},
+        {
+            "n_embd": 32,
+            "n_layer": 2,
+            "n_head": 4,
+            "rotary_dim": 4,
+            "n_positions": 256,
+            "attn_implementation": "eager",  # no SDPA for GPT-J in transformers 5.5
+        },
         "generic",
     ),
 }
