@@ -52,7 +52,8 @@ from .attention import (
     rotary_takes_layer_type,
     shrunk_windows,
 )
-from .generic import GenericRunner, find_final_norm
+from .generic import GenericRunner
+from .structure import OutputPath, output_path
 
 if TYPE_CHECKING:
     from mctp.engine.buffer import TokenBuffer
@@ -214,7 +215,7 @@ class HFBackbone(nn.Module):
 
     def _llama_block(self) -> DecoderBlock:
         """A fresh Llama-style block of the model's width (generic-path MCTP heads)."""
-        cfg, h = self.config, self.hidden_size
+        cfg, h = self.config, self._output_path().width
         heads = int(cfg.num_attention_heads)
         kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
         inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * h
@@ -239,7 +240,8 @@ class HFBackbone(nn.Module):
         """The modules MCTP heads share with this backbone.
 
         Raises:
-            NotImplementedError: On the generic path, if no final norm can be found.
+            NotImplementedError: On the generic path, naming the family and the reason, if no
+                final norm feeds the lm_head (see :mod:`mctp.backbones.structure`).
         """
         if self.path == "fast":
             norm = self.base.norm
@@ -255,24 +257,25 @@ class HFBackbone(nn.Module):
                 hidden_size=self.hidden_size,
                 rms_eps=float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))),
             )
-        norm = find_final_norm(self.base)
-        if norm is None:
-            raise NotImplementedError(
-                f"{self.family}: no final norm found on the base model (looked for "
-                "norm/ln_f/final_layer_norm/final_layernorm/norm_f); MCTP heads need it"
-            )
+        out = self._output_path()
         if self._head_rotary is None:
-            head_dim = self.hidden_size // int(self.config.num_attention_heads)  # as DecoderBlock
+            head_dim = out.width // int(self.config.num_attention_heads)  # as DecoderBlock
             self._head_rotary = RotaryEmbedding(head_dim).to(self.lm_head.weight.device)
         return BackboneParts(
             embed=self.model.get_input_embeddings(),
-            norm=norm,
+            norm=out.module(),
             lm_head=self.lm_head,
             rotary=self._head_rotary,
             last_block=self._llama_block(),
-            hidden_size=self.hidden_size,
+            hidden_size=out.width,
             rms_eps=self._rms_eps(),
         )
+
+    def _output_path(self) -> OutputPath:
+        """The final norm (and projection) before the lm_head, read from the model once."""
+        if getattr(self, "_output", None) is None:
+            self._output = output_path(self.model)
+        return self._output
 
     def block_factory(self, *, copy_last: bool = True) -> Callable[[int], nn.Module]:
         """A factory of decoder blocks for :class:`~mctp.stack.MCTPStack`.
