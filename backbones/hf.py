@@ -539,7 +539,9 @@ class HFBackbone(nn.Module):
     ) -> torch.Tensor:
         """One cached decode step over tensors: embeddings ``[B, T, H]`` at cache slots
         ``slots [T]`` (ascending, contiguous) with position ids ``positions [B, T]``; ``valid
-        [B, S]`` marks the real (non-padding) slots of the cache.
+        [B, S']`` marks the real (non-padding) slots among the first ``S'`` cache slots, and
+        attention reads only those (``S'`` = the cache's length on fixed shapes, the sequence's
+        length on the eager path).
 
         Returns:
             Final-normed hidden states ``[B, T, H]``.
@@ -558,7 +560,7 @@ class HFBackbone(nn.Module):
         if self.path == "generic":
             start, stop = int(idx[0]), int(idx[-1]) + 1
             return self._runner.decode(x, pos, valid[:, :stop], cache, start)
-        cache.set_positions(idx)
+        cache.set_positions(idx, visible=valid.shape[1])
         impl = self.attn_implementation
         if impl in ("sdpa", "eager"):
             return self._layers(

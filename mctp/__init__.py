@@ -53,6 +53,7 @@ _EXPORTS: dict[str, str] = {
     "TokenBuffer": "engine.buffer",
     "TokenPicker": "engine.sampling",
     "chunked_cross_entropy": "losses",
+    "count_items": "losses",
     "generate": "engine.generation",
     "generate_stream": "engine.streaming",
     "greedy": "engine.sampling",

@@ -29,9 +29,8 @@ from typing import Any
 
 import torch
 
-from mctp import generate_stream
 from mctp.interleave import InterleaveSchedule, Mode
-from mctp.speech import Prompt, SpeechChunk, SpeechPipeline, SpeechResult
+from mctp.speech import Prompt, SpeechChunk, SpeechPipeline, SpeechRequest, SpeechResult
 
 from .model import GLM4Voice
 from .vocab import AUDIO_PROMPT, TEXT_PROMPT, check_schedule, native_schedule, turbo_schedule
@@ -125,39 +124,24 @@ class GLM4VoicePipeline(SpeechPipeline):
                 ids += [self.vocab.boa, *audio, self.vocab.eoa]
         return Prompt(torch.tensor([ids], device=self.device))
 
-    def _run(
-        self, prompt: Prompt, sched: InterleaveSchedule, budget: int, t0: float
-    ) -> Iterator[SpeechChunk]:
-        """Generate; text ids become text, every audio id goes to the decoder as it appears."""
+    def answer(self, request: SpeechRequest, events: Iterator[Any]) -> Iterator[SpeechChunk]:
+        """Speak a request's row of events: text ids become text, every audio id goes to the
+        decoder as it appears (GLM-4-Voice puts no tags around its audio)."""
+        prompt, sched, t0 = request.prompt, request.config.schedule, request.t0
         session = self.decoder.stream()
         session.reset()
         lo, hi = self.vocab.audio_range
-        stops = (
-            {self.eos_token_id} if isinstance(self.eos_token_id, int) else set(self.eos_token_id)
-        )
+        stops = set(request.config.eos_token_id)
         text_ids: list[int] = []
         said = ""
         wav: list[torch.Tensor] = []
         first_chunk = first_text = None
         n_audio = 0
         gen = None
-        options: dict[str, Any] = {}
-        if self.text_sampling is not None:
-            options["text_sampling"] = self.text_sampling
-        if self.audio_sampling is not None:
-            options["audio_sampling"] = self.audio_sampling
-        events = generate_stream(
-            self.backbone,
-            self.stack if sched.uses_mctp else None,
-            prompt.input_ids,
-            mode=sched,
-            max_new_tokens=budget,
-            vocab=self.vocab,
-            eos_token_id=self.eos_token_id,
-            **options,
-        )
         for ev in events:
-            if ev.result is not None:
+            if ev.row_result is not None:
+                gen = ev.row_result
+            elif ev.result is not None:
                 gen = ev.result
             if ev.kind == "end":
                 continue

@@ -170,9 +170,7 @@ def build_model(
         audio = plus_parts(m.audio_encoder, ckpt.extra, backbone.hidden_size)
         audio.pop("encoder")
         audio.update(audio_placeholder_id=vocab.audio_context)
-    model = MCTPTrainingModel(
-        backbone=backbone, stack=stack, mtp_loss_weight=ckpt.mtp_loss_weight, **audio
-    )
+    model = MCTPTrainingModel(backbone=backbone, stack=stack, **audio)
     preset = stage_preset(cfg, ckpt.mtp_loss_weight)
     preset.apply(model)
     if m.gradient_checkpointing:

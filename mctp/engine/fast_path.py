@@ -38,16 +38,20 @@ def backbone_step(
     cache: Any,
     idx: torch.Tensor,
     all_logits: bool = False,
+    visible: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The engine's backbone step: the buffer's slots ``idx [T]`` as tensors (embeddings,
-    positions, validity) through :meth:`Backbone.decode`, then the logits.
+    positions, validity) through :meth:`Backbone.decode`, then the logits. ``visible``: the
+    leading slots attention reads (the eager path passes the sequence's length, so a step
+    costs what the sequence holds, not what the cache could hold; None on fixed shapes).
 
     Returns:
         ``(hidden [B, T, H], logits [B, T, V] with all_logits else [B, 1, V])``.
     """
     x = buffer.embed(backbone.embed, idx)
     pos = buffer.positions.index_select(1, idx)
-    hidden = backbone.decode(x, pos, idx, buffer.valid, cache)
+    valid = buffer.valid if visible is None else buffer.valid[:, :visible]
+    hidden = backbone.decode(x, pos, idx, valid, cache)
     return hidden, backbone.logits(hidden if all_logits else hidden[:, -1:])
 
 
@@ -73,7 +77,7 @@ class ExactPath:
             ``(hidden [B, T, H], logits [B, T or 1, V])``.
         """
         idx = buffer.index[start : buffer.length]
-        return backbone_step(self.backbone, buffer, cache, idx, all_logits)
+        return backbone_step(self.backbone, buffer, cache, idx, all_logits, buffer.length)
 
     def chain(self, decoder: MCTPDecoder, count: int, sampler: Sampler) -> torch.Tensor:
         """Heads ``0..count-1`` over their exact backlogs; returns the tokens ``[B, count]``."""
@@ -167,7 +171,8 @@ class FastPath:
         if t == 1 or start > 0:
             return self._decode(buffer, cache, buffer.index[start:n], all_logits=all_logits)
         # a prompt outside the windowed range: one eager multi-token forward
-        return backbone_step(self.backbone, buffer, cache, buffer.index[start:n], all_logits)
+        idx = buffer.index[start:n]
+        return backbone_step(self.backbone, buffer, cache, idx, all_logits, n)
 
     def _windowed_prefill(
         self, buffer: TokenBuffer, cache: Any, n: int
