@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib.util
 import json
 import os
 import shutil
 import sys
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +74,18 @@ from vita_audio.mixture import DataMixture
 from vita_audio.model import load_tokenizer
 from vita_audio.tiny import make_tiny_assets
 
-__all__ = ["FINAL_DIR", "StageRun", "build_stage", "main", "run_stage"]
+__all__ = [
+    "FINAL_DIR",
+    "DiskFullError",
+    "StageRun",
+    "build_stage",
+    "checkpoint_problem",
+    "disk_guard",
+    "main",
+    "plan_stages",
+    "resume_point",
+    "run_stage",
+]
 
 FINAL_DIR = "final"
 """Sub-folder of a stage's ``out_dir`` holding its official-format result."""
@@ -414,10 +427,147 @@ def export_stage(run: StageRun, folder: Path) -> Path:
     return folder
 
 
-def run_stage(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
-    """Train one stage (resuming from its newest checkpoint) and export its ``final`` folder.
+class DiskFullError(OSError):
+    """The disk filled up while the recipe wrote (the message names the folder and free space)."""
 
-    A stage whose ``final`` folder exists is not run again.
+
+_WRITE_FAILURES = ("no space left", "file write failed", "pytorchstreamwriter", "unexpected pos")
+
+
+def _is_disk_full(e: BaseException | None) -> bool:
+    """An ENOSPC/EDQUOT ``OSError``, or torch's ``enforce fail`` write error, in ``e``'s chain."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(e, RuntimeError) and any(m in str(e).lower() for m in _WRITE_FAILURES):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+@contextlib.contextmanager
+def disk_guard(folder: str | Path) -> Iterator[None]:
+    """Turn a full disk during the body (checkpoints, exports) into a :class:`DiskFullError`.
+
+    Catches ``OSError`` with ``ENOSPC``/``EDQUOT`` and torch's ``enforce fail ...
+    PytorchStreamWriter failed writing`` family anywhere in the exception chain.
+
+    Raises:
+        DiskFullError: Naming ``folder``, the file system it lives on and the space left there.
+    """
+    try:
+        yield
+    except Exception as e:
+        if not _is_disk_full(e):
+            raise
+        where = Path(folder).resolve()
+        mount = where
+        while not mount.exists():
+            mount = mount.parent
+        while not os.path.ismount(mount) and mount != mount.parent:
+            mount = mount.parent
+        usage = shutil.disk_usage(mount)
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"disk full while writing under {where}: the file system mounted at {mount} has "
+            f"{_size(usage.free)} free of {_size(usage.total)} ({_one_line(e)}); free space "
+            "there, lower run.save_total_limit or point run.out_dir at a larger disk",
+        ) from e
+
+
+def checkpoint_problem(folder: str | Path) -> str | None:
+    """Why a Trainer checkpoint folder cannot be resumed from, or None when it looks whole.
+
+    Reads every file's header without loading tensors: JSON files parse, safetensors headers
+    cover their files, ``torch.save`` archives have their central directory (a truncated copy
+    loses it), and ``trainer_state.json`` is present.
+    """
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    if not (folder / "trainer_state.json").is_file():
+        return f"no trainer_state.json in {folder}"
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            if file.suffix == ".json":
+                if not isinstance(json.loads(file.read_text()), dict):
+                    return f"{file} does not hold a JSON object"
+            elif file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt", device="cpu") as f:
+                    f.keys()
+            elif file.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(file) as z:
+                    z.infolist()
+        except Exception as e:  # any reader error means: not resumable
+            return f"{file} cannot be read ({_one_line(e)})"
+    return None
+
+
+def resume_point(cfg: TrainConfig) -> str | None:
+    """The checkpoint the stage continues from (``run.resume``), checked before training.
+
+    ``auto`` takes the newest ``checkpoint-N`` of ``run.out_dir`` that can be read, printing
+    each newer one it skips and why (a truncated or corrupt file); a named folder must load.
+
+    Raises:
+        FileNotFoundError: If ``run.resume`` names a missing folder.
+        ValueError: If the named folder cannot be read (the file and the reader's error).
+    """
+    resume, out = cfg.run.resume, Path(cfg.run.out_dir)
+    if resume is None:
+        return None
+    if resume != "auto":
+        if not Path(resume).is_dir():
+            raise FileNotFoundError(f"run.resume names a missing checkpoint folder: {resume}")
+        problem = checkpoint_problem(resume)
+        if problem:
+            raise ValueError(f"run.resume={resume} cannot be resumed from: {problem}")
+        return resume
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
+    for folder in sorted(found, key=lambda p: int(p.name[11:]), reverse=True):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return str(folder)
+        if _is_main():
+            print(f"stage {cfg.stage}: skipping checkpoint {folder}: {problem}", file=sys.stderr)
+    return None
+
+
+def _describe_launch(run: StageRun) -> str:
+    """Processes, batch split and device the Trainer derived (printed at start).
+
+    Raises:
+        RuntimeError: If the Trainer's world size differs from the launcher's ``WORLD_SIZE``.
+    """
+    a = run.trainer.args
+    if a.world_size != _world_size():
+        raise RuntimeError(
+            f"the launcher set WORLD_SIZE={_world_size()} but the Trainer runs {a.world_size} "
+            "processes"
+        )
+    return (
+        f"stage {run.cfg.stage}: {a.world_size} process{'es' if a.world_size > 1 else ''} on "
+        f"{a.device.type}, global batch {run.cfg.optim.global_batch} = per_device_batch "
+        f"{a.per_device_train_batch_size} x {a.world_size} processes x gradient accumulation "
+        f"{a.gradient_accumulation_steps}"
+    )
+
+
+def run_stage(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
+    """Train one stage (resuming from its newest readable checkpoint) and export ``final``.
+
+    A stage whose ``final`` folder exists is not run again. At start rank 0 prints the config,
+    the number of processes and the gradient accumulation derived from it.
 
     Returns:
         The stage's ``final`` folder.
@@ -425,50 +575,111 @@ def run_stage(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
     Raises:
         NonFiniteLossError: On a NaN/inf loss with ``run.on_nonfinite: stop``.
         FileNotFoundError: If ``run.resume`` names a missing folder.
+        ValueError: If ``run.resume`` names a folder that cannot be read.
+        DiskFullError: If the disk fills up during a checkpoint or the export.
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
     out = Path(cfg.run.out_dir)
     final = out / FINAL_DIR
     if (final / "config.json").is_file():
         if _is_main():
             print(f"stage {cfg.stage}: already complete -> {final}")
         return final
-    resume = cfg.run.resume
-    if resume == "auto":
-        resume = get_last_checkpoint(str(out)) if out.is_dir() else None
-    elif resume is not None and not Path(resume).is_dir():
-        raise FileNotFoundError(f"run.resume names a missing checkpoint folder: {resume}")
-    if _is_main():
-        print(f"stage {cfg.stage} config:\n{json.dumps(cfg.to_dict(), indent=2, default=str)}")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
-    run = build_stage(cfg, callbacks)
-    if _is_main():
-        m = run.model
-        counts = {
-            name: sum(p.numel() for p in part.parameters() if p.requires_grad)
-            for name, part in (("backbone", m.backbone), ("heads", m.stack))
-            if part is not None
-        }
-        print(
-            f"stage {cfg.stage}: {run.preset}\n  trainable parameters {counts}, mtp_loss_weight "
-            f"{m.mtp_loss_weight}, {len(run.trainer.train_dataset) if hasattr(run.trainer.train_dataset, '__len__') else 'streamed'} "
-            f"packs, {run.data.errors.summary()}, resume from {resume}"
-        )
-    run.trainer.train(resume_from_checkpoint=resume)
-    folder = export_stage(run, final)
+    resume = resume_point(cfg)
+    with disk_guard(out):
+        if _is_main():
+            print(f"stage {cfg.stage} config:\n{json.dumps(cfg.to_dict(), indent=2, default=str)}")
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(
+                json.dumps(cfg.to_dict(), indent=2, default=str) + "\n"
+            )
+        run = build_stage(cfg, callbacks)
+        launch = _describe_launch(run)
+        if _is_main():
+            m = run.model
+            counts = {
+                name: sum(p.numel() for p in part.parameters() if p.requires_grad)
+                for name, part in (("backbone", m.backbone), ("heads", m.stack))
+                if part is not None
+            }
+            ds = run.trainer.train_dataset
+            print(
+                f"{launch}\nstage {cfg.stage}: {run.preset}\n  trainable parameters {counts}, "
+                f"mtp_loss_weight {m.mtp_loss_weight}, "
+                f"{len(ds) if hasattr(ds, '__len__') else 'streamed'} packs, "
+                f"{run.data.errors.summary()}, resume from {resume}",
+                flush=True,
+            )
+        run.trainer.train(resume_from_checkpoint=resume)
+        folder = export_stage(run, final)
     if _is_main():
         last = next((h for h in reversed(run.trainer.state.log_history) if "loss" in h), {})
         print(f"stage {cfg.stage}: step {run.trainer.state.global_step} {last} -> {folder}")
     return folder
 
 
+def plan_stages(cfg: Mapping[str, Any]) -> list[TrainConfig]:
+    """Every stage's :class:`TrainConfig`, all checked before anything is written or trained.
+
+    Each entry of the ``stages`` list is merged over the shared settings; with several stages
+    each gets ``run.out_dir/stage<N>`` and starts from the previous stage's ``final`` folder.
+    A ``tiny`` section stands in for ``model.path`` and ``data.mixture`` (written by
+    :func:`main`).
+
+    Raises:
+        ValueError: Naming the stage and the key, for any setting of any stage that is unknown,
+            of the wrong type or out of range (a typo in the last stage fails before the
+            first stage trains), or for an unknown ``tiny`` setting.
+    """
+    cfg = dict(cfg)
+    stages = cfg.pop("stages", None) or [{}]
+    if not isinstance(stages, list) or not all(isinstance(x, Mapping) for x in stages):
+        raise ValueError(f"'stages' must be a list of mappings (one per stage), got {stages!r}")
+    tiny = cfg.pop("tiny", None)
+    if tiny is not None:
+        _check_tiny(tiny)
+        cfg = merge_config(cfg, {"model": {"path": "-"}, "data": {"mixture": "-"}})
+    configs: list[TrainConfig] = []
+    previous: Path | None = None
+    for i, overrides in enumerate(stages):
+        raw = merge_config(cfg, overrides)
+        if len(stages) > 1:
+            run = raw.setdefault("run", {})
+            if not isinstance(run, dict):
+                raise ValueError(f"'run' must be a mapping of keys, got {run!r}")
+            run["out_dir"] = str(
+                Path(run.get("out_dir", "out/vita_audio")) / f"stage{raw.get('stage', i + 1)}"
+            )
+        if previous is not None:
+            raw = merge_config(raw, {"model": {"path": str(previous), "tokenizer": None}})
+        try:
+            stage = TrainConfig.from_dict(raw)
+        except ValueError as e:
+            if len(stages) == 1:
+                raise
+            raise ValueError(f"stages[{i}] (stage {raw.get('stage', '?')}): {e}") from e
+        configs.append(stage)
+        previous = Path(stage.run.out_dir) / FINAL_DIR
+    return configs
+
+
+def _check_tiny(tiny: Any) -> None:
+    """Refuse ``tiny`` settings that ``make_tiny_assets`` would ignore or fail on late."""
+    from transformers import Qwen2Config
+
+    if not isinstance(tiny, Mapping):
+        raise ValueError(f"'tiny' must be a mapping of settings, got {tiny!r}")
+    known = {"seed", "records", *Qwen2Config().to_dict()}
+    unknown = sorted(set(tiny) - known)
+    if unknown:
+        raise ValueError(f"unknown keys in 'tiny': {unknown} (seed, records or Qwen2Config fields)")
+
+
 def main(cfg: Mapping[str, Any], callbacks: Sequence[Any] = ()) -> list[Path]:
     """Run one stage, or the ``stages`` list in order (each starts from the previous ``final``).
 
-    A ``tiny`` section first writes a random tiny Qwen2 and a synthetic dataset into
-    ``run.out_dir/assets`` and points ``model.path`` and ``data.mixture`` at them.
+    Every stage's settings are checked first (:func:`plan_stages`). A ``tiny`` section then
+    writes a random tiny Qwen2 and a synthetic dataset into ``run.out_dir/assets`` and points
+    ``model.path`` and ``data.mixture`` at them.
 
     Args:
         cfg: The recipe (nested mappings, see :class:`~vita_audio.config.TrainConfig`).
@@ -478,48 +689,61 @@ def main(cfg: Mapping[str, Any], callbacks: Sequence[Any] = ()) -> list[Path]:
         The ``final`` folder of every stage.
 
     Raises:
-        ValueError, FileNotFoundError: As :class:`TrainConfig` and :func:`run_stage`.
+        ValueError, FileNotFoundError: As :func:`plan_stages` and :func:`run_stage`.
+        DiskFullError: If the disk fills up while a checkpoint or result is written.
     """
-    cfg = dict(cfg)
-    stages = cfg.pop("stages", None) or [{}]
-    tiny = cfg.pop("tiny", None)
+    configs = plan_stages(cfg)
+    tiny = cfg.get("tiny")
     if tiny is not None:
         out = Path(cfg.get("run", {}).get("out_dir", "out/vita_audio"))
-        first = TrainConfig.from_dict(
-            merge_config(cfg, {"model": {"path": "-"}, "data": {"mixture": "-"}})
-        )
-        with main_first(first):
+        with main_first(configs[0]), disk_guard(out):
             if _is_main() or not (out / "assets" / "assets.json").is_file():
                 assets = make_tiny_assets(out / "assets", **tiny)
                 if _is_main():
                     (out / "assets" / "assets.json").write_text(json.dumps(assets))
             assets = json.loads((out / "assets" / "assets.json").read_text())
-        cfg = merge_config(
-            cfg, {"model": {"path": assets["model"]}, "data": {"mixture": assets["mixture"]}}
-        )
-    folders: list[Path] = []
-    previous = None
-    for i, overrides in enumerate(stages):
-        raw = merge_config(cfg, overrides)
-        if len(stages) > 1:
-            run = raw.setdefault("run", {})
-            run["out_dir"] = str(
-                Path(run.get("out_dir", "out/vita_audio")) / f"stage{raw.get('stage', i + 1)}"
+        rest = {k: v for k, v in cfg.items() if k != "tiny"}
+        configs = plan_stages(
+            merge_config(
+                rest, {"model": {"path": assets["model"]}, "data": {"mixture": assets["mixture"]}}
             )
-        if previous is not None:
-            raw = merge_config(raw, {"model": {"path": str(previous), "tokenizer": None}})
-        previous = run_stage(TrainConfig.from_dict(raw), callbacks)
-        folders.append(previous)
-    return folders
+        )
+    return [run_stage(c, callbacks) for c in configs]
 
 
-def _cli(argv: Sequence[str] | None = None) -> None:
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or repr(e)
+    return f"{type(e).__name__}: {text}"
+
+
+def _cli(argv: Sequence[str] | None = None) -> int:
+    """The command line: one line per error on stderr (the traceback with ``--debug``).
+
+    Returns:
+        The exit status: 0, 1 on an error, 130 when interrupted.
+    """
     parser = argparse.ArgumentParser(description="VITA-Audio training recipe (stages 1-4)")
     parser.add_argument("--config", required=True, help="recipe YAML (recipes/stageN.yaml)")
     parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    main(load_config(args.config, args.override))
+    try:
+        main(load_config(args.config, args.override))
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("train.py: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        rank = f"[rank {os.environ['RANK']}] " if _world_size() > 1 else ""
+        print(
+            f"train.py: error: {rank}{_one_line(e)} (--debug shows the traceback)", file=sys.stderr
+        )
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    _cli()
+    sys.exit(_cli())
