@@ -228,9 +228,14 @@ class TrainConfig:
             from mctp.interleave import InterleaveSchedule
 
             try:
-                InterleaveSchedule.from_ratio(self.data.interleave)
+                schedule = InterleaveSchedule.from_ratio(self.data.interleave)
             except ValueError as e:
                 raise ValueError(f"data.interleave {self.data.interleave}: {e}") from e
+            if not schedule.uses_mctp:
+                raise ValueError(
+                    f"data.interleave {self.data.interleave} is Vanilla (no audio layout to "
+                    "train); give a ratio such as [1, 10, 4, 10], or null for the written order"
+                )
         check_device(self.run.device)
         if self.data.streaming and self.data.eval_packs:
             raise ValueError("data.eval_packs holds out planned packs: not with data.streaming")
