@@ -79,6 +79,7 @@ __all__ = [
     "DiskFullError",
     "StageRun",
     "build_stage",
+    "check_paths",
     "checkpoint_problem",
     "disk_guard",
     "main",
@@ -662,6 +663,37 @@ def plan_stages(cfg: Mapping[str, Any]) -> list[TrainConfig]:
     return configs
 
 
+def check_paths(configs: Sequence[TrainConfig]) -> None:
+    """Refuse files and folders that the stages name but that are not there, before any trains.
+
+    Checked in every stage: ``data.mixture`` (when a path), ``data.audio_root``,
+    ``model.audio_encoder``, ``run.deepspeed`` and ``run.fsdp_config`` (when a path); the first
+    stage's ``model.path`` (later stages start from the previous ``final``).
+
+    Raises:
+        FileNotFoundError: Naming the stage, the key and the path.
+    """
+    for i, c in enumerate(configs):
+        wanted: list[tuple[str, Any, str]] = [
+            ("data.mixture", c.data.mixture, "file"),
+            ("data.audio_root", c.data.audio_root, "dir"),
+            ("model.audio_encoder", c.model.audio_encoder, "dir"),
+            ("run.deepspeed", c.run.deepspeed, "file"),
+            ("run.fsdp_config", c.run.fsdp_config, "file"),
+        ]
+        if i == 0:
+            wanted.append(("model.path", c.model.path, "dir"))
+        for key, value, kind in wanted:
+            if not isinstance(value, str | os.PathLike):
+                continue
+            ok = Path(value).is_file() if kind == "file" else Path(value).is_dir()
+            if not ok:
+                raise FileNotFoundError(
+                    f"stage {c.stage}: {key} names a missing {'file' if kind == 'file' else 'folder'}"
+                    f": {value}"
+                )
+
+
 def _check_tiny(tiny: Any) -> None:
     """Refuse ``tiny`` settings that ``make_tiny_assets`` would ignore or fail on late."""
     from transformers import Qwen2Config
@@ -677,7 +709,8 @@ def _check_tiny(tiny: Any) -> None:
 def main(cfg: Mapping[str, Any], callbacks: Sequence[Any] = ()) -> list[Path]:
     """Run one stage, or the ``stages`` list in order (each starts from the previous ``final``).
 
-    Every stage's settings are checked first (:func:`plan_stages`). A ``tiny`` section then
+    Every stage's settings are checked first (:func:`plan_stages`, :func:`check_paths`), so a
+    mistake in the last stage stops the run before the first trains. A ``tiny`` section then
     writes a random tiny Qwen2 and a synthetic dataset into ``run.out_dir/assets`` and points
     ``model.path`` and ``data.mixture`` at them.
 
@@ -708,6 +741,7 @@ def main(cfg: Mapping[str, Any], callbacks: Sequence[Any] = ()) -> list[Path]:
                 rest, {"model": {"path": assets["model"]}, "data": {"mixture": assets["mixture"]}}
             )
         )
+    check_paths(configs)
     return [run_stage(c, callbacks) for c in configs]
 
 

@@ -176,6 +176,11 @@ def test_a_typo_in_the_last_stage_fails_before_anything_runs(tmp_path):
         with pytest.raises(ValueError, match=pattern):
             main(cfg)
         assert not (tmp_path / "out").exists()  # no assets written, no stage trained
+    cfg = load_config(TINY_RECIPE, [f"run.out_dir={tmp_path / 'out'}"])
+    cfg["stages"][3] = {**cfg["stages"][3], "data": {"mixture": str(tmp_path / "nope.yaml")}}
+    with pytest.raises(FileNotFoundError, match=r"stage 4: data\.mixture names a missing file"):
+        main(cfg)
+    assert not (tmp_path / "out/stage1").exists()  # stage 1 never started
     cfg = load_config(TINY_RECIPE, [f"run.out_dir={tmp_path / 'out'}", "tiny.hiden_size=8"])
     with pytest.raises(ValueError, match=r"unknown keys in 'tiny': \['hiden_size'\]"):
         main(cfg)
@@ -288,11 +293,17 @@ def test_disk_full_during_a_checkpoint_names_the_disk_and_folder(
 
 # ----------------------------------------------------------------------------- CLI
 def test_cli_prints_one_line_per_error_and_the_traceback_only_with_debug(tmp_path, capsys):
+    mix = tmp_path / "mix.yaml"
+    mix.write_text("dataset: {}\n")
     cases = [
         (["--override", "optim.lr=fast"], r"ValueError: stages\[0\] \(stage 1\): optim\.lr"),
         (
-            ["--override", "tiny=null", "model.path=/nowhere", "data.mixture=/x.yaml", "stages=[]"],
-            r"/nowhere",
+            ["--override", "tiny=null", f"model.path={tmp_path}", "data.mixture=/x.yaml"],
+            r"FileNotFoundError: stage 1: data\.mixture names a missing file: /x\.yaml",
+        ),
+        (  # an error while building the stage (an empty model folder), not in the config
+            ["--override", "tiny=null", f"model.path={tmp_path}", f"data.mixture={mix}"],
+            rf"{tmp_path}",
         ),
     ]
     for extra, pattern in cases:
