@@ -19,6 +19,7 @@ __all__ = [
     "OptimConfig",
     "RunConfig",
     "TrainConfig",
+    "check_device",
     "load_config",
     "merge_config",
 ]
@@ -146,10 +147,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def check(self) -> None:
-        """Validate the stage against the heads and LoRA settings.
+        """Validate every value and how they fit together (stage, heads, LoRA, batch, ranges,
+        choices, dtype, interleave ratio, device).
 
         Raises:
-            ValueError: If they do not fit.
+            ValueError: Naming the key and the value that is wrong.
         """
         s, n = self.stage, self.model.num_heads
         if s not in (1, 2, 3, 4):

@@ -6,6 +6,7 @@
         --override model.path=/models/Qwen2.5-7B-Instruct run.out_dir=out/stage1
     torchrun --nproc_per_node 8 examples/vita_audio/train.py --config ...   # DDP
     ... --override run.deepspeed=examples/vita_audio/recipes/deepspeed/zero3.json
+    ... --debug    # an error prints as one line; --debug shows its traceback
 
 ========  =====================================  ============  ==========================
 stage     what trains                            lr            MCTP heads
