@@ -33,13 +33,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import importlib.util
 import json
 import os
 import shutil
 import sys
-import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +69,7 @@ from mctp.training import (
 from vita_audio.checkpoint import EXTRA_PREFIXES, load_vita_audio, save_vita_audio
 from vita_audio.config import TrainConfig, load_config, merge_config
 from vita_audio.data import AudioCodes, AudioFeatures, ChatRenderer, VitaAudioData
+from vita_audio.guards import DiskFullError, checkpoint_problem, disk_guard, one_line
 from vita_audio.mixture import DataMixture
 from vita_audio.model import load_tokenizer
 from vita_audio.tiny import make_tiny_assets
@@ -429,92 +428,6 @@ def export_stage(run: StageRun, folder: Path) -> Path:
     return folder
 
 
-class DiskFullError(OSError):
-    """The disk filled up while the recipe wrote (the message names the folder and free space)."""
-
-
-_WRITE_FAILURES = ("no space left", "file write failed", "pytorchstreamwriter", "unexpected pos")
-
-
-def _is_disk_full(e: BaseException | None) -> bool:
-    """An ENOSPC/EDQUOT ``OSError``, or torch's ``enforce fail`` write error, in ``e``'s chain."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if isinstance(e, RuntimeError) and any(m in str(e).lower() for m in _WRITE_FAILURES):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-@contextlib.contextmanager
-def disk_guard(folder: str | Path) -> Iterator[None]:
-    """Turn a full disk during the body (checkpoints, exports) into a :class:`DiskFullError`.
-
-    Catches ``OSError`` with ``ENOSPC``/``EDQUOT`` and torch's ``enforce fail ...
-    PytorchStreamWriter failed writing`` family anywhere in the exception chain.
-
-    Raises:
-        DiskFullError: Naming ``folder``, the file system it lives on and the space left there.
-    """
-    try:
-        yield
-    except Exception as e:
-        if not _is_disk_full(e):
-            raise
-        where = Path(folder).resolve()
-        mount = where
-        while not mount.exists():
-            mount = mount.parent
-        while not os.path.ismount(mount) and mount != mount.parent:
-            mount = mount.parent
-        usage = shutil.disk_usage(mount)
-        raise DiskFullError(
-            errno.ENOSPC,
-            f"disk full while writing under {where}: the file system mounted at {mount} has "
-            f"{_size(usage.free)} free of {_size(usage.total)} ({_one_line(e)}); free space "
-            "there, lower run.save_total_limit or point run.out_dir at a larger disk",
-        ) from e
-
-
-def checkpoint_problem(folder: str | Path) -> str | None:
-    """Why a Trainer checkpoint folder cannot be resumed from, or None when it looks whole.
-
-    Reads every file's header without loading tensors: JSON files parse, safetensors headers
-    cover their files, ``torch.save`` archives have their central directory (a truncated copy
-    loses it), and ``trainer_state.json`` is present.
-    """
-    from safetensors import safe_open
-
-    folder = Path(folder)
-    if not (folder / "trainer_state.json").is_file():
-        return f"no trainer_state.json in {folder}"
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-        try:
-            if file.suffix == ".json":
-                if not isinstance(json.loads(file.read_text()), dict):
-                    return f"{file} does not hold a JSON object"
-            elif file.suffix == ".safetensors":
-                with safe_open(str(file), framework="pt", device="cpu") as f:
-                    f.keys()
-            elif file.suffix in (".pt", ".pth", ".bin"):
-                with zipfile.ZipFile(file) as z:
-                    z.infolist()
-        except Exception as e:  # any reader error means: not resumable
-            return f"{file} cannot be read ({_one_line(e)})"
-    return None
-
-
 def resume_point(cfg: TrainConfig) -> str | None:
     """The checkpoint the stage continues from (``run.resume``), checked before training.
 
@@ -746,11 +659,6 @@ def main(cfg: Mapping[str, Any], callbacks: Sequence[Any] = ()) -> list[Path]:
     return [run_stage(c, callbacks) for c in configs]
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or repr(e)
-    return f"{type(e).__name__}: {text}"
-
-
 def _cli(argv: Sequence[str] | None = None) -> int:
     """The command line: one line per error on stderr (the traceback with ``--debug``).
 
@@ -774,7 +682,7 @@ def _cli(argv: Sequence[str] | None = None) -> int:
             raise
         rank = f"[rank {os.environ['RANK']}] " if _world_size() > 1 else ""
         print(
-            f"train.py: error: {rank}{_one_line(e)} (--debug shows the traceback)", file=sys.stderr
+            f"train.py: error: {rank}{one_line(e)} (--debug shows the traceback)", file=sys.stderr
         )
         return 1
     return 0
