@@ -115,7 +115,11 @@ class GLM4VoicePipeline(SpeechPipeline):
             )
         if audios and self.audio_tokenizer is None:
             raise ValueError("speech input needs an audio tokenizer (tokenizer=...)")
-        codes = self.audio_tokenizer.encode(list(audios)) if audios else []
+        codes = (
+            self.audio_tokenizer.encode(list(audios), sample_rate=self.input_sample_rate)
+            if audios
+            else []
+        )
         ids: list[int] = []
         for j, part in enumerate(parts):
             ids += self.tokenizer(part, add_special_tokens=False)["input_ids"]
