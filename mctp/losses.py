@@ -166,7 +166,7 @@ def count_items(
     Returns:
         Long scalar tensor.
     """
-    from .masks import default_position_ids
+    from .engine.masks import default_position_ids
     from .stack import shift_targets  # the stack imports this module at load time
 
     if position_ids is None:

@@ -88,7 +88,7 @@ AUDIO_PROMPT = (
 
 @dataclass(frozen=True)
 class GLM4VoiceVocab:
-    """Ids of GLM-4-Voice's special and audio tokens (a :class:`mctp.sampling.SpeechIds`).
+    """Ids of GLM-4-Voice's special and audio tokens (a :class:`mctp.engine.sampling.SpeechIds`).
 
     Attributes:
         special: Special token -> id (at least ``<|system|>``, ``<|user|>``, ``<|assistant|>``,

@@ -647,6 +647,7 @@ class _Run:
         self._backbone_token()  # the prefill produces the first token
         self.joinable = self._aligned(0)
         yield self.produced
+        self.joinable = False
         every = self.engine.stop_check_every
         if self.cfg.verify:
             while self.produced < self.max_new:
@@ -667,6 +668,7 @@ class _Run:
                 if self.forwards % every == 0 and self._all_done():
                     yield self.produced
                     return
+                # a row can join right after a backbone token only (the token at its slot)
                 self.joinable = self._aligned(step.start)
             else:
                 # fixed chains always run the full MCTP run; tokens past max_new are cut later

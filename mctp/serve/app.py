@@ -120,6 +120,7 @@ def create_app(pipeline: Any, config: ServerConfig | None = None) -> Any:
             "max_queue": w.max_queue,
             "batches": w.batches,
             "max_rows_seen": w.max_rows_seen,
+            "joined": w.joined,
             "completed": w.completed,
             "cancelled": w.cancelled,
             "failed": w.failed,

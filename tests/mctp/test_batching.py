@@ -87,3 +87,40 @@ def test_left_pad_marks_only_padding():
     ids, mask, _ = left_pad([RowRequest(torch.tensor([[5, 6, 7]]), cfg),
                              RowRequest(torch.tensor([[8]]), cfg)])  # fmt: skip
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+@pytest.mark.parametrize(
+    ("mode", "verify"), [("vanilla", False), ("turbo", False), ("boost", False), ("vanilla", True)]
+)
+def test_a_request_joins_a_running_cohort_and_gets_its_lone_answer(mode, verify):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from mctp import MCTPStack
+    from mctp.backbones import AUDIO_PLACEHOLDER, BOA, EOA, HFBackbone, SpeechVocab
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    bb = HFBackbone(Qwen2ForCausalLM(cfg).eval())
+    stack = MCTPStack.from_backbone(bb.parts(), 10).eval()
+    vocab = SpeechVocab(special={BOA: 100, EOA: 101, AUDIO_PLACEHOLDER: 99}, audio_start=102,
+                        num_audio=26, vocab_size=128)  # fmt: skip
+    gcfg = GenerationConfig(mode=mode, max_new_tokens=30, verify=verify)
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randint(3, 90, (1, 7), generator=g), torch.randint(3, 90, (1, 5), generator=g)
+    lone = [generate(bb, stack, x, config=gcfg, vocab=vocab).tokens[0].tolist() for x in (a, b)]
+    assert lone[0] != lone[1] and len(set(lone[1])) > 3  # answers that can tell rows apart
+    gen = Generator(bb, stack, gcfg, engine=EngineConfig(max_batch=2, max_len=128), vocab=vocab)
+    cohort = Cohort(gen, [RowRequest(a, gcfg)])
+    first = cohort.events(0)
+    seen = [next(first) for _ in range(2)]
+    ticket = cohort.offer(RowRequest(b, gcfg))
+    assert ticket is not None and ticket.row is None  # waits for the next join point
+    while ticket.row is None:
+        seen.append(next(first))
+    assert ticket.row == 1 and not cohort.finished  # joined while row 0 still runs
+    joined = list(cohort.claim(ticket))
+    seen += list(first)
+    assert seen[-1].row_result.tokens[0].tolist() == lone[0]
+    assert joined[-1].row_result.tokens[0].tolist() == lone[1]
+    assert cohort.offer(RowRequest(b, gcfg.replace(max_new_tokens=5))) is None  # other settings
