@@ -647,57 +647,62 @@ class SpeechPipeline:
         last_token: int | None = None
         gen = None
         ended = False
-        for ev in events:
-            if ev.row_result is not None:
-                gen = ev.row_result
-            elif ev.result is not None:
-                gen = ev.result
-            if ended or ev.row not in (0, -1):
-                continue  # later "end" events of the same row only carry the result
-            now = time.perf_counter() - t0
-            if ev.kind == "text":
-                lo, hi = self.vocab.audio_start, self.vocab.audio_stop
-                ids = [i for i in ev.ids if not lo <= i < hi]  # stray audio ids are not text
-                if len(ids) < len(ev.ids):
-                    stray += len(ev.ids) - len(ids)
-                    _log.warning(
-                        "the model put %d audio ids outside an audio segment; skipped",
-                        len(ev.ids) - len(ids),
-                    )
-                last_token = ev.ids[-1] if ev.ids else last_token
-                text_ids += ids
-                full = self.tokenizer.decode(text_ids, skip_special_tokens=True)
-                delta = full[len(said) :] if full.startswith(said) else full
-                said = full
-                if delta:
-                    first_text = now if first_text is None else first_text
-                    yield SpeechChunk("text", now, text=delta)
-            elif ev.kind == "audio":
-                lo, hi = self.vocab.audio_start, self.vocab.audio_stop
-                codes = [i for i in ev.ids if lo <= i < hi]
-                if len(codes) < len(ev.ids):  # the model misbehaved: skip what is not audio
-                    odd = [i for i in ev.ids if not lo <= i < hi]
-                    stray += len(odd)
-                    _log.warning(
-                        "the model put %d non-audio ids inside an audio segment (%s); skipped",
-                        len(odd),
-                        odd[:5],
-                    )
-                n_audio += len(codes)
-                chunk = session.push(self.vocab.to_codes(codes))
-                if chunk.numel():
-                    now = time.perf_counter() - t0
-                    first_chunk = now if first_chunk is None else first_chunk
-                    wav.append(chunk)
-                    yield SpeechChunk("audio", now, audio=chunk)
-            elif ev.kind == "end":
-                ended = True
-                tail = session.push(torch.zeros(0, dtype=torch.long), final=True)
-                if tail.numel():
-                    now = time.perf_counter() - t0
-                    first_chunk = now if first_chunk is None else first_chunk
-                    wav.append(tail)
-                    yield SpeechChunk("audio", now, audio=tail)
+        try:
+            for ev in events:
+                if ev.row_result is not None:
+                    gen = ev.row_result
+                elif ev.result is not None:
+                    gen = ev.result
+                if ended or ev.row not in (0, -1):
+                    continue  # later "end" events of the same row only carry the result
+                now = time.perf_counter() - t0
+                if ev.kind == "text":
+                    lo, hi = self.vocab.audio_start, self.vocab.audio_stop
+                    ids = [i for i in ev.ids if not lo <= i < hi]  # stray audio ids are not text
+                    if len(ids) < len(ev.ids):
+                        stray += len(ev.ids) - len(ids)
+                        _log.warning(
+                            "the model put %d audio ids outside an audio segment; skipped",
+                            len(ev.ids) - len(ids),
+                        )
+                    last_token = ev.ids[-1] if ev.ids else last_token
+                    text_ids += ids
+                    full = self.tokenizer.decode(text_ids, skip_special_tokens=True)
+                    delta = full[len(said) :] if full.startswith(said) else full
+                    said = full
+                    if delta:
+                        first_text = now if first_text is None else first_text
+                        yield SpeechChunk("text", now, text=delta)
+                elif ev.kind == "audio":
+                    lo, hi = self.vocab.audio_start, self.vocab.audio_stop
+                    codes = [i for i in ev.ids if lo <= i < hi]
+                    if len(codes) < len(ev.ids):  # the model misbehaved: skip what is not audio
+                        odd = [i for i in ev.ids if not lo <= i < hi]
+                        stray += len(odd)
+                        _log.warning(
+                            "the model put %d non-audio ids inside an audio segment (%s); skipped",
+                            len(odd),
+                            odd[:5],
+                        )
+                    n_audio += len(codes)
+                    chunk = session.push(self.vocab.to_codes(codes))
+                    if chunk.numel():
+                        now = time.perf_counter() - t0
+                        first_chunk = now if first_chunk is None else first_chunk
+                        wav.append(chunk)
+                        yield SpeechChunk("audio", now, audio=chunk)
+                elif ev.kind == "end":
+                    ended = True
+                    tail = session.push(torch.zeros(0, dtype=torch.long), final=True)
+                    if tail.numel():
+                        now = time.perf_counter() - t0
+                        first_chunk = now if first_chunk is None else first_chunk
+                        wav.append(tail)
+                        yield SpeechChunk("audio", now, audio=tail)
+        finally:  # a failure here frees the row (and its Generator lane) at once
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
         total = time.perf_counter() - t0
         tokens = gen.tokens[0] if gen is not None else torch.zeros(0, dtype=torch.long)
         finish = "stop" if tokens.numel() and int(tokens[-1]) in stops else "length"
