@@ -11,7 +11,12 @@ Routes:
     * ``GET /``: the web page (record or upload a question, pick the mode, hear the answer).
 
 Extensions to the OpenAI request bodies: ``mode`` (``vanilla|balance|boost|turbo``). Every
-answer carries an ``mctp`` object with ``first_chunk_ms``, ``tokens_per_s`` and ``mode``.
+answer carries an ``mctp`` object with ``first_chunk_ms``, ``tokens_per_s``, ``mode`` and
+``stray_tokens`` (ids the model put in the wrong kind of segment, skipped). A field the server
+does not honour (see :data:`SPEECH_FIELDS`, :data:`CHAT_FIELDS`), an engine setting, a value
+out of range or of the wrong type is a 400 naming it; user text is tokenised as plain text;
+the whole prompt is bounded (``max_prompt_tokens``, the engine's ``max_len``) before any work
+starts. A stream ends with ``[DONE]`` (chat) / ``speech.audio.done`` or with an error event.
 All generation goes through one :class:`~mctp.serve.worker.GenerationWorker`.
 """
 
@@ -289,6 +294,8 @@ def create_app(pipeline: Any, config: ServerConfig | None = None) -> Any:
         if not isinstance(audio_opts, dict):
             raise RequestError(400, "audio must be an object", "audio")
         api.fields(audio_opts, frozenset({"format", "voice"}), "audio.")
+        if not isinstance(audio_opts.get("voice", ""), str):
+            raise RequestError(400, "audio.voice must be a string", "audio.voice")
         fmt = audio_opts.get("format", "wav")
         if fmt not in ("wav", "pcm16"):
             raise RequestError(
