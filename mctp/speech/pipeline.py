@@ -356,10 +356,15 @@ class SpeechPipeline:
     def control_ids(self) -> frozenset[int]:
         """Ids that user text must never produce: every added or special token of the
         tokenizer (chat markers, audio codes and tags, ...) except the unknown token."""
+        cached = self.__dict__.get("_control")
+        if cached is not None and cached[0] is self.tokenizer:
+            return cached[1]
         ids = {int(i) for i in getattr(self.tokenizer, "added_tokens_decoder", {})}
         ids |= {int(i) for i in self.tokenizer.all_special_ids}
         unk = self.tokenizer.unk_token_id
-        return frozenset(ids - {unk})
+        out = frozenset(ids - {unk})
+        self.__dict__["_control"] = (self.tokenizer, out)
+        return out
 
     def _text_ids(self, text: str, control: frozenset[int]) -> list[int]:
         """``text`` as plain text ids: special tokens are split (``split_special_tokens``) and
@@ -381,8 +386,12 @@ class SpeechPipeline:
         ids = plain(text)
         if not control.intersection(ids):
             return ids
-        names = sorted((str(t) for t in getattr(tok, "get_added_vocab", dict)() if str(t)), key=len)
-        pattern = re.compile("|".join(re.escape(n) for n in reversed(names)))
+        cached = self.__dict__.get("_added_pattern")
+        if cached is None or cached[0] is not tok:
+            names = sorted((str(t) for t in tok.get_added_vocab() if str(t)), key=len)
+            cached = (tok, re.compile("|".join(re.escape(n) for n in reversed(names))))
+            self.__dict__["_added_pattern"] = cached
+        pattern = cached[1]
         ids, last = [], 0
         for m in pattern.finditer(text):
             ids += plain(text[last : m.start()]) + plain(m.group()[:-1]) + plain(m.group()[-1:])
