@@ -15,18 +15,7 @@ from torch import nn
 
 from mctp.compat import cache_argument
 
-__all__ = ["FINAL_NORM_NAMES", "GenericRunner", "find_final_norm"]
-
-FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "ln_out")
-
-
-def find_final_norm(base: nn.Module) -> nn.Module | None:
-    """The base model's final norm module, looked up by the names transformers uses."""
-    for name in FINAL_NORM_NAMES:
-        mod = getattr(base, name, None)
-        if isinstance(mod, nn.Module):
-            return mod
-    return None
+__all__ = ["GenericRunner"]
 
 
 class GenericRunner:

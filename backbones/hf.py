@@ -52,7 +52,8 @@ from .attention import (
     rotary_takes_layer_type,
     shrunk_windows,
 )
-from .generic import GenericRunner, find_final_norm
+from .generic import GenericRunner
+from .structure import OutputPath, output_path
 
 if TYPE_CHECKING:
     from mctp.engine.buffer import TokenBuffer
@@ -214,7 +215,7 @@ class HFBackbone(nn.Module):
 
     def _llama_block(self) -> DecoderBlock:
         """A fresh Llama-style block of the model's width (generic-path MCTP heads)."""
-        cfg, h = self.config, self.hidden_size
+        cfg, h = self.config, self._output_path().width
         heads = int(cfg.num_attention_heads)
         kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
         inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * h
@@ -239,7 +240,8 @@ class HFBackbone(nn.Module):
         """The modules MCTP heads share with this backbone.
 
         Raises:
-            NotImplementedError: On the generic path, if no final norm can be found.
+            NotImplementedError: On the generic path, naming the family and the reason, if no
+                final norm feeds the lm_head (see :mod:`mctp.backbones.structure`).
         """
         if self.path == "fast":
             norm = self.base.norm
@@ -255,24 +257,25 @@ class HFBackbone(nn.Module):
                 hidden_size=self.hidden_size,
                 rms_eps=float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))),
             )
-        norm = find_final_norm(self.base)
-        if norm is None:
-            raise NotImplementedError(
-                f"{self.family}: no final norm found on the base model (looked for "
-                "norm/ln_f/final_layer_norm/final_layernorm/norm_f); MCTP heads need it"
-            )
+        out = self._output_path()
         if self._head_rotary is None:
-            head_dim = self.hidden_size // int(self.config.num_attention_heads)  # as DecoderBlock
+            head_dim = out.width // int(self.config.num_attention_heads)  # as DecoderBlock
             self._head_rotary = RotaryEmbedding(head_dim).to(self.lm_head.weight.device)
         return BackboneParts(
             embed=self.model.get_input_embeddings(),
-            norm=norm,
+            norm=out.module(),
             lm_head=self.lm_head,
             rotary=self._head_rotary,
             last_block=self._llama_block(),
-            hidden_size=self.hidden_size,
+            hidden_size=out.width,
             rms_eps=self._rms_eps(),
         )
+
+    def _output_path(self) -> OutputPath:
+        """The final norm (and projection) before the lm_head, read from the model once."""
+        if getattr(self, "_output", None) is None:
+            self._output = output_path(self.model)
+        return self._output
 
     def block_factory(self, *, copy_last: bool = True) -> Callable[[int], nn.Module]:
         """A factory of decoder blocks for :class:`~mctp.stack.MCTPStack`.
@@ -496,11 +499,21 @@ class HFBackbone(nn.Module):
             device=device or weight.device,
         )
 
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings ``[B, T, H]`` of ``ids [B, T]``."""
+        return self.model.get_input_embeddings()(ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Output logits ``[B, T, V]`` of final hidden states ``[B, T, H]`` (soft-capped where
+        the family caps them)."""
+        return self._logits(hidden)
+
     @torch.inference_mode()
     def forward_cached(
         self, buffer: TokenBuffer, cache: Any, start: int, *, all_logits: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Process slots ``start .. buffer.length-1`` of the buffer with the cache.
+        """Process slots ``start .. buffer.length-1`` of a token buffer with the cache (a
+        convenience over :meth:`decode` for tests and scripts; the engine calls ``decode``).
 
         Returns:
             ``(hidden [B, T, H], logits [B, T or 1, V])``.
@@ -511,21 +524,29 @@ class HFBackbone(nn.Module):
         stop = buffer.length
         if not 0 <= start < stop:
             raise ValueError(f"nothing to process: start {start}, sequence length {stop}")
-        return self.decode(buffer, cache, buffer.index[start:stop], all_logits=all_logits)
+        idx = buffer.index[start:stop]
+        x = buffer.embed(self.embed, idx)
+        hidden = self.decode(x, buffer.positions.index_select(1, idx), idx, buffer.valid, cache)
+        return hidden, self._logits(hidden if all_logits else hidden[:, -1:])
 
     def decode(
-        self, buffer: TokenBuffer, cache: Any, idx: torch.Tensor, *, all_logits: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run slots ``idx [T]`` (ascending, contiguous) of the buffer through the cache.
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        valid: torch.Tensor,
+        cache: Any,
+    ) -> torch.Tensor:
+        """One cached decode step over tensors: embeddings ``[B, T, H]`` at cache slots
+        ``slots [T]`` (ascending, contiguous) with position ids ``positions [B, T]``; ``valid
+        [B, S']`` marks the real (non-padding) slots among the first ``S'`` cache slots, and
+        attention reads only those (``S'`` = the cache's length on fixed shapes, the sequence's
+        length on the eager path).
 
         Returns:
-            ``(hidden [B, T, H], logits [B, T or 1, V])``.
+            Final-normed hidden states ``[B, T, H]``.
         """
-        pos = buffer.positions.index_select(1, idx)
-        x = buffer.embed(self.model.get_input_embeddings(), idx)
-        hidden = self._decode_embeds(x, pos, idx, buffer.valid, cache)
-        logits = self._logits(hidden if all_logits else hidden[:, -1:])
-        return hidden, logits
+        return self._decode_embeds(embeds, positions, slots, valid, cache)
 
     def _decode_embeds(
         self,
@@ -539,7 +560,7 @@ class HFBackbone(nn.Module):
         if self.path == "generic":
             start, stop = int(idx[0]), int(idx[-1]) + 1
             return self._runner.decode(x, pos, valid[:, :stop], cache, start)
-        cache.set_positions(idx)
+        cache.set_positions(idx, visible=valid.shape[1])
         impl = self.attn_implementation
         if impl in ("sdpa", "eager"):
             return self._layers(

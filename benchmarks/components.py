@@ -62,15 +62,20 @@ def main() -> None:
         return torch.compile(fn, **kw) if args.compile else fn
 
     from mctp import TokenBuffer
+    from mctp.engine.fast_path import backbone_step
 
     backbone, stack, speech, _ = build(args.config, dev, dtype, num_heads=1)
     h = backbone.hidden_size
     buf = TokenBuffer(1, 128, dev)
     buf.start(torch.randint(0, 1000, (1, 32), device=dev))
     cache = backbone.setup_caches(1, 128, device=dev)  # the backbone protocol's decode
-    backbone.decode(buf, cache, buf.index[:32])
+    backbone_step(backbone, buf, cache, buf.index[:32])
     buf.append(torch.randint(0, 1000, (1, 32), device=dev))  # slots 32..63 to re-read
-    decode = maybe_compile(backbone.decode)
+    step = maybe_compile(backbone_step)
+
+    def decode(buf, cache, idx):
+        return step(backbone, buf, cache, idx)
+
     rows = []
     for t in (1, 11, 32):
         idx = buf.index[32 : 32 + t]

@@ -23,3 +23,9 @@ for cfg in 0.5b 7b; do
   timeout 120 python benchmarks/modes.py --config "$cfg" --device cuda --dtype bfloat16 \
     --new-tokens 512 --repeats 2 --compile --bandwidth-gbs 4800 2>&1 | tee "$out/modes-$cfg-compiled.txt" || true
 done
+# batched serving on the GPU: the tiny default's server at 1/4/8 clients (fast path on CUDA)
+timeout 90 python benchmarks/load.py --clients 1,4,8 --seconds 15 \
+  --server-args "--device cuda --max-batch 8" 2>&1 | tee "$out/load.txt" || true
+# optional parts, each bounded by its own script (run only when present)
+[ -f benchmarks/gpu_glm4_voice.sh ] && { bash benchmarks/gpu_glm4_voice.sh || true; }
+[ -f benchmarks/gpu_vllm.sh ] && { bash benchmarks/gpu_vllm.sh || true; }

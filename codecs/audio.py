@@ -14,17 +14,44 @@ import torch
 __all__ = [
     "MAX_CHANNELS",
     "AudioError",
+    "MissingSampleRateWarning",
     "check_waveform",
     "load_audio",
     "prepare_waveform",
     "resample",
     "resampled_length",
     "to_mono",
+    "warn_missing_rate",
 ]
 
 
 class AudioError(ValueError):
     """An audio file or waveform cannot be used (empty, corrupt, unsupported, wrong rate)."""
+
+
+class MissingSampleRateWarning(UserWarning):
+    """A waveform reached a codec without its sample rate (read as the codec's own rate)."""
+
+
+def warn_missing_rate(sample_rate: int | None, target_rate: int, what: str) -> None:
+    """Warn when waveforms come without ``sample_rate`` (as transformers' feature extractors do).
+
+    The codec then reads them at its own rate: audio recorded at another rate gives wrong
+    codes with no error (8 kHz audio read as 16 kHz gives half the codes). The warning points
+    at the caller of ``what``.
+
+    Args:
+        sample_rate: The rate the caller passed (None: not given).
+        target_rate: The rate the waveforms are assumed to have.
+        what: The entry point, e.g. ``"DummyCodec.encode"``.
+    """
+    if sample_rate is None:
+        warnings.warn(
+            f"{what} got waveforms without sample_rate: they are read as {target_rate} Hz. Pass "
+            f"sample_rate=<their rate in Hz> (audio at another rate gives wrong codes silently)",
+            MissingSampleRateWarning,
+            stacklevel=3,
+        )
 
 
 MAX_CHANNELS = 16

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .audio import prepare_waveform
+from .audio import prepare_waveform, warn_missing_rate
 
 __all__ = ["DummyCodec", "DummyStream"]
 
@@ -62,7 +62,8 @@ class DummyCodec:
 
         Args:
             audio: A list of waveforms ``[T_i]``.
-            sample_rate: Their rate (resampled when it differs); None: :attr:`sample_rate`.
+            sample_rate: Their rate (resampled when it differs); None: :attr:`sample_rate`, with
+                a :class:`~mctp.codecs.audio.MissingSampleRateWarning`.
 
         Returns:
             ``[ceil(T_i / hop)]`` long tensors (``T_i`` at :attr:`sample_rate`).
@@ -73,6 +74,7 @@ class DummyCodec:
         """
         if isinstance(audio, torch.Tensor):
             raise TypeError("encode takes a list of 1-D waveforms; wrap a single one as [wav]")
+        warn_missing_rate(sample_rate, self.sample_rate, "DummyCodec.encode")
         out = []
         for i, wav in enumerate(audio):
             wav = prepare_waveform(wav, sample_rate, self.sample_rate, what=f"audio[{i}]")

@@ -23,7 +23,14 @@ from __future__ import annotations
 import operator
 from collections.abc import Iterable, Sequence
 
-__all__ = ["as_id_list", "chunk_bounds", "deinterleave_ids", "interleave_ids"]
+__all__ = [
+    "as_id_list",
+    "chunk_bounds",
+    "deinterleave_ids",
+    "deinterleave_untagged",
+    "interleave_ids",
+    "interleave_untagged",
+]
 
 
 def as_id_list(values: Iterable[int], what: str) -> list[int]:
@@ -157,6 +164,116 @@ def interleave_ids(
         out.extend(audio[audio_cuts[j] : audio_cuts[j + 1]])
         out.append(eoa)
     return out
+
+
+def interleave_untagged(
+    text_ids: Sequence[int],
+    audio_ids: Sequence[int],
+    text_counts: Sequence[int],
+    audio_counts: Sequence[int],
+    audio_range: tuple[int, int],
+) -> list[int]:
+    """Alternate text and audio chunks with no tags between them (GLM-4-Voice's layout).
+
+    The chunking is the one of :func:`interleave_ids` (the first ``c - 1`` chunks of each
+    modality are kept, the ``c``-th absorbs the rest), but audio chunks are not wrapped in
+    BOA ... EOA: the two modalities are told apart by the audio id range alone.
+
+    Args:
+        text_ids: Text token ids ``[Nt]``, none inside ``audio_range``.
+        audio_ids: Audio token ids ``[Na]``, all inside ``audio_range``.
+        text_counts: Text tokens per chunk ``(T1, ..., Tn)``, each ``>= 1``; the last repeats.
+        audio_counts: Audio tokens per chunk ``(A1, ..., An)``, each ``>= 1``; the last repeats.
+        audio_range: ``(start, stop)``: the audio ids are ``start <= id < stop``.
+
+    Returns:
+        ``text_1 + audio_1 + text_2 + audio_2 + ...`` ``[Nt + Na]`` as a new list.
+
+    Raises:
+        ValueError: If the ids are not ints, a text id lies in the audio range or an audio id
+            outside it, or the counts are malformed.
+    """
+    start, stop = check_audio_range(audio_range)
+    text = as_id_list(text_ids, "text_ids")
+    audio = as_id_list(audio_ids, "audio_ids")
+    if len(text_counts) != len(audio_counts) or not text_counts:
+        raise ValueError(
+            f"text_counts and audio_counts must be non-empty and of equal length, got "
+            f"{tuple(text_counts)} and {tuple(audio_counts)}"
+        )
+    if min(text_counts) < 1 or min(audio_counts) < 1:
+        raise ValueError(
+            f"untagged chunk counts must be >= 1, got {tuple(text_counts)} and "
+            f"{tuple(audio_counts)}"
+        )
+    for pos, value in enumerate(text):
+        if start <= value < stop:
+            raise ValueError(
+                f"text_ids[{pos}] = {value} lies in the audio range [{start}, {stop}): "
+                "without tags it would read back as audio"
+            )
+    for pos, value in enumerate(audio):
+        if not start <= value < stop:
+            raise ValueError(
+                f"audio_ids[{pos}] = {value} is outside the audio range [{start}, {stop})"
+            )
+    if not audio or not text:
+        return text + audio
+    text_bounds = chunk_bounds(len(text), text_counts, max_chunks=len(text))
+    num_text_chunks = len(text_bounds) - 1
+    audio_bounds = chunk_bounds(len(audio), audio_counts, max_chunks=num_text_chunks)
+    chunks = min(num_text_chunks, len(audio_bounds) - 1)
+    text_cuts = [*text_bounds[:chunks], len(text)]
+    audio_cuts = [*audio_bounds[:chunks], len(audio)]
+    out: list[int] = []
+    for j in range(chunks):
+        out.extend(text[text_cuts[j] : text_cuts[j + 1]])
+        out.extend(audio[audio_cuts[j] : audio_cuts[j + 1]])
+    return out
+
+
+def deinterleave_untagged(
+    ids: Sequence[int], audio_range: tuple[int, int]
+) -> tuple[list[int], list[int]]:
+    """Split an untagged sequence into text and audio by the audio id range.
+
+    Args:
+        ids: Interleaved token ids ``[N]``.
+        audio_range: ``(start, stop)``: the audio ids are ``start <= id < stop``.
+
+    Returns:
+        ``(text_ids, audio_ids)`` as new lists, in their original order.
+
+    Raises:
+        ValueError: If the ids are not ints or the range is malformed.
+    """
+    start, stop = check_audio_range(audio_range)
+    text: list[int] = []
+    audio: list[int] = []
+    for value in as_id_list(ids, "ids"):
+        (audio if start <= value < stop else text).append(value)
+    return text, audio
+
+
+def check_audio_range(audio_range: tuple[int, int]) -> tuple[int, int]:
+    """Validate an audio id range ``(start, stop)`` and return it as two ints.
+
+    Raises:
+        ValueError: If it is not two ints with ``0 <= start < stop``.
+    """
+    if isinstance(audio_range, str | bytes):
+        raise ValueError(f"audio_range must be (start, stop), got {audio_range!r}")
+    try:
+        pair = as_id_list(audio_range, "audio_range")
+    except ValueError as err:
+        raise ValueError(
+            f"audio_range must be two ints (start, stop), got {audio_range!r}"
+        ) from err
+    if len(pair) != 2 or not 0 <= pair[0] < pair[1]:
+        raise ValueError(
+            f"audio_range must be (start, stop) with 0 <= start < stop, got {tuple(pair)}"
+        )
+    return pair[0], pair[1]
 
 
 def deinterleave_ids(ids: Sequence[int], boa_id: int, eoa_id: int) -> tuple[list[int], list[int]]:

@@ -33,6 +33,14 @@ chunks ``8, 8, 4``; three pairs, the last text chunk absorbing the rest::
 
 Vanilla decoding uses the backbone for every token (ratio ``(1, 0)``: one text token and
 no MCTP tokens, repeating); it has no audio layout of its own.
+
+Untagged schedules (``tagged=False``, with an ``audio_range``) describe models whose audio
+runs carry no BOA/EOA tags, such as GLM-4-Voice (13 text tokens, then 26 audio tokens,
+alternately): every slot of an ``m``-run is audio, an ``A`` counts audio tokens only, and
+the data layout tells the modalities apart by the audio id range::
+
+    InterleaveSchedule([13, 26], tagged=False, audio_range=(151552, 167936))
+    text t0..t29, audio a0..a99  ->  t0..t12 a0..a25 t13..t25 a26..a51 t26..t29 a52..a99
 """
 
 from __future__ import annotations
@@ -41,7 +49,13 @@ import operator
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from .layout import deinterleave_ids, interleave_ids
+from .layout import (
+    check_audio_range,
+    deinterleave_ids,
+    deinterleave_untagged,
+    interleave_ids,
+    interleave_untagged,
+)
 from .slots import BACKBONE, PRESETS, Mode, Role, Slot, Source, Step
 
 __all__ = ["BACKBONE", "InterleaveSchedule", "Mode", "Role", "Slot", "Source", "Step"]
@@ -65,14 +79,21 @@ class InterleaveSchedule:
             ``<= num_heads`` (an ``m``-run of length ``A`` uses heads ``0 .. A-1``).
         name: Display label; defaults to the mode's name when the ratio is a preset.
             Not compared by ``==``.
+        tagged: True (VITA-Audio): an ``A >= 2`` run is BOA, ``A - 2`` audio tokens, EOA.
+            False: the run is ``A`` audio tokens with no tags (GLM-4-Voice); needs
+            ``audio_range``.
+        audio_range: ``(start, stop)`` audio ids of an untagged schedule (its data layout
+            tells text from audio by this range); must be None for a tagged one.
 
     Raises:
         ValueError: For an empty or odd-length ratio, a non-int entry, a text count
-            ``<= 0``, an audio count ``< 1``, a bad ``num_heads``, or an audio count larger
-            than ``num_heads``.
+            ``<= 0``, an audio count ``< 1``, a bad ``num_heads``, an audio count larger
+            than ``num_heads``, an untagged schedule without a valid ``audio_range`` or a
+            tagged one with it.
     """
 
     __slots__ = (
+        "_audio_range",
         "_bb_period",
         "_bb_prefix_cum",
         "_bb_run_cum",
@@ -92,13 +113,34 @@ class InterleaveSchedule:
         "_run_prefix",
         "_seg_period",
         "_seg_prefix",
+        "_tagged",
         "_vanilla",
     )
 
     def __init__(
-        self, ratio: Sequence[int], *, num_heads: int | None = None, name: str | None = None
+        self,
+        ratio: Sequence[int],
+        *,
+        num_heads: int | None = None,
+        name: str | None = None,
+        tagged: bool = True,
+        audio_range: tuple[int, int] | None = None,
     ) -> None:
         values = _check_ratio(ratio)
+        if not isinstance(tagged, bool):
+            raise ValueError(f"tagged must be a bool, got {type(tagged).__name__} {tagged!r}")
+        if tagged and audio_range is not None:
+            raise ValueError(
+                "audio_range is only for untagged schedules (tagged=False): a tagged schedule "
+                "finds its audio between BOA and EOA"
+            )
+        if not tagged:
+            if audio_range is None:
+                raise ValueError(
+                    "an untagged schedule (tagged=False) needs audio_range=(start, stop): "
+                    "without tags only the id range tells audio from text"
+                )
+            audio_range = check_audio_range(audio_range)
         heads = _check_num_heads(num_heads)
         if heads is not None:
             audio = values[1::2]
@@ -108,7 +150,7 @@ class InterleaveSchedule:
                     f"ratio {values} has an audio run of {max(audio)} slots (ratio[{pos}]) but "
                     f"num_heads={heads}: more MCTP slots than heads"
                 )
-        self._build(values, heads, name, vanilla=False)
+        self._build(values, heads, name, vanilla=False, tagged=tagged, audio_range=audio_range)
 
     # ------------------------------------------------------------------ constructors
 
@@ -200,23 +242,34 @@ class InterleaveSchedule:
         return cls(PRESETS[Mode.TURBO], num_heads=num_heads)
 
     def _build(
-        self, ratio: tuple[int, ...], num_heads: int | None, name: str | None, *, vanilla: bool
+        self,
+        ratio: tuple[int, ...],
+        num_heads: int | None,
+        name: str | None,
+        *,
+        vanilla: bool,
+        tagged: bool = True,
+        audio_range: tuple[int, int] | None = None,
     ) -> None:
         """Store the fields and expand the prefix and period tables."""
+        self._tagged = tagged
+        self._audio_range = audio_range
         self._ratio = ratio
         self._num_heads = num_heads
         self._vanilla = vanilla
         if vanilla:
             self._mode: Mode | None = Mode.VANILLA
         else:
-            self._mode = next((m for m, r in PRESETS.items() if r == ratio), None)
+            self._mode = (
+                next((m for m, r in PRESETS.items() if r == ratio), None) if tagged else None
+            )
         if name is not None and not isinstance(name, str):
             raise ValueError(f"name must be a str or None, got {type(name).__name__} {name!r}")
         self._name = name if name is not None else (self._mode.value if self._mode else None)
 
         pairs = [(ratio[p], ratio[p + 1]) for p in range(0, len(ratio), 2)]
-        head_pre, role_pre, seg_pre, run_pre, segments = _expand(pairs[:-1])
-        head_per, role_per, seg_per, run_per, _ = _expand(pairs[-1:])
+        head_pre, role_pre, seg_pre, run_pre, segments = _expand(pairs[:-1], tagged)
+        head_per, role_per, seg_per, run_per, _ = _expand(pairs[-1:], tagged)
         self._head_prefix, self._head_period = head_pre, head_per
         self._role_prefix, self._role_period = role_pre, role_per
         self._seg_prefix, self._seg_period = seg_pre, seg_per
@@ -250,6 +303,16 @@ class InterleaveSchedule:
     def mode(self) -> Mode | None:
         """The named mode whose ratio this is, or ``None`` for a custom ratio."""
         return self._mode
+
+    @property
+    def tagged(self) -> bool:
+        """Whether audio runs are wrapped in BOA ... EOA (False: GLM-4-Voice style)."""
+        return self._tagged
+
+    @property
+    def audio_range(self) -> tuple[int, int] | None:
+        """``(start, stop)`` audio ids of an untagged schedule, else None."""
+        return self._audio_range
 
     @property
     def uses_mctp(self) -> bool:
@@ -411,14 +474,18 @@ class InterleaveSchedule:
                 "use the schedule of the model's training ratio (e.g. "
                 "InterleaveSchedule.from_ratio(...) or .boost()) to lay out training data"
             )
-        if min(self._ratio[1::2]) < 2:
+        if self._tagged and min(self._ratio[1::2]) < 2:
             raise ValueError(
                 f"{what}() is undefined for ratio {self._ratio}: an audio count of 1 is a lone "
                 "MCTP slot (inference only) with no BOA/EOA segment to lay out"
             )
 
     def interleave(
-        self, text_ids: Sequence[int], audio_ids: Sequence[int], boa_id: int, eoa_id: int
+        self,
+        text_ids: Sequence[int],
+        audio_ids: Sequence[int],
+        boa_id: int | None = None,
+        eoa_id: int | None = None,
     ) -> list[int]:
         """Lay out text and audio tokens as training data (VITA-Audio ``text_audio_interval``).
 
@@ -428,20 +495,37 @@ class InterleaveSchedule:
         rest. Empty text gives ``[BOA] + audio + [EOA]``, empty audio gives the text
         unchanged, both empty give ``[]``.
 
+        An untagged schedule cuts audio into chunks of ``A1, ..., An, An, ...`` tokens and
+        writes no tags (:func:`~mctp.interleave.layout.interleave_untagged`).
+
         Args:
-            text_ids: Text token ids ``[Nt]``, none equal to a tag id.
-            audio_ids: Audio token ids ``[Na]``, none equal to a tag id.
-            boa_id: The ``<|begin_of_audio|>`` id.
-            eoa_id: The ``<|end_of_audio|>`` id.
+            text_ids: Text token ids ``[Nt]``, none equal to a tag id (untagged: none in the
+                audio range).
+            audio_ids: Audio token ids ``[Na]``, none equal to a tag id (untagged: all in the
+                audio range).
+            boa_id: The ``<|begin_of_audio|>`` id (tagged schedules only).
+            eoa_id: The ``<|end_of_audio|>`` id (tagged schedules only).
 
         Returns:
-            ``text_1 + [BOA] + audio_1 + [EOA] + text_2 + ...`` as a new list.
+            ``text_1 + [BOA] + audio_1 + [EOA] + text_2 + ...`` as a new list
+            (untagged: ``text_1 + audio_1 + text_2 + ...``).
 
         Raises:
             ValueError: For a Vanilla schedule or one with an audio count of 1, ``boa_id == eoa_id``, non-int ids, or a text
-                or audio id equal to ``boa_id``/``eoa_id``.
+                or audio id equal to ``boa_id``/``eoa_id``; tags missing for a tagged schedule
+                or given to an untagged one; ids on the wrong side of the audio range.
         """
         self._require_layout("interleave")
+        if not self._tagged:
+            self._no_tags(boa_id, eoa_id, "interleave")
+            return interleave_untagged(
+                text_ids,
+                audio_ids,
+                self._ratio[0::2],
+                self._ratio[1::2],
+                self._audio_range,  # type: ignore[arg-type]
+            )
+        boa_id, eoa_id = self._tags(boa_id, eoa_id, "interleave")
         return interleave_ids(
             text_ids,
             audio_ids,
@@ -451,8 +535,35 @@ class InterleaveSchedule:
             eoa_id,
         )
 
+    def _tags(self, boa_id: int | None, eoa_id: int | None, what: str) -> tuple[int, int]:
+        """The tag ids of a tagged schedule's layout call.
+
+        Raises:
+            ValueError: If either is missing.
+        """
+        if boa_id is None or eoa_id is None:
+            raise ValueError(f"{what}() of a tagged schedule needs boa_id and eoa_id")
+        return boa_id, eoa_id
+
+    def _no_tags(self, boa_id: int | None, eoa_id: int | None, what: str) -> None:
+        """Refuse tag ids in an untagged schedule's layout call.
+
+        Raises:
+            ValueError: If a tag id is given.
+        """
+        if boa_id is not None or eoa_id is not None:
+            raise ValueError(
+                f"{what}() of an untagged schedule takes no boa_id/eoa_id: its audio runs "
+                f"have no tags (audio ids {self._audio_range})"
+            )
+
     def deinterleave(
-        self, ids: Sequence[int], boa_id: int, eoa_id: int, *, strict: bool = False
+        self,
+        ids: Sequence[int],
+        boa_id: int | None = None,
+        eoa_id: int | None = None,
+        *,
+        strict: bool = False,
     ) -> tuple[list[int], list[int]]:
         """Invert :meth:`interleave`: split ids into text and audio, dropping the tags.
 
@@ -468,10 +579,16 @@ class InterleaveSchedule:
 
         Raises:
             ValueError: For a Vanilla schedule or one with an audio count of 1, ``boa_id == eoa_id``, unbalanced or nested
-                tags, or (with ``strict``) chunk sizes that do not follow the ratio.
+                tags, or (with ``strict``) chunk sizes that do not follow the ratio. Untagged
+                schedules split by the audio range and take no tag ids.
         """
         self._require_layout("deinterleave")
-        text, audio = deinterleave_ids(ids, boa_id, eoa_id)
+        if self._tagged:
+            boa_id, eoa_id = self._tags(boa_id, eoa_id, "deinterleave")
+            text, audio = deinterleave_ids(ids, boa_id, eoa_id)
+        else:
+            self._no_tags(boa_id, eoa_id, "deinterleave")
+            text, audio = deinterleave_untagged(ids, self._audio_range)  # type: ignore[arg-type]
         if strict:
             expected = self.interleave(text, audio, boa_id, eoa_id)
             got = list(ids)
@@ -489,34 +606,56 @@ class InterleaveSchedule:
     # ------------------------------------------------------------------ dunder
 
     def __repr__(self) -> str:
+        extra = "" if self._tagged else f", tagged=False, audio_range={self._audio_range!r}"
         return (
             f"{type(self).__name__}(ratio={self._ratio!r}, num_heads={self._num_heads!r}, "
-            f"name={self._name!r})"
+            f"name={self._name!r}{extra})"
         )
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, InterleaveSchedule):
             return NotImplemented
-        return (self._ratio, self._num_heads, self._vanilla) == (
-            other._ratio,
-            other._num_heads,
-            other._vanilla,
-        )
+        return (
+            self._ratio,
+            self._num_heads,
+            self._vanilla,
+            self._tagged,
+            self._audio_range,
+        ) == (other._ratio, other._num_heads, other._vanilla, other._tagged, other._audio_range)
 
     def __hash__(self) -> int:
-        return hash((type(self).__name__, self._ratio, self._num_heads, self._vanilla))
+        if self._tagged:  # the hash of tagged schedules is unchanged
+            return hash((type(self).__name__, self._ratio, self._num_heads, self._vanilla))
+        return hash((type(self).__name__, self._ratio, self._num_heads, self._audio_range))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_restore, (self._ratio, self._num_heads, self._name, self._vanilla))
+        return (
+            _restore,
+            (
+                self._ratio,
+                self._num_heads,
+                self._name,
+                self._vanilla,
+                self._tagged,
+                self._audio_range,
+            ),
+        )
 
 
 def _restore(
-    ratio: tuple[int, ...], num_heads: int | None, name: str | None, vanilla: bool
+    ratio: tuple[int, ...],
+    num_heads: int | None,
+    name: str | None,
+    vanilla: bool,
+    tagged: bool = True,
+    audio_range: tuple[int, int] | None = None,
 ) -> InterleaveSchedule:
     """Unpickle an :class:`InterleaveSchedule`."""
     if vanilla:
         return InterleaveSchedule.vanilla(num_heads=num_heads)
-    return InterleaveSchedule(ratio, num_heads=num_heads, name=name)
+    return InterleaveSchedule(
+        ratio, num_heads=num_heads, name=name, tagged=tagged, audio_range=audio_range
+    )
 
 
 def _check_index(i: int, what: str) -> int:
@@ -621,6 +760,7 @@ def _check_num_heads(num_heads: int | None) -> int | None:
 
 def _expand(
     pairs: Sequence[tuple[int, int]],
+    tagged: bool = True,
 ) -> tuple[
     tuple[int, ...],
     tuple[Role, ...],
@@ -648,8 +788,8 @@ def _expand(
         runs += [0] * (text - 1) + [audio]
         spans.append((len(heads), len(heads) + audio))
         heads += range(audio)
-        if audio == 1:  # a lone MCTP slot: no tags around it
-            roles.append(Role.AUDIO)
+        if audio == 1 or not tagged:  # a lone MCTP slot or an untagged run: no tags
+            roles += [Role.AUDIO] * audio
         elif audio:
             roles += [Role.BOA, *[Role.AUDIO] * (audio - 2), Role.EOA]
         segs += [seg] * audio

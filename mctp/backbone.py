@@ -6,10 +6,10 @@ A backbone is the speech LLM the MCTP heads sit on. It has two faces:
   ``h^0`` the heads read (plus its own LM loss), and :meth:`Backbone.parts` hands the heads the
   modules they share (embedding, final norm, lm_head, rotary tables);
 * generation: :meth:`Backbone.setup_caches` allocates every cache buffer up front and
-  :meth:`Backbone.decode` runs the slots ``idx`` of a :class:`~mctp.engine.buffer.TokenBuffer`
-  through the cache. Slots may be processed again (rolled back and re-read): the backbone
-  overwrites or crops its cache entries at those slots. The cache object is opaque to the
-  engine; only the backbone reads it.
+  :meth:`Backbone.decode` is one cached step over tensors (embeddings, positions, cache slots,
+  validity) returning hidden states; :meth:`Backbone.logits` turns them into logits. Slots may
+  be processed again (rolled back and re-read): the backbone overwrites or crops its cache
+  entries at those slots. The cache object is opaque to the engine; only the backbone reads it.
 
 :class:`mctp.backbones.HFBackbone` implements it; so can any test double. Nothing else in the
 library defines a backbone contract.
@@ -19,13 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    from .engine.buffer import TokenBuffer
 
 __all__ = ["Backbone", "BackboneParts", "ForwardOutput", "RotaryFn"]
 
@@ -117,19 +114,29 @@ class Backbone(Protocol):
         """
         ...
 
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings ``[B, T, H]`` of ``ids [B, T]``."""
+        ...
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Output logits ``[B, T, V]`` of final hidden states ``[B, T, H]``."""
+        ...
+
     def decode(
         self,
-        buffer: TokenBuffer,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        valid: torch.Tensor,
         cache: Any,
-        idx: torch.Tensor,
-        *,
-        all_logits: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the buffer's slots ``idx [T]`` (a long tensor, ascending and contiguous) through
-        the cache; slots below ``idx[0]`` must already be in it, slots at or after it may hold
-        stale entries (they are overwritten).
+    ) -> torch.Tensor:
+        """One cached decode step, a function of tensors: ``embeds [B, T, H]`` written at cache
+        slots ``slots [T]`` (a long tensor, ascending and contiguous) with position ids
+        ``positions [B, T]``; ``valid [B, S]`` marks the real slots. Slots below ``slots[0]``
+        must already be in the cache, slots at or after it may hold stale entries (they are
+        overwritten). The engine builds the tensors; the backbone never sees its buffer.
 
         Returns:
-            ``(hidden [B, T, H], logits [B, T, V] with all_logits else [B, 1, V])``.
+            Final-normed hidden states ``[B, T, H]``.
         """
         ...

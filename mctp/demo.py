@@ -40,8 +40,9 @@ def teach_answer(
 ) -> None:
     """Train backbone and heads (Adam, full batch) to continue ``prompt [1, P]`` with ``answer``.
 
-    The loss is the backbone's LM loss on the answer plus the MCTP loss; both models are left
-    in eval mode.
+    The loss is the library's one stage loss (:func:`mctp.total_loss`: the backbone's LM loss on
+    the answer plus :func:`mctp.mctp_loss`, every sum over the answer's labelled tokens); both
+    models are left in eval mode.
 
     Args:
         backbone: The backbone (trained in place).
@@ -52,7 +53,7 @@ def teach_answer(
         lr: Learning rate.
         progress: Called as ``progress(step, loss)`` after every step.
     """
-    from mctp import mctp_loss
+    from mctp import mctp_loss, total_loss
 
     seq = torch.cat([prompt, torch.tensor([answer], device=prompt.device)], dim=1)
     labels = seq.clone()
@@ -62,7 +63,9 @@ def teach_answer(
     stack.train()
     for step in range(steps):
         out = backbone(seq, labels=labels)
-        loss = out.loss + mctp_loss(stack, out.hidden, seq, labels).loss
+        loss = total_loss(
+            out.loss, mctp_loss(stack, out.hidden, seq, labels), backbone_frozen=False
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()

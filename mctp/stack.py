@@ -312,30 +312,59 @@ class MCTPStack(nn.Module):
             The stack (eval mode).
 
         Raises:
-            FileNotFoundError: If the folder has no ``mctp_config.json``.
-            ValueError: If the stored heads do not fit ``parts`` (width, vocabulary).
+            FileNotFoundError: If the folder has no ``mctp_config.json``, or ``folder_or_repo`` is
+                neither a local folder nor a repo the Hub gives (the message names the path).
+            NotADirectoryError: If ``folder_or_repo`` is a file.
+            ValueError: If ``mctp_config.json`` is not JSON or not a stack config, or the
+                stored heads do not fit ``parts`` (width, vocabulary).
             mctp.CheckpointError: On missing, unexpected or mis-shaped tensors.
         """
         from .checkpoint import load_strict, read_state_dict
 
         folder = Path(folder_or_repo)
-        if not folder.is_dir():
-            from huggingface_hub import snapshot_download
-
-            folder = Path(
-                snapshot_download(
-                    str(folder_or_repo),
-                    revision=revision,
-                    token=token,
-                    allow_patterns=[cls.CONFIG_NAME, cls.WEIGHTS_NAME],
-                )
+        if folder.is_file():
+            raise NotADirectoryError(
+                f"{folder} is a file; from_pretrained takes the folder save_pretrained wrote "
+                "(or a Hub repo id)"
             )
+        if not folder.is_dir():  # a Hub repo id, or a local folder that is not there
+            from huggingface_hub import snapshot_download
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            name, where = str(folder_or_repo), folder.expanduser().resolve()
+            try:
+                validate_repo_id(name)
+            except HFValidationError:
+                raise FileNotFoundError(
+                    f"no folder {where} (and {name!r} is not a Hugging Face Hub repo id)"
+                ) from None
+            try:
+                folder = Path(
+                    snapshot_download(
+                        name,
+                        revision=revision,
+                        token=token,
+                        allow_patterns=[cls.CONFIG_NAME, cls.WEIGHTS_NAME],
+                    )
+                )
+            except Exception as e:  # not found, offline, no access: name both places tried
+                reason = " ".join(str(e).split())[:300]
+                raise FileNotFoundError(
+                    f"no folder {where}, and the Hub could not give repo {name!r}: "
+                    f"{type(e).__name__}: {reason}"
+                ) from e
         config_file = folder / cls.CONFIG_NAME
         if not config_file.is_file():
             raise FileNotFoundError(f"no {cls.CONFIG_NAME} in {folder}")
-        config = json.loads(config_file.read_text())
-        if config.get("format") != "mctp-stack":
+        try:
+            config = json.loads(config_file.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{config_file} is not valid JSON: {e}") from e
+        if not isinstance(config, dict) or config.get("format") != "mctp-stack":
             raise ValueError(f"{config_file} is not an MCTP stack config")
+        needed = ("hidden_size", "vocab_size", "rms_eps", "num_heads", "output_vocab")
+        if missing := [k for k in needed if k not in config]:
+            raise ValueError(f"{config_file} lacks {missing}")
         if config["hidden_size"] != parts.hidden_size:
             raise ValueError(
                 f"stored heads are {config['hidden_size']} wide, the backbone is {parts.hidden_size}"

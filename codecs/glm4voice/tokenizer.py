@@ -25,7 +25,13 @@ from tqdm.auto import tqdm
 from mctp.checkpoint import CheckpointError, load_strict, read_state_dict
 
 from .._loading import check_finite, release_folder
-from ..audio import AudioError, check_waveform, load_audio, prepare_waveform
+from ..audio import (
+    AudioError,
+    check_waveform,
+    load_audio,
+    prepare_waveform,
+    warn_missing_rate,
+)
 from .whisper_vq import WhisperVQEncoder
 
 __all__ = [
@@ -452,7 +458,8 @@ class GLM4VoiceTokenizer:
 
         Args:
             audio: Waveforms ``[T_i]`` float in ``[-1, 1]``.
-            sample_rate: Their rate in Hz; None means :attr:`sample_rate` (16 kHz).
+            sample_rate: Their rate in Hz; None means :attr:`sample_rate` (16 kHz), with a
+                :class:`~mctp.codecs.audio.MissingSampleRateWarning`.
             batch_size: Slices per forward pass (default: the constructor's).
             progress: Show a tqdm bar; None shows one when there is more than one batch.
 
@@ -466,6 +473,7 @@ class GLM4VoiceTokenizer:
                 ``sample_rate``.
             ValueError: If ``batch_size`` is not positive.
         """
+        warn_missing_rate(sample_rate, self.sample_rate, "GLM4VoiceTokenizer.encode")
         return [ids for ids, _ in self._run(audio, batch_size, progress, sample_rate)]
 
     def encode_features(
@@ -480,7 +488,8 @@ class GLM4VoiceTokenizer:
 
         Args:
             audio: Waveforms ``[T_i]`` float in ``[-1, 1]``.
-            sample_rate: Their rate in Hz (resampled when it is not 16 kHz); None: 16 kHz.
+            sample_rate: Their rate in Hz (resampled when it is not 16 kHz); None: 16 kHz, with a
+                :class:`~mctp.codecs.audio.MissingSampleRateWarning`.
             batch_size: Slices per forward pass (default: the constructor's).
             progress: Show a tqdm bar; None shows one when there is more than one batch.
 
@@ -492,6 +501,7 @@ class GLM4VoiceTokenizer:
             AudioError: On an invalid waveform.
             ValueError: If ``batch_size`` is not positive.
         """
+        warn_missing_rate(sample_rate, self.sample_rate, "GLM4VoiceTokenizer.encode_features")
         return [feats for _, feats in self._run(audio, batch_size, progress, sample_rate)]
 
     def encode_file(self, path: str | os.PathLike[str]) -> torch.Tensor:

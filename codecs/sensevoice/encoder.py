@@ -27,10 +27,10 @@ from mctp.checkpoint import CheckpointError, load_strict, read_state_dict, strip
 from .._loading import check_finite, release_folder
 from ..audio import (
     AudioError,
-    check_waveform,
     load_audio,
     prepare_waveform,
     resampled_length,
+    warn_missing_rate,
 )
 from .frontend import FbankBackend, SenseVoiceFrontend, load_cmvn
 from .sanm import (
@@ -387,13 +387,20 @@ class SenseVoiceEncoder:
                 raise AudioError(f"no sample is left after resampling to {self.sample_rate} Hz")
         return self.frontend.num_frames(num_samples) + self.num_query_frames
 
-    def features(self, wav: torch.Tensor) -> torch.Tensor:
-        """``[T]`` waveform at ``sample_rate`` -> ``[F, n_mels * lfr_m]`` float32 features (CPU).
+    def features(self, wav: torch.Tensor, *, sample_rate: int | None = None) -> torch.Tensor:
+        """``[T]`` waveform -> ``[F, n_mels * lfr_m]`` float32 features (CPU).
+
+        Args:
+            wav: ``[T]`` float waveform.
+            sample_rate: Its rate in Hz (resampled when it differs from :attr:`sample_rate`);
+                None: :attr:`sample_rate`, with a
+                :class:`~mctp.codecs.audio.MissingSampleRateWarning`.
 
         Raises:
-            AudioError: On a bad or too short waveform.
+            AudioError: On a bad or too short waveform or a bad ``sample_rate``.
         """
-        return self.frontend(check_waveform(wav))
+        warn_missing_rate(sample_rate, self.sample_rate, "SenseVoiceEncoder.features")
+        return self.frontend(prepare_waveform(wav, sample_rate, self.sample_rate))
 
     @torch.no_grad()
     def encode_features(
@@ -453,7 +460,8 @@ class SenseVoiceEncoder:
 
         Args:
             audio: A list of waveforms ``[T_i]`` float32 in ``[-1, 1]``.
-            sample_rate: Their rate in Hz; None means :attr:`sample_rate` (16 kHz).
+            sample_rate: Their rate in Hz; None means :attr:`sample_rate` (16 kHz), with a
+                :class:`~mctp.codecs.audio.MissingSampleRateWarning`.
             language: Language query (default: the adapter's).
             text_norm: Text-norm query (default: the adapter's).
             progress: Show a tqdm bar over batches.
@@ -475,6 +483,7 @@ class SenseVoiceEncoder:
         if len(audio) == 0:
             raise ValueError("audio is empty")
         query_ids(language or self.language, text_norm or self.text_norm)
+        warn_missing_rate(sample_rate, self.sample_rate, "SenseVoiceEncoder.encode")
         wavs = [
             prepare_waveform(w, sample_rate, self.sample_rate, what=f"audio[{i}]")
             for i, w in enumerate(audio)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +19,15 @@ __all__ = [
     "OptimConfig",
     "RunConfig",
     "TrainConfig",
+    "check_device",
     "load_config",
     "merge_config",
 ]
 
+logger = logging.getLogger(__name__)
+
 FROZEN_STAGES = (2, 3)  # the LLM is frozen and its outputs detached
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -110,29 +117,28 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> TrainConfig:
-        """Build from nested mappings.
+        """Build from nested mappings, checking every key and the type of every value.
 
         Raises:
-            ValueError: On unknown keys, a stage outside 1..4 or head counts that do not fit it.
+            ValueError: On an unknown key, a value of the wrong type (the message names the key,
+                e.g. ``optim.lr``), a stage outside 1..4 or settings that do not fit together
+                (see :meth:`check`).
         """
-        sections = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig}
-        sections["run"] = RunConfig
-        unknown = set(raw) - {"stage", *sections}
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"a stage config must be a mapping, got {type(raw).__name__}")
+        unknown = set(raw) - {"stage", *SECTIONS}
         if unknown:
             raise ValueError(f"unknown config keys {sorted(unknown)}")
         parts = {}
-        for name, kind in sections.items():
-            values = dict(raw.get(name) or {})
-            known = {f.name for f in dataclasses.fields(kind)}
-            if set(values) - known:
-                raise ValueError(f"unknown keys in '{name}': {sorted(set(values) - known)}")
-            for f in dataclasses.fields(kind):  # YAML 1.1 reads 1e-4 as a string
-                if "float" in str(f.type) and isinstance(values.get(f.name), str):
-                    values[f.name] = float(values[f.name])
-            if "betas" in values:
-                values["betas"] = tuple(float(b) for b in values["betas"])
-            parts[name] = kind(**values)
-        cfg = cls(stage=int(raw.get("stage", 1)), **parts)
+        for name, kind in SECTIONS.items():
+            values = raw.get(name) or {}
+            if not isinstance(values, Mapping):
+                raise ValueError(f"'{name}' must be a mapping of keys, got {values!r}")
+            hints = typing.get_type_hints(kind)
+            if set(values) - set(hints):
+                raise ValueError(f"unknown keys in '{name}': {sorted(set(values) - set(hints))}")
+            parts[name] = kind(**{k: _typed(f"{name}.{k}", hints[k], v) for k, v in values.items()})
+        cfg = cls(stage=_typed("stage", int, raw.get("stage", 1)), **parts)
         cfg.check()
         return cfg
 
@@ -141,10 +147,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def check(self) -> None:
-        """Validate the stage against the heads and LoRA settings.
+        """Validate every value and how they fit together (stage, heads, LoRA, batch, ranges,
+        choices, dtype, interleave ratio, device).
 
         Raises:
-            ValueError: If they do not fit.
+            ValueError: Naming the key and the value that is wrong.
         """
         s, n = self.stage, self.model.num_heads
         if s not in (1, 2, 3, 4):
@@ -171,10 +178,179 @@ class TrainConfig:
             raise ValueError(
                 f"run.on_nonfinite must be 'stop' or 'skip', got {self.run.on_nonfinite!r}"
             )
+        positive = {
+            "optim.max_steps": o.max_steps,
+            "data.max_len": self.data.max_len,
+            "run.logging_steps": self.run.logging_steps,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
+        for key, value in {
+            "optim.lr": o.lr,
+            "optim.mctp_lr_mult": o.mctp_lr_mult,
+            "optim.eps": o.eps,
+            "optim.clip": o.clip,
+        }.items():
+            if not value > 0:
+                raise ValueError(f"{key} must be > 0, got {value}")
+        if o.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+        nonneg = {
+            "run.save_every": self.run.save_every,
+            "run.save_total_limit": self.run.save_total_limit,
+            "run.eval_every": self.run.eval_every,
+            "run.num_workers": self.run.num_workers,
+            "data.eval_packs": self.data.eval_packs,
+        }
+        for key, value in nonneg.items():
+            if value < 0:
+                raise ValueError(f"{key} must be >= 0, got {value}")
+        choices = {
+            "data.on_too_long": (self.data.on_too_long, ("skip", "raise")),
+            "data.on_error": (self.data.on_error, ("raise", "skip")),
+            "model.audio_encoder_mode": (self.model.audio_encoder_mode, (None, "frozen", "train")),
+            "model.audio_projector_mode": (
+                self.model.audio_projector_mode,
+                (None, "frozen", "train"),
+            ),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"{key} must be one of {list(allowed)}, got {value!r}")
+        if self.run.save_dtype is not None:
+            import torch
+
+            if not isinstance(getattr(torch, self.run.save_dtype, None), torch.dtype):
+                raise ValueError(
+                    f"run.save_dtype must name a torch dtype (e.g. 'bfloat16'), "
+                    f"got {self.run.save_dtype!r}"
+                )
+        if self.data.interleave is not None:
+            from mctp.interleave import InterleaveSchedule
+
+            try:
+                schedule = InterleaveSchedule.from_ratio(self.data.interleave)
+            except ValueError as e:
+                raise ValueError(f"data.interleave {self.data.interleave}: {e}") from e
+            if not schedule.uses_mctp:
+                raise ValueError(
+                    f"data.interleave {self.data.interleave} is Vanilla (no audio layout to "
+                    "train); give a ratio such as [1, 10, 4, 10], or null for the written order"
+                )
+        check_device(self.run.device)
         if self.data.streaming and self.data.eval_packs:
             raise ValueError("data.eval_packs holds out planned packs: not with data.streaming")
         if self.run.eval_every and not self.data.eval_packs:
             raise ValueError("run.eval_every needs data.eval_packs > 0 (the held-out packs)")
+
+
+def check_device(device: str) -> None:
+    """Refuse a ``run.device`` that is unknown or not present on this machine.
+
+    Raises:
+        ValueError: For a name other than ``auto``, ``cpu`` or ``cuda``, or ``cuda`` on a machine
+            where torch sees no CUDA device (training would silently run on the CPU).
+    """
+    if device not in DEVICES:
+        raise ValueError(f"run.device must be one of {list(DEVICES)}, got {device!r}")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "run.device is 'cuda' but torch sees no CUDA device on this machine "
+                "(use run.device=cpu, or auto)"
+            )
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "run": RunConfig,
+}
+"""Top-level sections of a stage config and their dataclasses."""
+
+
+def _kind(tp: Any) -> str:
+    """A readable name of a type annotation (``int``, ``a number``, ``str or null``)."""
+    if tp is Any:
+        return "anything"
+    if tp is float:
+        return "a number"
+    args = typing.get_args(tp)
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join("null" if a is type(None) else _kind(a) for a in args)
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin)) + (
+            "[" + ", ".join(_kind(a) for a in args) + "]" if args else ""
+        )
+    return getattr(tp, "__name__", str(tp))
+
+
+def _typed(key: str, tp: Any, value: Any) -> Any:
+    """``value`` checked against the annotation ``tp`` (YAML 1.1 strings like ``1e-4`` read as
+    numbers; a tuple from a list).
+
+    Raises:
+        ValueError: Naming ``key``, the expected type and the value.
+    """
+
+    def bad() -> ValueError:
+        return ValueError(f"{key} must be {_kind(tp)}, got {value!r}")
+
+    if tp is Any:
+        return value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _typed(key, a, value)
+            except ValueError:
+                continue
+        raise bad()
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad()
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad() from None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise bad()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise bad()
+        return {str(k): _typed(f"{key}.{k}", args[1], v) for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise bad()
+        return [_typed(f"{key}[{i}]", args[0], v) for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise bad()
+        return tuple(_typed(f"{key}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value)))
+    raise TypeError(f"no check for {tp!r} ({key})")  # pragma: no cover - a new field type
 
 
 def merge_config(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -189,22 +365,127 @@ def merge_config(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, A
     return out
 
 
+def _check_override_key(item: str, parts: list[str]) -> None:
+    """Refuse an override key that names no setting of a stage config.
+
+    Raises:
+        ValueError: Naming the override and the key that is wrong.
+    """
+    head = parts[0]
+    if head in ("stage", "stages"):
+        if len(parts) > 1 and head == "stage":
+            raise ValueError(f"override {item!r}: 'stage' takes a value (stage=N), not sub-keys")
+        return
+    if head == "tiny":
+        return  # checked against make_tiny_assets' arguments by train.py
+    if head not in SECTIONS:
+        raise ValueError(
+            f"override {item!r}: unknown section {head!r}; known: "
+            f"{['stage', 'stages', 'tiny', *SECTIONS]}"
+        )
+    if len(parts) == 1:
+        raise ValueError(f"override {item!r}: '{head}' is a section; name a key ({head}.KEY=...)")
+    hints = typing.get_type_hints(SECTIONS[head])
+    if parts[1] not in hints:
+        raise ValueError(
+            f"override {item!r}: unknown key {head}.{parts[1]}; known: {sorted(hints)}"
+        )
+    tp = hints[parts[1]]
+    nested = tp is Any or dict in (
+        typing.get_origin(tp),
+        *map(typing.get_origin, typing.get_args(tp)),
+    )
+    if len(parts) > 2 and not nested:
+        raise ValueError(
+            f"override {item!r}: {head}.{parts[1]} takes a value ({_kind(tp)}), not sub-keys"
+        )
+
+
+def _set(node: dict[str, Any], parts: list[str], value: Any, item: str) -> None:
+    for i, p in enumerate(parts[:-1]):
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise ValueError(f"override {item!r}: {where} is {child!r}, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _get(node: Any, parts: list[str]) -> tuple[bool, Any]:
+    for p in parts:
+        if not isinstance(node, dict) or p not in node:
+            return False, None
+        node = node[p]
+    return True, node
+
+
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Read a recipe YAML and apply ``key.sub=value`` overrides (values parsed as YAML).
 
+    An override is the last word: when the recipe's ``stages`` list sets the same key in some
+    stages (e.g. ``optim.lr`` in every stage of ``tiny.yaml``), the override replaces it in those
+    stages too, and a warning names them. ``stages.N.key=value`` (N from 0) changes one stage.
+
     Raises:
-        ValueError: On an override without ``=``.
+        ValueError: On an override without ``=``, a key that names no setting (unknown section or
+            key, sub-keys under a plain value such as ``optim.max_steps.x=1``), a stage index out
+            of range, or a recipe file that is not a YAML mapping.
+        FileNotFoundError: If ``path`` does not exist.
     """
     import yaml
 
-    cfg = yaml.safe_load(Path(path).read_text()) or {}
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no recipe file {path}")
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold a mapping of settings, got {type(cfg).__name__}")
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
             raise ValueError(f"override {item!r} is not key=value")
-        *parents, leaf = key.strip().split(".")
-        node = cfg
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
+        parts = key.strip().split(".")
+        if any(not p for p in parts):
+            raise ValueError(f"override {item!r}: empty part in key {key!r}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"override {item!r}: the value is not YAML ({e})") from e
+        stages = cfg.get("stages")
+        if parts[0] == "stages" and len(parts) > 1:
+            if not isinstance(stages, list) or not parts[1].isdigit():
+                raise ValueError(
+                    f"override {item!r}: stages.N.key needs a 'stages' list and an index N"
+                )
+            n = int(parts[1])
+            if n >= len(stages):
+                raise ValueError(
+                    f"override {item!r}: the recipe has {len(stages)} stages (N from 0)"
+                )
+            if len(parts) > 2:
+                _check_override_key(item, parts[2:])
+                _set(stages[n], parts[2:], value, item)
+            else:
+                stages[n] = value
+            continue
+        _check_override_key(item, parts)
+        _set(cfg, parts, value, item)
+        if parts[0] != "stages" and isinstance(stages, list):
+            shadowed = [
+                i
+                for i, st in enumerate(stages)
+                if _get(st, parts)[0] and _get(st, parts)[1] != value
+            ]
+            for i in shadowed:
+                _set(stages[i], parts, copy.deepcopy(value), item)
+            if shadowed:
+                logger.warning(
+                    "override %s also replaces the value that stages %s of %s set",
+                    item,
+                    [stages[i].get("stage", i + 1) for i in shadowed],
+                    path.name,
+                )
     return cfg

@@ -121,7 +121,7 @@ class AudioCodes:
         for i in range(0, len(todo), batch_size):
             chunk = todo[i : i + batch_size]
             wavs = [load_audio(self.resolve(p), sample_rate=sr)[0] for p in chunk]
-            for p, codes in zip(chunk, self.tokenizer.encode(wavs), strict=True):
+            for p, codes in zip(chunk, self.tokenizer.encode(wavs, sample_rate=sr), strict=True):
                 self.cache[p] = [int(c) for c in codes.tolist()]
             bar.update(len(chunk))
         bar.close()
@@ -172,8 +172,8 @@ class AudioFeatures:
         if hit is None:
             p = Path(path)
             p = p if self.root is None or p.is_absolute() else self.root / p
-            wav, _ = load_audio(p, sample_rate=int(self.encoder.sample_rate))
-            hit = self.cache[path] = self.encoder.features(wav).float()
+            wav, sr = load_audio(p, sample_rate=int(self.encoder.sample_rate))
+            hit = self.cache[path] = self.encoder.features(wav, sample_rate=sr).float()
         return hit
 
     def num_placeholders(self, features: torch.Tensor) -> int:
@@ -215,6 +215,13 @@ class ChatRenderer:
             raise ValueError("Plus features need <|context_of_audio|> (extend_vocab(plus=True))")
         self.tokenizer, self.vocab, self.codes, self.schedule = tokenizer, vocab, codes, schedule
         self.features = features
+        unk = getattr(tokenizer, "unk_token_id", None)
+        self.control_ids = frozenset(
+            i
+            for i in (*tokenizer.get_added_vocab().values(), *tokenizer.all_special_ids)
+            if i != unk
+        )
+        self.unk_token = getattr(tokenizer, "unk_token", None)
         self.im_start = self.encode("<|im_start|>")
         self.im_end = self.encode("<|im_end|>")
         self.nl = self.encode("\n")
@@ -223,6 +230,30 @@ class ChatRenderer:
     def encode(self, text: str) -> list[int]:
         """Text -> ids without BOS/EOS."""
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def text_ids(self, text: str, where: str) -> list[int]:
+        """Record text -> ids, refusing text that the tokenizer would read as control tokens.
+
+        A record's text is data, never control: a ``<|im_end|>`` in a user turn would close the
+        turn, ``<|begin_of_audio|><|audio_5|>`` would inject audio codes. Like tiktoken's
+        ``disallowed_special`` default, the record is refused (the tokens are named) rather
+        than trained on a rewritten conversation; ``<|audio|>`` placeholders are split out
+        before this.
+
+        Raises:
+            RecordError: If ``text`` holds any special or added token of the vocabulary.
+        """
+        ids = self.encode(text)
+        found = [i for i in ids if i in self.control_ids]
+        if found or (self.unk_token and self.unk_token in text):
+            names = list(dict.fromkeys(self.tokenizer.convert_ids_to_tokens(found)))
+            if self.unk_token and self.unk_token in text:
+                names.append(self.unk_token)
+            raise RecordError(
+                f"{where} holds control tokens of the vocabulary as text: {names}; record text "
+                f"is never read as control tokens (only {AUDIO_PLACEHOLDER} is a placeholder)"
+            )
+        return ids
 
     def audio_ids(self, path: str) -> list[int]:
         """``<|audio_k|>`` ids of one audio file (no tags).
@@ -238,7 +269,8 @@ class ChatRenderer:
         Raises:
             RecordError: On a malformed record (no messages, unknown role, non-string content,
                 placeholder count != number of audios, more than one audio in an assistant turn,
-                a TTS prompt that itself holds ``<|audio|>``).
+                a TTS prompt that itself holds ``<|audio|>``, text holding a special or added
+                token of the vocabulary such as ``<|im_end|>`` or ``<|audio_5|>``).
             FileNotFoundError, AudioError: For a missing or corrupt audio file.
         """
         messages = _messages(record)
@@ -255,10 +287,10 @@ class ChatRenderer:
         ids: list[int] = []
         labels: list[int] = []
         feats: list[torch.Tensor] = []
-        for m in messages:
+        for n, m in enumerate(messages):
             role = _ROLES[m["role"]]
             pieces = m["content"].split(AUDIO_PLACEHOLDER)
-            texts = [self.encode(p) for p in pieces]
+            texts = [self.text_ids(p, f"message {n} ({m['role']})") for p in pieces]
             paths = [next(next_audio) for _ in pieces[1:]]
             if self.features is not None and role != "assistant":
                 tracks = []

@@ -6,6 +6,7 @@
         --override model.path=/models/Qwen2.5-7B-Instruct run.out_dir=out/stage1
     torchrun --nproc_per_node 8 examples/vita_audio/train.py --config ...   # DDP
     ... --override run.deepspeed=examples/vita_audio/recipes/deepspeed/zero3.json
+    ... --debug    # an error prints as one line; --debug shows its traceback
 
 ========  =====================================  ============  ==========================
 stage     what trains                            lr            MCTP heads
@@ -68,11 +69,24 @@ from mctp.training import (
 from vita_audio.checkpoint import EXTRA_PREFIXES, load_vita_audio, save_vita_audio
 from vita_audio.config import TrainConfig, load_config, merge_config
 from vita_audio.data import AudioCodes, AudioFeatures, ChatRenderer, VitaAudioData
+from vita_audio.guards import DiskFullError, checkpoint_problem, disk_guard, one_line
 from vita_audio.mixture import DataMixture
 from vita_audio.model import load_tokenizer
 from vita_audio.tiny import make_tiny_assets
 
-__all__ = ["FINAL_DIR", "StageRun", "build_stage", "main", "run_stage"]
+__all__ = [
+    "FINAL_DIR",
+    "DiskFullError",
+    "StageRun",
+    "build_stage",
+    "check_paths",
+    "checkpoint_problem",
+    "disk_guard",
+    "main",
+    "plan_stages",
+    "resume_point",
+    "run_stage",
+]
 
 FINAL_DIR = "final"
 """Sub-folder of a stage's ``out_dir`` holding its official-format result."""
@@ -170,9 +184,7 @@ def build_model(
         audio = plus_parts(m.audio_encoder, ckpt.extra, backbone.hidden_size)
         audio.pop("encoder")
         audio.update(audio_placeholder_id=vocab.audio_context)
-    model = MCTPTrainingModel(
-        backbone=backbone, stack=stack, mtp_loss_weight=ckpt.mtp_loss_weight, **audio
-    )
+    model = MCTPTrainingModel(backbone=backbone, stack=stack, **audio)
     preset = stage_preset(cfg, ckpt.mtp_loss_weight)
     preset.apply(model)
     if m.gradient_checkpointing:
@@ -414,10 +426,61 @@ def export_stage(run: StageRun, folder: Path) -> Path:
     return folder
 
 
-def run_stage(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
-    """Train one stage (resuming from its newest checkpoint) and export its ``final`` folder.
+def resume_point(cfg: TrainConfig) -> str | None:
+    """The checkpoint the stage continues from (``run.resume``), checked before training.
 
-    A stage whose ``final`` folder exists is not run again.
+    ``auto`` takes the newest ``checkpoint-N`` of ``run.out_dir`` that can be read, printing
+    each newer one it skips and why (a truncated or corrupt file); a named folder must load.
+
+    Raises:
+        FileNotFoundError: If ``run.resume`` names a missing folder.
+        ValueError: If the named folder cannot be read (the file and the reader's error).
+    """
+    resume, out = cfg.run.resume, Path(cfg.run.out_dir)
+    if resume is None:
+        return None
+    if resume != "auto":
+        if not Path(resume).is_dir():
+            raise FileNotFoundError(f"run.resume names a missing checkpoint folder: {resume}")
+        problem = checkpoint_problem(resume)
+        if problem:
+            raise ValueError(f"run.resume={resume} cannot be resumed from: {problem}")
+        return resume
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
+    for folder in sorted(found, key=lambda p: int(p.name[11:]), reverse=True):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return str(folder)
+        if _is_main():
+            print(f"stage {cfg.stage}: skipping checkpoint {folder}: {problem}", file=sys.stderr)
+    return None
+
+
+def _describe_launch(run: StageRun) -> str:
+    """Processes, batch split and device the Trainer derived (printed at start).
+
+    Raises:
+        RuntimeError: If the Trainer's world size differs from the launcher's ``WORLD_SIZE``.
+    """
+    a = run.trainer.args
+    if a.world_size != _world_size():
+        raise RuntimeError(
+            f"the launcher set WORLD_SIZE={_world_size()} but the Trainer runs {a.world_size} "
+            "processes"
+        )
+    return (
+        f"stage {run.cfg.stage}: {a.world_size} process{'es' if a.world_size > 1 else ''} on "
+        f"{a.device.type}, global batch {run.cfg.optim.global_batch} = per_device_batch "
+        f"{a.per_device_train_batch_size} x {a.world_size} processes x gradient accumulation "
+        f"{a.gradient_accumulation_steps}"
+    )
+
+
+def run_stage(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
+    """Train one stage (resuming from its newest readable checkpoint) and export ``final``.
+
+    A stage whose ``final`` folder exists is not run again. At start rank 0 prints the config,
+    the number of processes and the gradient accumulation derived from it.
 
     Returns:
         The stage's ``final`` folder.
@@ -425,50 +488,143 @@ def run_stage(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
     Raises:
         NonFiniteLossError: On a NaN/inf loss with ``run.on_nonfinite: stop``.
         FileNotFoundError: If ``run.resume`` names a missing folder.
+        ValueError: If ``run.resume`` names a folder that cannot be read.
+        DiskFullError: If the disk fills up during a checkpoint or the export.
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
     out = Path(cfg.run.out_dir)
     final = out / FINAL_DIR
     if (final / "config.json").is_file():
         if _is_main():
             print(f"stage {cfg.stage}: already complete -> {final}")
         return final
-    resume = cfg.run.resume
-    if resume == "auto":
-        resume = get_last_checkpoint(str(out)) if out.is_dir() else None
-    elif resume is not None and not Path(resume).is_dir():
-        raise FileNotFoundError(f"run.resume names a missing checkpoint folder: {resume}")
-    if _is_main():
-        print(f"stage {cfg.stage} config:\n{json.dumps(cfg.to_dict(), indent=2, default=str)}")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
-    run = build_stage(cfg, callbacks)
-    if _is_main():
-        m = run.model
-        counts = {
-            name: sum(p.numel() for p in part.parameters() if p.requires_grad)
-            for name, part in (("backbone", m.backbone), ("heads", m.stack))
-            if part is not None
-        }
-        print(
-            f"stage {cfg.stage}: {run.preset}\n  trainable parameters {counts}, mtp_loss_weight "
-            f"{m.mtp_loss_weight}, {len(run.trainer.train_dataset) if hasattr(run.trainer.train_dataset, '__len__') else 'streamed'} "
-            f"packs, {run.data.errors.summary()}, resume from {resume}"
-        )
-    run.trainer.train(resume_from_checkpoint=resume)
-    folder = export_stage(run, final)
+    resume = resume_point(cfg)
+    with disk_guard(out):
+        if _is_main():
+            print(f"stage {cfg.stage} config:\n{json.dumps(cfg.to_dict(), indent=2, default=str)}")
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(
+                json.dumps(cfg.to_dict(), indent=2, default=str) + "\n"
+            )
+        run = build_stage(cfg, callbacks)
+        launch = _describe_launch(run)
+        if _is_main():
+            m = run.model
+            counts = {
+                name: sum(p.numel() for p in part.parameters() if p.requires_grad)
+                for name, part in (("backbone", m.backbone), ("heads", m.stack))
+                if part is not None
+            }
+            ds = run.trainer.train_dataset
+            print(
+                f"{launch}\nstage {cfg.stage}: {run.preset}\n  trainable parameters {counts}, "
+                f"mtp_loss_weight {m.mtp_loss_weight}, "
+                f"{len(ds) if hasattr(ds, '__len__') else 'streamed'} packs, "
+                f"{run.data.errors.summary()}, resume from {resume}",
+                flush=True,
+            )
+        run.trainer.train(resume_from_checkpoint=resume)
+        folder = export_stage(run, final)
     if _is_main():
         last = next((h for h in reversed(run.trainer.state.log_history) if "loss" in h), {})
         print(f"stage {cfg.stage}: step {run.trainer.state.global_step} {last} -> {folder}")
     return folder
 
 
+def plan_stages(cfg: Mapping[str, Any]) -> list[TrainConfig]:
+    """Every stage's :class:`TrainConfig`, all checked before anything is written or trained.
+
+    Each entry of the ``stages`` list is merged over the shared settings; with several stages
+    each gets ``run.out_dir/stage<N>`` and starts from the previous stage's ``final`` folder.
+    A ``tiny`` section stands in for ``model.path`` and ``data.mixture`` (written by
+    :func:`main`).
+
+    Raises:
+        ValueError: Naming the stage and the key, for any setting of any stage that is unknown,
+            of the wrong type or out of range (a typo in the last stage fails before the
+            first stage trains), or for an unknown ``tiny`` setting.
+    """
+    cfg = dict(cfg)
+    stages = cfg.pop("stages", None) or [{}]
+    if not isinstance(stages, list) or not all(isinstance(x, Mapping) for x in stages):
+        raise ValueError(f"'stages' must be a list of mappings (one per stage), got {stages!r}")
+    tiny = cfg.pop("tiny", None)
+    if tiny is not None:
+        _check_tiny(tiny)
+        cfg = merge_config(cfg, {"model": {"path": "-"}, "data": {"mixture": "-"}})
+    configs: list[TrainConfig] = []
+    previous: Path | None = None
+    for i, overrides in enumerate(stages):
+        raw = merge_config(cfg, overrides)
+        if len(stages) > 1:
+            run = raw.setdefault("run", {})
+            if not isinstance(run, dict):
+                raise ValueError(f"'run' must be a mapping of keys, got {run!r}")
+            run["out_dir"] = str(
+                Path(run.get("out_dir", "out/vita_audio")) / f"stage{raw.get('stage', i + 1)}"
+            )
+        if previous is not None:
+            raw = merge_config(raw, {"model": {"path": str(previous), "tokenizer": None}})
+        try:
+            stage = TrainConfig.from_dict(raw)
+        except ValueError as e:
+            if len(stages) == 1:
+                raise
+            raise ValueError(f"stages[{i}] (stage {raw.get('stage', '?')}): {e}") from e
+        configs.append(stage)
+        previous = Path(stage.run.out_dir) / FINAL_DIR
+    return configs
+
+
+def check_paths(configs: Sequence[TrainConfig]) -> None:
+    """Refuse files and folders that the stages name but that are not there, before any trains.
+
+    Checked in every stage: ``data.mixture`` (when a path), ``data.audio_root``,
+    ``model.audio_encoder``, ``run.deepspeed`` and ``run.fsdp_config`` (when a path); the first
+    stage's ``model.path`` (later stages start from the previous ``final``).
+
+    Raises:
+        FileNotFoundError: Naming the stage, the key and the path.
+    """
+    for i, c in enumerate(configs):
+        wanted: list[tuple[str, Any, str]] = [
+            ("data.mixture", c.data.mixture, "file"),
+            ("data.audio_root", c.data.audio_root, "dir"),
+            ("model.audio_encoder", c.model.audio_encoder, "dir"),
+            ("run.deepspeed", c.run.deepspeed, "file"),
+            ("run.fsdp_config", c.run.fsdp_config, "file"),
+        ]
+        if i == 0:
+            wanted.append(("model.path", c.model.path, "dir"))
+        for key, value, kind in wanted:
+            if not isinstance(value, str | os.PathLike):
+                continue
+            ok = Path(value).is_file() if kind == "file" else Path(value).is_dir()
+            if not ok:
+                raise FileNotFoundError(
+                    f"stage {c.stage}: {key} names a missing {'file' if kind == 'file' else 'folder'}"
+                    f": {value}"
+                )
+
+
+def _check_tiny(tiny: Any) -> None:
+    """Refuse ``tiny`` settings that ``make_tiny_assets`` would ignore or fail on late."""
+    from transformers import Qwen2Config
+
+    if not isinstance(tiny, Mapping):
+        raise ValueError(f"'tiny' must be a mapping of settings, got {tiny!r}")
+    known = {"seed", "records", *Qwen2Config().to_dict()}
+    unknown = sorted(set(tiny) - known)
+    if unknown:
+        raise ValueError(f"unknown keys in 'tiny': {unknown} (seed, records or Qwen2Config fields)")
+
+
 def main(cfg: Mapping[str, Any], callbacks: Sequence[Any] = ()) -> list[Path]:
     """Run one stage, or the ``stages`` list in order (each starts from the previous ``final``).
 
-    A ``tiny`` section first writes a random tiny Qwen2 and a synthetic dataset into
-    ``run.out_dir/assets`` and points ``model.path`` and ``data.mixture`` at them.
+    Every stage's settings are checked first (:func:`plan_stages`, :func:`check_paths`), so a
+    mistake in the last stage stops the run before the first trains. A ``tiny`` section then
+    writes a random tiny Qwen2 and a synthetic dataset into ``run.out_dir/assets`` and points
+    ``model.path`` and ``data.mixture`` at them.
 
     Args:
         cfg: The recipe (nested mappings, see :class:`~vita_audio.config.TrainConfig`).
@@ -478,48 +634,57 @@ def main(cfg: Mapping[str, Any], callbacks: Sequence[Any] = ()) -> list[Path]:
         The ``final`` folder of every stage.
 
     Raises:
-        ValueError, FileNotFoundError: As :class:`TrainConfig` and :func:`run_stage`.
+        ValueError, FileNotFoundError: As :func:`plan_stages` and :func:`run_stage`.
+        DiskFullError: If the disk fills up while a checkpoint or result is written.
     """
-    cfg = dict(cfg)
-    stages = cfg.pop("stages", None) or [{}]
-    tiny = cfg.pop("tiny", None)
+    configs = plan_stages(cfg)
+    tiny = cfg.get("tiny")
     if tiny is not None:
         out = Path(cfg.get("run", {}).get("out_dir", "out/vita_audio"))
-        first = TrainConfig.from_dict(
-            merge_config(cfg, {"model": {"path": "-"}, "data": {"mixture": "-"}})
-        )
-        with main_first(first):
+        with main_first(configs[0]), disk_guard(out):
             if _is_main() or not (out / "assets" / "assets.json").is_file():
                 assets = make_tiny_assets(out / "assets", **tiny)
                 if _is_main():
                     (out / "assets" / "assets.json").write_text(json.dumps(assets))
             assets = json.loads((out / "assets" / "assets.json").read_text())
-        cfg = merge_config(
-            cfg, {"model": {"path": assets["model"]}, "data": {"mixture": assets["mixture"]}}
-        )
-    folders: list[Path] = []
-    previous = None
-    for i, overrides in enumerate(stages):
-        raw = merge_config(cfg, overrides)
-        if len(stages) > 1:
-            run = raw.setdefault("run", {})
-            run["out_dir"] = str(
-                Path(run.get("out_dir", "out/vita_audio")) / f"stage{raw.get('stage', i + 1)}"
+        rest = {k: v for k, v in cfg.items() if k != "tiny"}
+        configs = plan_stages(
+            merge_config(
+                rest, {"model": {"path": assets["model"]}, "data": {"mixture": assets["mixture"]}}
             )
-        if previous is not None:
-            raw = merge_config(raw, {"model": {"path": str(previous), "tokenizer": None}})
-        previous = run_stage(TrainConfig.from_dict(raw), callbacks)
-        folders.append(previous)
-    return folders
+        )
+    check_paths(configs)
+    return [run_stage(c, callbacks) for c in configs]
 
 
-def _cli(argv: Sequence[str] | None = None) -> None:
+def _cli(argv: Sequence[str] | None = None) -> int:
+    """The command line: one line per error on stderr (the traceback with ``--debug``).
+
+    Returns:
+        The exit status: 0, 1 on an error, 130 when interrupted.
+    """
     parser = argparse.ArgumentParser(description="VITA-Audio training recipe (stages 1-4)")
     parser.add_argument("--config", required=True, help="recipe YAML (recipes/stageN.yaml)")
     parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    main(load_config(args.config, args.override))
+    try:
+        main(load_config(args.config, args.override))
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("train.py: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        rank = f"[rank {os.environ['RANK']}] " if _world_size() > 1 else ""
+        print(
+            f"train.py: error: {rank}{one_line(e)} (--debug shows the traceback)", file=sys.stderr
+        )
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    _cli()
+    sys.exit(_cli())

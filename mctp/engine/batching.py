@@ -7,10 +7,12 @@ streams it; each request reads its own row (:meth:`Cohort.events`) and stops on 
 produced a stop id, while the other rows go on. A :class:`BatchScheduler` owns a few
 Generators ("lanes", each with ``max_batch`` rows): a request that arrives while one cohort
 runs starts a new cohort on a free lane at once, together with every compatible request
-waiting at that moment, and the cohorts advance in turns. Rows of one cohort share a schedule
-and its phase, so requests join at the start of a cohort (the next point where a new row can
-begin its schedule); requests with other request settings (mode, budget, sampling) never
-share a cohort.
+waiting at that moment, and the cohorts advance in turns. When no lane is free, a waiting
+request joins a running cohort (:meth:`Cohort.offer`) in a free row at the next point where
+a new row can begin its schedule in step with the others: after any backbone forward for
+Vanilla and verified Vanilla, after every backbone run for Boost and Turbo (Balance's phase
+never comes back: its requests wait for a lane). Requests with other request settings (mode,
+budget, sampling) never share a cohort.
 
 Everything here runs on the caller's thread (the server's generation worker): nothing is
 shared between threads, and a cohort only computes when one of its rows is read.
@@ -26,10 +28,10 @@ from dataclasses import dataclass
 import torch
 
 from .generation_config import GenerationConfig
-from .generator import Generator
+from .generator import Generator, JoinTicket
 from .segmenter import StreamEvent
 
-__all__ = ["BatchScheduler", "Cohort", "RowRequest", "left_pad"]
+__all__ = ["BatchScheduler", "Cohort", "JoinTicket", "RowRequest", "left_pad"]
 
 
 @dataclass
@@ -90,11 +92,12 @@ def left_pad(
 
 
 class Cohort:
-    """Rows generated together on one Generator; each row is read on its own.
+    """Rows generated together on one Generator; each row is read on its own, and waiting
+    requests may join the running rows (:meth:`offer`).
 
     Args:
         generator: The lane (free: no call running on it).
-        requests: One to ``generator.max_batch`` compatible requests.
+        requests: One to ``generator.max_batch`` compatible requests (rows ``0 .. n - 1``).
         audio_chunk: Audio pieces of this many tokens inside long segments (None: segments).
 
     Raises:
@@ -117,6 +120,7 @@ class Cohort:
         if not all(r.fits_with(requests[0]) for r in requests):
             raise ValueError("the requests of a cohort must have equal request settings")
         self.generator = generator
+        self.first = requests[0]
         ids, mask, embeds = left_pad(requests)
         self._stream = generator.stream(
             ids.to(generator.device),
@@ -125,14 +129,12 @@ class Cohort:
             config=requests[0].config,
             audio_chunk=audio_chunk,
         )
-        self._queues: list[deque[StreamEvent]] = [deque() for _ in requests]
-        self._open = [True] * len(requests)  # a reader still wants this row
+        self._queues: list[deque[StreamEvent]] = [deque() for _ in range(generator.max_batch)]
+        self._readers: set[int] = set(range(len(requests)))  # rows someone reads (or will)
+        self._abandoned: set[int] = set()  # rows whose reader left before their end
+        self._tickets: list[JoinTicket] = []
+        self.rows = len(requests)
         self.finished = False
-
-    @property
-    def rows(self) -> int:
-        """Rows of this cohort."""
-        return len(self._queues)
 
     def _advance(self) -> None:
         """One event of the shared stream (the generator computes when its queue is empty)."""
@@ -140,20 +142,67 @@ class Cohort:
         if ev is None:
             self.finished = True
             return
-        if 0 <= ev.row < self.rows:
-            self._queues[ev.row].append(ev)
+        if ev.row in self._abandoned:  # nobody reads it; its end frees the row for a join
+            if ev.kind == "end":
+                self._abandoned.discard(ev.row)
+            return
+        self._queues[ev.row].append(ev)
+
+    def offer(self, request: RowRequest) -> JoinTicket | None:
+        """Let ``request`` join this running cohort at its next join point (a free row, the
+        schedule's phase where a new row can start; see :meth:`mctp.Generator.offer_join`).
+
+        Returns:
+            A ticket (its ``row`` is set once joined, -1 if the cohort ended first), or None
+            when it cannot join (other settings, ended, or every row taken).
+        """
+        taken = len(self._readers) + len(self._abandoned) + len(self._tickets)
+        if (
+            self.finished
+            or not request.fits_with(self.first)
+            or request.prompt_embeds is not None
+            or taken >= self.generator.max_batch
+        ):
+            return None
+        ticket = JoinTicket(request)
+        self.generator.offer_join(ticket)
+        self._tickets.append(ticket)
+        return ticket
+
+    def claim(self, ticket: JoinTicket) -> Iterator[StreamEvent]:
+        """The events of a ticket's row once it joined.
+
+        Raises:
+            ValueError: If the ticket has not joined (yet).
+        """
+        if ticket.row is None or ticket.row < 0:
+            raise ValueError("the ticket has not joined this cohort")
+        self._tickets.remove(ticket)
+        self._readers.add(ticket.row)
+        return self.events(ticket.row)
+
+    def pump(self) -> None:
+        """Advance one event when no row is being read (requests waiting to join need the
+        generation to reach its next join point)."""
+        if not self.finished and not self._readers:
+            self._advance()
+
+    def settle(self) -> None:
+        """Forget tickets that were refused (the cohort ended before they could join)."""
+        self._tickets = [t for t in self._tickets if t.row != -1]
 
     def events(self, row: int) -> Iterator[StreamEvent]:
         """Row ``row``'s events (as ``row=0``), ending with its ``"end"``; reading them drives
         the cohort. Closing this iterator early abandons the row; the cohort stops when no
-        row is read any more.
+        row is read any more and no request waits to join.
 
         Raises:
             IndexError: On a row out of range.
         """
-        if not 0 <= row < self.rows:
-            raise IndexError(f"row {row} out of range for a cohort of {self.rows}")
+        if not 0 <= row < len(self._queues):
+            raise IndexError(f"row {row} out of range for a cohort of {len(self._queues)}")
         queue = self._queues[row]
+        ended = False
         try:
             while True:
                 while not queue:
@@ -163,10 +212,14 @@ class Cohort:
                 ev = queue.popleft()
                 yield dataclasses.replace(ev, row=0, result=None)
                 if ev.kind == "end":
+                    ended = True
                     return
         finally:
-            self._open[row] = False
-            if not any(self._open):
+            self._readers.discard(row)
+            queue.clear()
+            if not ended and not self.finished:
+                self._abandoned.add(row)
+            if not self._readers and not self._tickets:
                 self.close()
 
     def close(self) -> None:
@@ -178,7 +231,7 @@ class Cohort:
     @property
     def busy(self) -> bool:
         """Whether the lane is still in use by this cohort."""
-        if not self.finished and not any(self._open):
+        if not self.finished and not self._readers and not self._tickets:
             self.close()
         return not self.finished
 
@@ -232,6 +285,20 @@ class BatchScheduler:
         cohort = Cohort(lane, requests, audio_chunk=self.audio_chunk)
         self._cohorts[self.lanes.index(lane)] = cohort
         return [cohort.events(r) for r in range(cohort.rows)]
+
+    def offer(self, request: RowRequest) -> tuple[Cohort, JoinTicket] | None:
+        """Offer ``request`` to the running cohorts (the one with the most free rows first).
+
+        Returns:
+            ``(cohort, ticket)`` when a cohort took the offer, else None.
+        """
+        running = [c for c in self._cohorts.values() if c.busy]
+        running.sort(key=lambda c: len(c._readers) + len(c._tickets))
+        for cohort in running:
+            ticket = cohort.offer(request)
+            if ticket is not None:
+                return cohort, ticket
+        return None
 
     @staticmethod
     def pick(waiting: Sequence[RowRequest], limit: int) -> list[int]:

@@ -58,6 +58,7 @@ class KVCache:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self._positions: torch.Tensor | None = None
+        self._visible: int | None = None
 
     @property
     def allocated(self) -> bool:
@@ -111,9 +112,29 @@ class KVCache:
             self.values[i] = static_buffer(torch.zeros(b, h, s, dv, dtype=dtype, device=device))
         return self
 
-    def set_positions(self, positions: torch.Tensor) -> None:
-        """Set the sequence indices ``[T]`` (long) the next ``update`` calls write to."""
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache over rows ``start .. stop - 1`` of this one: its buffers are views, so what
+        a forward writes through it lands here (a 1-row prefill of a request joining a batch).
+
+        Raises:
+            ValueError: If the buffers are not allocated or the rows are out of range.
+        """
+        if not self.allocated:
+            raise ValueError("allocate() the cache before taking row views")
+        if not 0 <= start < stop <= self.batch_size:
+            raise ValueError(f"rows {start}..{stop} out of range for batch size {self.batch_size}")
+        view = KVCache(self.num_layers, stop - start, self.max_len, single_layer=self.single_layer)
+        view._visible = None
+        view.keys = [k[start:stop] for k in self.keys]  # type: ignore[index]
+        view.values = [v[start:stop] for v in self.values]  # type: ignore[index]
+        return view
+
+    def set_positions(self, positions: torch.Tensor, *, visible: int | None = None) -> None:
+        """Set the sequence indices ``[T]`` (long) the next ``update`` calls write to, and how
+        many leading slots they return (``visible``; None: all ``max_len``). The eager path
+        reads only the slots a sequence has; fixed shapes read them all."""
         self._positions = positions
+        self._visible = None if visible is None or visible >= self.max_len else visible
 
     def update(
         self,
@@ -150,6 +171,8 @@ class KVCache:
         assert k_buf is not None and v_buf is not None
         k_buf.index_copy_(2, self._positions, key.to(k_buf.dtype))
         v_buf.index_copy_(2, self._positions, value.to(v_buf.dtype))
+        if self._visible is not None:
+            return k_buf[:, :, : self._visible], v_buf[:, :, : self._visible]
         return k_buf, v_buf
 
     def reset(self) -> None:

@@ -126,6 +126,24 @@ class MCTPDecoder:
         self.next_index = [min(c, max(length - 1, k + 1)) for k, c in enumerate(self.next_index)]
         self.backbone_length = min(self.backbone_length, length)
 
+    def replace_row(self, row: int, start: int, hidden: torch.Tensor) -> None:
+        """A new sequence took row ``row`` from slot ``start`` on (a request joining a running
+        batch): record its backbone states ``hidden [T, H]`` for slots ``start ..
+        start + T - 1`` and let every head re-read from there (head ``k`` from ``start + k +
+        1``, where the row's positions exceed ``k``). The other rows' entries at those slots
+        are computed again from the same inputs.
+
+        Raises:
+            ValueError: If the states reach past the backbone states of the other rows.
+        """
+        t = hidden.shape[0]
+        if start + t > self.backbone_length:
+            raise ValueError(
+                f"row states reach slot {start + t}; backbone states cover {self.backbone_length}"
+            )
+        self.hidden[0, row, start : start + t] = hidden.to(self.hidden.dtype)
+        self.next_index = [min(c, start + k + 1) for k, c in enumerate(self.next_index)]
+
     def write_backbone(self, start: int, hidden: torch.Tensor) -> None:
         """Record backbone last hidden states ``[B, T, H]`` for slots ``start..start+T-1``.
 
@@ -203,7 +221,7 @@ class MCTPDecoder:
                     f"head {k} has already seen slot {n - 1}; truncate() before re-running"
                 )
             tok, logits = self._head(
-                k, buf.index[c:n], sampler, None if forced is None else forced[:, k]
+                k, buf.index[c:n], sampler, None if forced is None else forced[:, k], visible=n
             )
             buf.advance(1)
             self.next_index[k] = n
@@ -221,23 +239,27 @@ class MCTPDecoder:
         idx: torch.Tensor,
         sampler: Callable[[torch.Tensor], torch.Tensor],
         forced: torch.Tensor | None,
+        visible: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Head ``k`` processes slots ``idx [T]`` and writes its token to slot ``idx[-1] + 1``.
 
         Everything is indexed by tensors (no host integers), so the same code runs eagerly,
-        under ``torch.compile`` and inside a CUDA graph.
+        under ``torch.compile`` and inside a CUDA graph. ``visible``: the leading slots the
+        attention reads (the eager path: the sequence's length; None on fixed shapes).
 
         Returns:
             ``(token [B], logits [B, V'])``.
         """
         stack, buf = self.stack, self.buffer
-        h, pos = self._head_states(k, idx)
+        h, pos = self._head_states(k, idx, visible)
         logits = stack.head_logits(h[:, -1])  # [B, V']
         tok = stack.to_global_ids(sampler(logits)) if forced is None else forced
         buf.write_next(idx[-1:] + 1, tok[:, None], pos[:, -1:] + 1)
         return tok, logits
 
-    def _head_states(self, k: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _head_states(
+        self, k: int, idx: torch.Tensor, visible: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Head ``k``'s block over slots ``idx [T]``: writes its cache and ``h^{k+1}``.
 
         Returns:
@@ -249,8 +271,11 @@ class MCTPDecoder:
         prev = self.hidden[k].index_select(1, idx - 1)  # h^k_{t-1}
         z = head.fuse(buf.embed(stack.embed, idx, for_heads=True), prev)
         cache = self.caches[k]
-        cache.set_positions(idx)
-        mask = additive(decode_mask(idx, buf.valid & (buf.positions > k)), z.dtype)
+        cache.set_positions(idx, visible=visible)
+        keys = buf.valid & (buf.positions > k)
+        if visible is not None:
+            keys = keys[:, :visible]
+        mask = additive(decode_mask(idx, keys), z.dtype)
         y = call_block(
             head.block,
             z,

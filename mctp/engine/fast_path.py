@@ -27,9 +27,32 @@ from ..backbone import Backbone
 from .buffer import TokenBuffer
 from .decoding import MCTPDecoder
 
-__all__ = ["ExactPath", "FastPath", "load_compile_cache", "save_compile_cache"]
+__all__ = ["ExactPath", "FastPath", "backbone_step", "load_compile_cache", "save_compile_cache"]
 
 Sampler = Callable[[torch.Tensor], torch.Tensor]
+
+
+def backbone_step(
+    backbone: Backbone,
+    buffer: TokenBuffer,
+    cache: Any,
+    idx: torch.Tensor,
+    all_logits: bool = False,
+    visible: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine's backbone step: the buffer's slots ``idx [T]`` as tensors (embeddings,
+    positions, validity) through :meth:`Backbone.decode`, then the logits. ``visible``: the
+    leading slots attention reads (the eager path passes the sequence's length, so a step
+    costs what the sequence holds, not what the cache could hold; None on fixed shapes).
+
+    Returns:
+        ``(hidden [B, T, H], logits [B, T, V] with all_logits else [B, 1, V])``.
+    """
+    x = buffer.embed(backbone.embed, idx)
+    pos = buffer.positions.index_select(1, idx)
+    valid = buffer.valid if visible is None else buffer.valid[:, :visible]
+    hidden = backbone.decode(x, pos, idx, valid, cache)
+    return hidden, backbone.logits(hidden if all_logits else hidden[:, -1:])
 
 
 class ExactPath:
@@ -54,7 +77,7 @@ class ExactPath:
             ``(hidden [B, T, H], logits [B, T or 1, V])``.
         """
         idx = buffer.index[start : buffer.length]
-        return self.backbone.decode(buffer, cache, idx, all_logits=all_logits)
+        return backbone_step(self.backbone, buffer, cache, idx, all_logits, buffer.length)
 
     def chain(self, decoder: MCTPDecoder, count: int, sampler: Sampler) -> torch.Tensor:
         """Heads ``0..count-1`` over their exact backlogs; returns the tokens ``[B, count]``."""
@@ -118,7 +141,10 @@ class FastPath:
         if device.type == "cuda":
             self.compile_kwargs["mode"] = "reduce-overhead"
         self.compile_kwargs.update(compile_options or {})
-        self._decode = self._compile(backbone.decode, "mctp_backbone_decode")
+        step = self._compile(backbone_step, "mctp_backbone_decode")
+        self._decode = lambda buffer, cache, idx, all_logits=False: step(
+            backbone, buffer, cache, idx, all_logits
+        )
         self._chains: dict[tuple[MCTPDecoder, int], Callable[..., Any]] = {}
         self._fills: dict[tuple[MCTPDecoder, int], Callable[[torch.Tensor], None]] = {}
 
@@ -145,7 +171,8 @@ class FastPath:
         if t == 1 or start > 0:
             return self._decode(buffer, cache, buffer.index[start:n], all_logits=all_logits)
         # a prompt outside the windowed range: one eager multi-token forward
-        return self.backbone.decode(buffer, cache, buffer.index[start:n], all_logits=all_logits)
+        idx = buffer.index[start:n]
+        return backbone_step(self.backbone, buffer, cache, idx, all_logits, n)
 
     def _windowed_prefill(
         self, buffer: TokenBuffer, cache: Any, n: int

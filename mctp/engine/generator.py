@@ -22,6 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ from .generation_config import EngineConfig, GenerationConfig, split_options
 from .result import GenerationResult
 from .sampling import SpeechIds, TokenPicker
 from .segmenter import StreamEvent, StreamSegmenter
+from .state import DecodeState
 
 __all__ = ["GenerationResult", "Generator"]
 
@@ -144,16 +146,13 @@ class Generator:
         self._check(config)
         self.config = config
         b, s = engine.max_batch, engine.max_len
-        self.buffer = TokenBuffer(b, s, self.device)
-        self._dtype = engine.torch_dtype
-        self.cache = backbone.setup_caches(b, s, dtype=self._dtype, device=self.device)
-        self.decoder: MCTPDecoder | None = None
-        if stack is not None:
-            if engine.audio_heads:
-                v = vocab
-                assert v is not None
-                stack = stack.with_output_vocab([v.boa, v.eoa, *range(v.audio_start, v.audio_stop)])
-            self.decoder = MCTPDecoder(stack, self.buffer, dtype=self._dtype)
+        if stack is not None and engine.audio_heads:
+            v = vocab
+            assert v is not None
+            stack = stack.with_output_vocab([v.boa, v.eoa, *range(v.audio_start, v.audio_stop)])
+        self.state = DecodeState(
+            backbone, stack, max_batch=b, max_len=s, device=self.device, dtype=engine.torch_dtype
+        )
         self.path: FastPath | ExactPath = (
             FastPath(
                 backbone,
@@ -166,9 +165,25 @@ class Generator:
             else ExactPath(backbone)
         )
         self._lock = threading.Lock()
+        self._joins: list[JoinTicket] = []
         self.rows = b  # rows of the running (or last) call: <= max_batch
 
     # ------------------------------------------------------------------ set-up
+    @property
+    def buffer(self) -> TokenBuffer:
+        """The decode state's token buffer."""
+        return self.state.buffer
+
+    @property
+    def cache(self) -> Any:
+        """The decode state's backbone cache."""
+        return self.state.cache
+
+    @property
+    def decoder(self) -> MCTPDecoder | None:
+        """The decode state's MCTP heads (caches and progress), or None."""
+        return self.state.heads
+
     @property
     def max_batch(self) -> int:
         """Rows the engine runs together (calls with fewer rows are padded to it)."""
@@ -214,9 +229,7 @@ class Generator:
             RuntimeError: If a call is running.
         """
         with self._acquire():
-            self.buffer.clear()
-            if self.decoder is not None:
-                self.decoder.reset()
+            self.state.reset()
 
     # ------------------------------------------------------------------ calls
     def _acquire(self) -> _Held:
@@ -346,27 +359,60 @@ class Generator:
             speech = self.vocab
             seg = StreamSegmenter(
                 speech if speech is not None else _NoAudio(),
-                run.rows,
+                self.max_batch,
                 cfg.eos_token_id,
                 audio_chunk=audio_chunk,
             )
+            for r in run.finished_rows:  # padding rows: nothing to say until a request joins
+                seg.retire(r)
             if streamer is not None:
                 streamer.put(input_ids.detach().cpu())
             buf, p = self.buffer, run.prompt_len
             read = 0
             cycle_times: list[tuple[int, float]] = []
-            for produced in run.cycles():
-                now = time.perf_counter() - t0
-                cycle_times.append((produced, now))
-                new = buf.ids[: run.rows, p + read : run.end].tolist()  # one read per cycle
-                read = run.end - p
-                for r in range(run.rows):
-                    for ev in seg.feed(r, new[r], now, run.forwards):
-                        if streamer is not None and ev.kind == "text":
-                            streamer.put(torch.tensor(ev.ids))
-                        if ev.kind == "end":
-                            ev.row_result = run.result(t0, cycle_times, rows=[r])
-                        yield ev
+
+            def row_events(r: int, evs: list[StreamEvent]) -> Iterator[StreamEvent]:
+                for ev in evs:
+                    if streamer is not None and ev.kind == "text":
+                        streamer.put(torch.tensor(ev.ids))
+                    if ev.kind == "end":
+                        ev.row_result = run.result(t0, cycle_times, rows=[r])
+                        run.finished_rows.add(r)
+                    yield ev
+
+            try:
+                for produced in run.cycles():
+                    now = time.perf_counter() - t0
+                    cycle_times.append((produced, now))
+                    lo, hi = p + read, run.end
+                    new = buf.ids[:, lo:hi].tolist()  # one read per cycle
+                    read = hi - p
+                    for r in range(self.max_batch):
+                        if seg.ended(r):
+                            continue
+                        first, stop = run.row_start[r], run.row_start[r] + run.row_budget[r]
+                        ids = new[r][max(first, lo) - lo : max(min(stop, hi) - lo, 0)]
+                        evs = seg.feed(r, ids, now, run.forwards)
+                        if hi >= stop and not seg.ended(r):  # the row's own budget is spent
+                            evs += seg.end(r, now, run.forwards)
+                        yield from row_events(r, evs)
+                    if run.joinable:
+                        for ticket in list(self._joins):
+                            r = run.try_join(ticket.request)
+                            if r is None:
+                                continue
+                            self._joins.remove(ticket)
+                            ticket.row = r
+                            held = seg.take_held()  # not the last row to end after all
+                            if held is not None:
+                                yield from row_events(held.row, [held])
+                            seg.reopen(r)
+                            tok0 = [int(buf.ids[r, run.row_start[r]])]
+                            yield from row_events(r, seg.feed(r, tok0, now, run.forwards))
+            finally:
+                for ticket in self._joins:  # the run ended before they could join
+                    ticket.row = -1
+                self._joins.clear()
             _sync(self.device)
             result = run.result(t0, cycle_times)
             if streamer is not None:
@@ -375,6 +421,31 @@ class Generator:
                 if ev.kind == "end" and ev.row_result is None:
                     ev.row_result = run.result(t0, cycle_times, rows=[ev.row])
                 yield ev
+
+    def offer_join(self, ticket: JoinTicket) -> None:
+        """Ask the running stream to take ``ticket.request`` into a free row at its next join
+        point (see :meth:`_Run.try_join`); ``ticket.row`` is set to the row once it joined,
+        or to -1 when the stream ended first. Its events then come from the same stream.
+
+        Raises:
+            RuntimeError: If no stream is running.
+        """
+        if not self._lock.locked():
+            raise RuntimeError("no stream is running on this Generator")
+        self._joins.append(ticket)
+
+
+@dataclass
+class JoinTicket:
+    """A request waiting to join a running stream (:meth:`Generator.offer_join`).
+
+    Attributes:
+        request: A :class:`~mctp.engine.batching.RowRequest`.
+        row: None while waiting, the row once joined, -1 when the stream ended first.
+    """
+
+    request: Any
+    row: int | None = None
 
 
 class _NoAudio:
@@ -456,8 +527,9 @@ class _Run:
         self.gen, self.cfg, self.engine, self.path = gen, cfg, gen.engine, gen.path
         self.schedule = cfg.schedule
         self.max_new, self.prompt_len = cfg.max_new_tokens, p
+        self.state = gen.state
         self.buffer, self.cache = gen.buffer, gen.cache
-        self.buffer.start(
+        self.state.start(
             input_ids,
             attention_mask,
             prompt_embeds,
@@ -468,7 +540,6 @@ class _Run:
         if gen.stack is not None and (self.schedule.uses_mctp or cfg.verify):
             assert gen.decoder is not None
             self.decoder = gen.decoder
-            self.decoder.reset()
             vocab = self.decoder.stack.output_vocab
             self.head_index = None if vocab is None else vocab.index.to(device)
         self.picker = TokenPicker(
@@ -483,9 +554,15 @@ class _Run:
         self.picker.observe(input_ids)
         self.stop_ids = torch.tensor(cfg.eos_token_id, dtype=torch.long, device=device)
         self.done = torch.arange(cap, device=device) >= b  # padding rows count as stopped
+        # per row: first generated slot, first prompt slot, budget; rows free for a join
+        self.row_start = [p] * cap
+        self.row_prompt = [0] * cap
+        self.row_budget = [cfg.max_new_tokens] * cap
+        self.finished_rows: set[int] = set(range(b, cap))
+        self.joinable = False
+        self.joined = 0
         self.sources: list[int] = []  # per generated slot, shared by all rows
         self.forwards = self.mctp_steps = self.drafted = self.accepted = 0
-        self.processed = 0  # slots whose backbone states are in the cache
         self.prefill_s = 0.0
 
     def head_sampler(self, logits: torch.Tensor) -> torch.Tensor:
@@ -510,12 +587,10 @@ class _Run:
         self.sources.extend(source)
 
     def _backbone_token(self) -> None:
-        start = self.processed
+        start = self.state.processed
         hidden, logits = self.path.forward(self.buffer, self.cache, start)
         self.forwards += 1
-        if self.decoder is not None:
-            self.decoder.write_backbone(start, hidden)
-        self.processed = self.buffer.length
+        self.state.backbone_done(start, hidden)
         tok = self.picker(logits[:, -1])
         self.buffer.append(tok[:, None])
         self._record(tok[:, None], [BACKBONE])
@@ -527,10 +602,10 @@ class _Run:
         return tokens
 
     def _draft_len(self) -> int:
-        """Tokens to draft after the backbone token at slot ``processed``."""
+        """Tokens to draft after the backbone token at slot ``state.processed``."""
         assert self.decoder is not None
         if self.schedule.uses_mctp:
-            i = self.processed - self.prompt_len  # decoded index of the last backbone token
+            i = self.state.processed - self.prompt_len  # decoded index of the last backbone token
             k = 0
             while k < self.decoder.stack.num_heads and self.schedule.head(i + 1 + k) >= 0:
                 k += 1
@@ -544,7 +619,7 @@ class _Run:
         """Draft with the heads, verify with one backbone forward, keep the agreeing prefix."""
         assert self.decoder is not None
         buf = self.buffer
-        s0 = self.processed  # slot of the token the last backbone forward produced
+        s0 = self.state.processed  # slot of the token the last backbone forward produced
         k = self._draft_len()
         if k > 0:
             self._chain(k)
@@ -557,43 +632,137 @@ class _Run:
         self.drafted += k * self.rows
         self.accepted += a * self.rows
         keep = s0 + 1 + a
-        buf.truncate(keep)
-        self.decoder.truncate(keep)
-        self.decoder.write_backbone(s0, hidden[:, : a + 1])
-        self.processed = keep
+        self.state.rollback(keep)  # the rejected drafts' slots, in every cache at once
+        self.state.backbone_done(s0, hidden[:, : a + 1])
         buf.append(choice[:, a : a + 1])
         self._record(buf.ids[:, s0 + 1 : keep + 1], [*range(a), BACKBONE])
 
     # -- the loop
     def cycles(self) -> Iterator[int]:
-        """Run the generation; yields the number of generated tokens after every cycle."""
+        """Run the generation; yields the number of generated tokens after every cycle.
+
+        ``max_new`` may grow while it runs (a row joined, see :meth:`try_join`); a row may join
+        at a yield where :attr:`joinable` is True.
+        """
         self._backbone_token()  # the prefill produces the first token
+        self.joinable = self._aligned(0)
         yield self.produced
         every = self.engine.stop_check_every
         if self.cfg.verify:
             while self.produced < self.max_new:
                 self._verified_cycle()
+                self.joinable = self._aligned(self.state.processed - self.prompt_len)
                 yield self.produced
+                self.joinable = False
                 if self.forwards % every == 0 and self._all_done():
                     return
             return
-        for step in self.schedule.steps(self.max_new):
+        for step in self.schedule.steps(self.buffer.max_len):
             if step.start == 0:
                 continue  # the prefill already produced token 0
+            if step.start >= self.max_new:
+                return
             if step.source is Source.BACKBONE:
                 self._backbone_token()
                 if self.forwards % every == 0 and self._all_done():
                     yield self.produced
                     return
+                self.joinable = self._aligned(step.start)
             else:
                 # fixed chains always run the full MCTP run; tokens past max_new are cut later
                 count = (
                     self.schedule.run_length(step.start - 1)
                     if self.path.fixed_chains
-                    else step.count
+                    else min(step.count, self.max_new - step.start)
                 )
                 self._record(self._chain(count), list(range(count)))
             yield self.produced
+            self.joinable = False
+
+    def _aligned(self, i: int) -> bool:
+        """Whether a row whose first token (from its own prefill) sits where token ``i`` of
+        this run sits would follow its own schedule from there: the sources of tokens
+        ``i + 1, i + 2, ...`` equal those of ``1, 2, ...`` (always for Vanilla; after every
+        backbone run for Boost and Turbo; Balance only at the start)."""
+        sched = self.schedule
+        if self.cfg.verify and not sched.uses_mctp:
+            return True
+        horizon = 2 * sum(sched.ratio) + 2
+        return all(sched.head(i + 1 + j) == sched.head(1 + j) for j in range(horizon))
+
+    def try_join(self, request: Any) -> int | None:
+        """Put ``request`` (a :class:`~mctp.engine.batching.RowRequest` with this run's
+        settings) into a free row now, at a join point: its prompt is written to the row's
+        slots just before the cursor, prefilled into that row of the backbone's cache (a
+        1-row view), its first token chosen and placed where this run's last backbone token
+        sits, and the heads re-read the row's slots at their next chain. From then on the row
+        follows its own schedule in step with the others.
+
+        Returns:
+            The row, or None when it cannot join now (not a join point, other settings,
+            prompt embeddings, no free row, a prompt longer than the cursor, no room, or a
+            cache without row views).
+        """
+        ids = request.input_ids
+        if (
+            not self.joinable
+            or request.config != self.cfg
+            or request.prompt_embeds is not None
+            or not hasattr(self.cache, "rows")
+        ):
+            return None
+        free = [r for r in range(self.gen.max_batch) if r in self.finished_rows]
+        buf = self.buffer
+        n, pj = buf.length, ids.shape[1]
+        start = n - 1 - pj
+        heads = 0 if self.gen.stack is None else self.gen.stack.num_heads
+        need = slots_needed(self.cfg, 0, self.cfg.max_new_tokens, heads, self.engine)
+        if not free or start < 0 or n - 1 + need > buf.max_len:
+            return None
+        r = free[0]
+        dev = buf.device
+        ids = ids.to(dev)
+        with torch.inference_mode():
+            buf.ids[r, start : n - 1] = ids[0]
+            buf.positions[r, start : n - 1] = torch.arange(pj, device=dev)
+            buf.valid[r, :start] = False
+            buf.valid[r, start : n - 1] = True
+            idx = buf.index[start : n - 1]
+            backbone = self.gen.backbone
+            hidden = backbone.decode(
+                backbone.embed(ids),
+                buf.positions[r : r + 1, start : n - 1],
+                idx,
+                buf.valid[r : r + 1],
+                self.cache.rows(r, r + 1),
+            )
+            picker = TokenPicker(
+                backbone.vocab_size,
+                self.gen.vocab,
+                self.cfg.text_sampling,
+                self.cfg.audio_sampling_or_text,
+                self.picker.generator,
+                dev,
+                1,
+            )
+            picker.observe(ids)
+            tok = picker(backbone.logits(hidden[:, -1:])[:, -1])
+            buf.ids[r, n - 1] = tok[0]
+            buf.positions[r, n - 1] = pj
+            buf.valid[r, n - 1] = True
+            if self.picker.seen is not None:
+                self.picker.seen[r] = False
+                self.picker.observe_row(r, buf.ids[r : r + 1, start:n])
+            if self.state.heads is not None:
+                self.state.heads.replace_row(r, start, hidden[0])
+            self.done[r] = bool(self.stop_ids.numel()) and bool(torch.isin(tok, self.stop_ids))
+        self.finished_rows.discard(r)
+        self.row_start[r] = n - 1
+        self.row_prompt[r] = start
+        self.row_budget[r] = self.cfg.max_new_tokens
+        self.max_new = max(self.max_new, n - 1 - self.prompt_len + self.cfg.max_new_tokens)
+        self.joined += 1
+        return r
 
     def _all_done(self) -> bool:
         return bool(self.stop_ids.numel()) and bool(self.done.all())
@@ -609,32 +778,36 @@ class _Run:
         stopped early gets its own result while the others go on)."""
         buf, speech = self.buffer, self.gen.vocab
         picked = list(range(self.rows)) if rows is None else list(rows)
-        sel = torch.tensor(picked, dtype=torch.long, device=buf.device)
-        n = self.end
-        out_rows, srcs = [], []
-        src = torch.tensor(self.sources[: n - self.prompt_len], dtype=torch.long)
+        n, p = self.end, self.prompt_len
+        out_rows, srcs, prompts = [], [], []
+        src = torch.tensor(self.sources[: n - p], dtype=torch.long)
         first_audio_len = None
-        gen_cpu = buf.ids.index_select(0, sel)[:, self.prompt_len : n].cpu().clone()
+        ids_cpu = buf.ids.index_select(0, torch.tensor(picked, device=buf.device)).cpu()
         stops = self.stop_ids.cpu()
-        for r in range(len(picked)):
-            ids = gen_cpu[r]
+        for i, r in enumerate(picked):
+            first = self.row_start[r]
+            stop = min(n, first + self.row_budget[r])
+            ids = ids_cpu[i, first:stop].clone()
             if stops.numel():
                 hit = torch.isin(ids, stops).nonzero()
                 if hit.numel():
                     ids = ids[: int(hit[0]) + 1]
             out_rows.append(ids)
-            srcs.append(src[: ids.numel()])
+            srcs.append(src[first - p : first - p + ids.numel()])
+            prompts.append(ids_cpu[i, self.row_prompt[r] : first])
             if speech is not None:
                 eoa = (ids == speech.eoa).nonzero()
                 if eoa.numel():
-                    length = int(eoa[0]) + 1
+                    length = int(eoa[0]) + 1 + (first - p)
                     first_audio_len = (
                         length if first_audio_len is None else min(first_audio_len, length)
                     )
-        seq = torch.full((len(picked), n), self.cfg.pad_id, dtype=torch.long)
-        seq[:, : self.prompt_len] = buf.ids.index_select(0, sel)[:, : self.prompt_len].cpu()
-        for r, ids in enumerate(out_rows):
-            seq[r, self.prompt_len : self.prompt_len + ids.numel()] = ids
+        width = max(pr.numel() + (min(n, self.row_start[r] + self.row_budget[r]) - self.row_start[r])
+                    for pr, r in zip(prompts, picked))  # fmt: skip
+        seq = torch.full((len(picked), width), self.cfg.pad_id, dtype=torch.long)
+        for i, (pr, ids) in enumerate(zip(prompts, out_rows)):
+            seq[i, : pr.numel()] = pr
+            seq[i, pr.numel() : pr.numel() + ids.numel()] = ids
         first_audio_s = None
         if first_audio_len is not None:
             first_audio_s = next(

@@ -180,6 +180,11 @@ class TokenPicker:
         if self.seen is not None:
             self.seen.scatter_(1, ids, True)
 
+    def observe_row(self, row: int, ids: torch.Tensor) -> None:
+        """Mark ``ids [1, T]`` as seen by row ``row`` alone (a row that joined a batch)."""
+        if self.seen is not None:
+            self.seen[row].scatter_(0, ids[0], True)
+
     def __call__(self, logits: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """``logits [B, V']`` over vocabulary ids ``index`` (None = all) -> local ids ``[B]``."""
         seen = self.seen if index is None or self.seen is None else self.seen[:, index]

@@ -89,8 +89,33 @@ class StreamSegmenter:
         self._held: StreamEvent | None = None
 
     def ended(self, row: int) -> bool:
-        """Whether ``row`` saw a stop id."""
+        """Whether ``row`` ended (a stop id, its budget, or :meth:`retire`)."""
         return self._ended[row]
+
+    def retire(self, row: int) -> None:
+        """Count ``row`` as ended without any event (a padding row of a batch)."""
+        self._ended[row] = True
+        self._pending[row] = []
+        self._in_audio[row] = False
+
+    def reopen(self, row: int) -> None:
+        """Start ``row`` afresh (a new request took it): its events begin again."""
+        self._ended[row] = False
+        self._pending[row] = []
+        self._in_audio[row] = False
+
+    def take_held(self) -> StreamEvent | None:
+        """The ``"end"`` held back for the result, handed out now (a row is about to be
+        reopened, so it was not the last one after all)."""
+        held, self._held = self._held, None
+        return held
+
+    def end(self, row: int, time_s: float, forwards: int) -> list[StreamEvent]:
+        """End ``row`` now (its budget is spent): partial audio flushed, then its ``"end"``."""
+        if self._ended[row]:
+            return []
+        self._ended[row] = True
+        return self._close(row, time_s, forwards)
 
     def feed(self, row: int, ids: Iterable[int], time_s: float, forwards: int) -> list[StreamEvent]:
         """New ids of ``row`` (in order); returns the events they complete.

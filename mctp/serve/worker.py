@@ -74,6 +74,11 @@ class Batcher(Protocol):
         """Start ``requests`` together; one item iterator per request, in order."""
         ...
 
+    def offer(self, request: Any) -> Any | None:
+        """Let ``request`` join a running batch; a handle with ``joined``, ``refused`` and
+        ``start()``, or None."""
+        ...
+
 
 class GenerationWorker:
     """Runs jobs on one background thread, batching what its batcher accepts, with a bounded
@@ -108,6 +113,8 @@ class GenerationWorker:
         self._ids = itertools.count(1)
         self._active: list[tuple[Job, Iterator[Any]]] = []
         self._waiting: list[tuple[Job, Any]] = []  # accepted requests not started yet
+        self._joining: list[tuple[Job, Any, Any]] = []  # (job, request, join handle)
+        self.joined = 0
         self.completed = 0
         self.cancelled = 0
         self.failed = 0
@@ -118,8 +125,8 @@ class GenerationWorker:
 
     @property
     def waiting(self) -> int:
-        """Jobs not running yet (queued, or prepared and waiting for a free Generator)."""
-        return len(self._queue) + len(self._waiting)
+        """Jobs not running yet (queued, prepared and waiting, or waiting to join a batch)."""
+        return len(self._queue) + len(self._waiting) + len(self._joining)
 
     @property
     def running(self) -> int:
@@ -163,7 +170,7 @@ class GenerationWorker:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._active and not self._waiting:
+                while not (self._queue or self._active or self._waiting or self._joining):
                     if self._closing:
                         return
                     self._cond.wait()
@@ -172,7 +179,9 @@ class GenerationWorker:
             for job in new:
                 self._admit(job)
             self._start_batches()
+            self._offer_joins()
             self._turns()
+            self._settle_joins()
 
     def _admit(self, job: Job) -> None:
         if job.cancelled.is_set():
@@ -215,6 +224,41 @@ class GenerationWorker:
             self.batches += 1
             self.max_rows_seen = max(self.max_rows_seen, len(jobs))
             self._active.extend((job, it) for (job, _), it in zip(jobs, iterators))
+
+    def _offer_joins(self) -> None:
+        """Requests that found no free Generator join a running batch at its next join point."""
+        b = self.batcher
+        if b is None or not self._waiting:
+            return
+        still = []
+        for job, req in self._waiting:
+            handle = b.offer(req)
+            if handle is None:
+                still.append((job, req))
+            else:
+                self._joining.append((job, req, handle))
+        self._waiting = still
+
+    def _settle_joins(self) -> None:
+        """Joined requests start producing; refused ones wait again (first in line)."""
+        pending, back = [], []
+        for job, req, handle in self._joining:
+            if job.cancelled.is_set() and not handle.joined:
+                pending.append((job, req, handle))  # left in the ticket; dropped when settled
+                if handle.refused:
+                    pending.pop()
+                    self.cancelled += 1
+                continue
+            if handle.joined:
+                self.joined += 1
+                self._active.append((job, handle.start()))
+            elif handle.refused:
+                back.append((job, req))
+            else:
+                handle.poll()
+                pending.append((job, req, handle))
+        self._joining = pending
+        self._waiting = back + self._waiting
 
     def _drop_cancelled(self, job: Job) -> bool:
         if job.cancelled.is_set():

@@ -46,6 +46,15 @@ class SpeechBatcher:
         """Whether a Generator is free."""
         return self.scheduler.free_lane() is not None
 
+    def offer(self, request: SpeechRequest) -> _Joining | None:
+        """Let ``request`` join a running cohort at its next join point.
+
+        Returns:
+            A handle (``joined``, ``refused``, ``start()``), or None when no cohort took it.
+        """
+        got = self.scheduler.offer(request.row)
+        return None if got is None else _Joining(self.pipeline, request, *got)
+
     def start(self, requests: Sequence[SpeechRequest]) -> list[Iterator[Any]]:
         """Start ``requests`` as one cohort; each gets its chunk iterator.
 
@@ -54,3 +63,28 @@ class SpeechBatcher:
         """
         events = self.scheduler.start([r.row for r in requests])
         return [self.pipeline.answer(r, ev) for r, ev in zip(requests, events)]
+
+
+class _Joining:
+    """A request waiting in a running cohort for its join point."""
+
+    def __init__(self, pipeline: SpeechPipeline, request: SpeechRequest, cohort: Any, ticket: Any):
+        self.pipeline, self.request, self.cohort, self.ticket = pipeline, request, cohort, ticket
+
+    @property
+    def joined(self) -> bool:
+        """Whether it has a row now."""
+        return self.ticket.row is not None and self.ticket.row >= 0
+
+    @property
+    def refused(self) -> bool:
+        """Whether the cohort ended before it could join (start it elsewhere)."""
+        return self.ticket.row == -1
+
+    def poll(self) -> None:
+        """Drive the cohort one event when nobody reads it (so that the join point comes)."""
+        self.cohort.pump()
+
+    def start(self) -> Iterator[Any]:
+        """Its chunk iterator (once joined)."""
+        return self.pipeline.answer(self.request, self.cohort.claim(self.ticket))

@@ -476,10 +476,12 @@ class SpeechPipeline:
         frames: list[torch.Tensor] = []
         pieces: list[list[int]] = []
         if self.audio_tokenizer is not None and audios:
-            for codes in self.audio_tokenizer.encode(list(audios)):
+            for codes in self.audio_tokenizer.encode(
+                list(audios), sample_rate=self.input_sample_rate
+            ):
                 pieces.append(self.vocab.from_codes(codes.cpu()).tolist())
         elif self.audio_encoder is not None and audios:
-            for f in self.audio_encoder.encode(list(audios)):
+            for f in self.audio_encoder.encode(list(audios), sample_rate=self.input_sample_rate):
                 frames.append(f)
                 pieces.append([self.vocab.audio_context] * f.shape[0])
         out: list[int] = []

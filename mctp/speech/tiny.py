@@ -147,7 +147,7 @@ def _training_rows(tok: Any, vocab: Any, seed: int) -> list[list[int]]:
 
 def _teach(backbone: Any, stack: Any, rows: list[list[int]], steps: int, lr: float) -> None:
     """Teach every row's answer (after its -1 marker) in one packed sequence."""
-    from mctp import mctp_loss
+    from mctp import mctp_loss, total_loss
 
     ids, labels, pos = [], [], []
     for r in rows:
@@ -169,8 +169,8 @@ def _teach(backbone: Any, stack: Any, rows: list[list[int]], steps: int, lr: flo
     try:
         for _ in tqdm(range(steps), desc="teaching the tiny model (once)", disable=None):
             out = backbone(seq, labels=lab, position_ids=position_ids)
-            loss = out.loss
-            loss = loss + mctp_loss(stack, out.hidden, seq, lab, position_ids=position_ids).loss
+            mtp = mctp_loss(stack, out.hidden, seq, lab, position_ids=position_ids)
+            loss = total_loss(out.loss, mtp, backbone_frozen=False)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -1,9 +1,10 @@
 """The module transformers' ``Trainer`` trains: backbone + MCTP heads (+ Plus audio encoder).
 
-``forward`` returns summed cross-entropies (main and per head) and their token counts, and a
-``loss`` normalised by ``num_items_in_batch`` (the labelled tokens of the whole accumulated,
-all-rank batch, as the official VITA-Audio trainer does) or, without it, by this micro-batch's
-labelled tokens.
+``forward`` returns the stage loss of :func:`mctp.total_loss` / :func:`mctp.mctp_loss` (summed
+cross-entropies over ``num_items_in_batch``: the labelled tokens of the whole accumulated,
+all-rank batch, as the official VITA-Audio trainer; without it this micro-batch's count) and
+the summed cross-entropies and token counts behind it. What trains and the MCTP loss weight
+come from the applied :class:`~mctp.training.StagePreset` only.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from mctp.losses import chunked_cross_entropy
-from mctp.stack import MCTPStack, shift_targets
+from mctp.losses import MCTPLoss, mctp_loss, total_loss
+from mctp.stack import MCTPStack
 
 if TYPE_CHECKING:
     from mctp.backbones import HFBackbone
+
+    from .stages import StagePreset
 
 __all__ = ["MCTPTrainingModel"]
 
@@ -30,10 +33,6 @@ class MCTPTrainingModel(nn.Module):
     Args:
         backbone: An :class:`~mctp.backbones.HFBackbone` (any architecture it accepts).
         stack: Its MCTP heads, or None (stage 1).
-        mtp_loss_weight: Weight of the MCTP term (``total = main + w * mean_k CE_k``).
-        train_backbone: The LLM trains (main loss counted); False: frozen, main loss dropped,
-            its outputs detached (run without autograd).
-        detach_mtp_inputs: Detach the heads' inputs even when the backbone trains.
         audio_model: Plus: the SenseVoice query table + encoder
             (``(feats [A, F, D_in], lengths [A], queries [4]) -> ([A, F + 4, D], lengths)``).
         audio_projection: Plus: encoder frames ``[.., D]`` -> embeddings ``[.., H]``.
@@ -41,6 +40,10 @@ class MCTPTrainingModel(nn.Module):
             projected frames replace (in the backbone only; heads embed the ids).
         audio_queries: Plus: the 4 query rows (language, event, emotion, text norm).
         loss_chunk_size: Rows per cross-entropy block.
+
+    What trains (``train_backbone``, ``detach_mtp_inputs``) and the loss weight
+    (``mtp_loss_weight``) are read-only: :meth:`StagePreset.apply` sets them (their one owner);
+    :meth:`forward` refuses to run before a stage was applied.
 
     Raises:
         ValueError: If the Plus parts are given partly, or the stack is not on this backbone.
@@ -51,9 +54,6 @@ class MCTPTrainingModel(nn.Module):
         *,
         backbone: HFBackbone,
         stack: MCTPStack | None = None,
-        mtp_loss_weight: float = 1.0,
-        train_backbone: bool = True,
-        detach_mtp_inputs: bool = False,
         audio_model: nn.Module | None = None,
         audio_projection: nn.Module | None = None,
         audio_placeholder_id: int | None = None,
@@ -83,10 +83,79 @@ class MCTPTrainingModel(nn.Module):
             )
         else:
             self.audio_queries = None
-        self.mtp_loss_weight = float(mtp_loss_weight)
-        self.train_backbone = train_backbone
-        self.detach_mtp_inputs = detach_mtp_inputs
         self.loss_chunk_size = loss_chunk_size
+        self._stage: StagePreset | None = None
+        self._mtp_loss_weight: float | None = None
+
+    # ------------------------------------------------------------------ stage settings
+    @property
+    def stage(self) -> StagePreset | None:
+        """The applied stage (None before :meth:`StagePreset.apply`)."""
+        return self._stage
+
+    def _set_stage(self, stage: StagePreset) -> None:
+        """Record the applied stage; only :meth:`StagePreset.apply` calls this."""
+        self._stage = stage
+        w = stage.mtp_loss_weight
+        self._mtp_loss_weight = None if w is None else float(w)
+
+    def _applied(self) -> StagePreset:
+        if self._stage is None:
+            raise RuntimeError(
+                "no training stage applied: call StagePreset.apply(model) (e.g. "
+                "vita_audio_stage(2).apply(model)); it sets what trains and the loss weight"
+            )
+        return self._stage
+
+    @property
+    def train_backbone(self) -> bool:
+        """The LLM trains and the main loss counts (from the applied stage).
+
+        Raises:
+            RuntimeError: Before a stage was applied.
+        """
+        return self._applied().train_backbone
+
+    @property
+    def detach_mtp_inputs(self) -> bool:
+        """The heads' inputs are detached (the stage's setting, always for Plus).
+
+        Raises:
+            RuntimeError: Before a stage was applied.
+        """
+        return self._applied().detach_mtp_inputs or self.is_plus
+
+    @property
+    def mtp_loss_weight(self) -> float:
+        """Weight of the MCTP term (``total = main + w * mean_k``), from the applied stage.
+
+        Raises:
+            RuntimeError: Before a stage was applied, or when it set no weight (a stage
+                without heads may leave it None).
+        """
+        stage = self._applied()
+        if self._mtp_loss_weight is None:
+            raise RuntimeError(f"stage {stage.name!r} sets no mtp_loss_weight")
+        return self._mtp_loss_weight
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def _keys_to_ignore_on_save(self) -> list[str]:
+        """State-dict names that alias another name's memory (tied embeddings, modules the
+        backbone registers twice): checkpoints keep the first name of each, so after a resume
+        these are the missing keys, which transformers' ``Trainer`` accepts when they equal
+        this list (it then calls :meth:`tie_weights`)."""
+        seen: set[tuple[int, int]] = set()
+        aliases = []
+        for name, t in self.state_dict().items():
+            key = (id(t), 0) if t.device.type == "meta" else (t.data_ptr(), t.storage_offset())
+            if key in seen:
+                aliases.append(name)
+            seen.add(key)
+        return aliases
+
+    def tie_weights(self) -> None:
+        """Nothing to do: aliased names share their memory, loading one fills all."""
 
     # ------------------------------------------------------------------ structure
     @property
@@ -172,8 +241,9 @@ class MCTPTrainingModel(nn.Module):
             labels: ``[B, T]`` causal-LM labels aligned with the inputs (-100 ignored).
             position_ids: ``[B, T]`` restarting at 0 per packed sample.
             attention_mask: ``[B, T]`` padding mask, optional.
-            shift_labels: ``[B, T]`` next-token targets (from the collator); computed from
-                ``labels`` when absent.
+            shift_labels: ``[B, T]`` next-token targets (the collator's, for transformers'
+                ``num_items_in_batch`` count); the loss derives the same targets from
+                ``labels``, so they are not read here.
             audio_features: Plus: ``[A, F, D_in]`` encoder inputs of the batch's audios, in
                 placeholder order; ``audio_feature_lengths`` ``[A]`` their lengths.
             num_items_in_batch: Labelled tokens of the accumulated batch over all ranks.
@@ -188,64 +258,65 @@ class MCTPTrainingModel(nn.Module):
 
         Raises:
             ValueError: Without labels, or on inconsistent audio inputs.
+            RuntimeError: Before a stage was applied.
         """
         if labels is None:
             raise ValueError("MCTPTrainingModel.forward needs labels")
+        train_backbone = self.train_backbone
         if position_ids is None:
             from mctp.engine.masks import default_position_ids
 
             position_ids = default_position_ids(input_ids, attention_mask)
-        if shift_labels is None:
-            shift_labels = shift_targets(labels, position_ids, attention_mask)
-        with contextlib.nullcontext() if self.train_backbone else torch.no_grad():
+        with contextlib.nullcontext() if train_backbone else torch.no_grad():
             embeds = self._embed(input_ids, audio_features, audio_feature_lengths)
             out = self.backbone(
                 input_ids,
                 position_ids=position_ids,
                 attention_mask=attention_mask,
                 inputs_embeds=embeds,
-            )
-        hidden = out.hidden
-        main_sum, main_count = chunked_cross_entropy(
-            hidden if self.train_backbone else hidden.detach(),
-            shift_labels,
-            self.backbone.lm_head,
-            chunk_size=self.loss_chunk_size,
-        )
-        device = hidden.device
-        head_sums = torch.zeros(0, device=device)
-        head_counts = torch.zeros(0, dtype=torch.long, device=device)
-        mctp = None
-        if self.stack is not None:
-            mctp = self.stack(
-                hidden,
-                input_ids,
-                position_ids=position_ids,
-                attention_mask=attention_mask,
                 labels=labels,
                 return_logits=return_logits,
-                detach_backbone=self.detach_mtp_inputs or not self.train_backbone,
                 loss_chunk_size=self.loss_chunk_size,
             )
-            head_sums, head_counts = mctp.loss_sums, mctp.num_targets
-        divisor = main_count if num_items_in_batch is None else num_items_in_batch
-        divisor = torch.as_tensor(divisor, device=device).clamp_min(1).to(main_sum.dtype)
-        loss = main_sum.new_zeros(())
-        if self.train_backbone:
-            loss = loss + main_sum / divisor
-        if head_sums.numel():
-            loss = loss + self.mtp_loss_weight * (head_sums / divisor).mean()
-        if not self.train_backbone and not head_sums.numel():
-            raise ValueError("a frozen backbone without MCTP heads leaves nothing to train")
+        assert out.loss is not None and out.num_targets is not None
+        hidden = out.hidden
+        mctp: MCTPLoss | None = None
+        if self.stack is not None:
+            mctp = mctp_loss(
+                self.stack,
+                hidden,
+                input_ids,
+                labels,
+                position_ids=position_ids,
+                attention_mask=attention_mask,
+                weight=self.mtp_loss_weight,  # set whenever the stage has heads
+                num_items_in_batch=num_items_in_batch,
+                detach_backbone=self.detach_mtp_inputs or not train_backbone,
+                chunk_size=self.loss_chunk_size,
+                return_logits=return_logits,
+            )
+        loss = total_loss(
+            out.loss,
+            mctp,
+            backbone_frozen=not train_backbone,
+            main_count=out.num_targets,
+            num_items_in_batch=num_items_in_batch,
+        )
+        device = hidden.device
+        count = out.num_targets
         result: dict[str, Any] = {
             "loss": loss,
-            "main_sum": main_sum.detach(),
-            "main_count": main_count,
-            "head_sums": head_sums.detach(),
-            "head_counts": head_counts,
+            "main_sum": (out.loss.detach().float() * count.clamp_min(1)),
+            "main_count": count,
+            "head_sums": torch.zeros(0, device=device) if mctp is None else mctp.loss_sums,
+            "head_counts": (
+                torch.zeros(0, dtype=torch.long, device=device)
+                if mctp is None
+                else mctp.num_targets
+            ),
         }
         if return_logits:
-            result["logits"] = self.backbone.lm_head(hidden)
-            result["head_logits"] = None if mctp is None else torch.stack(mctp.logits)
-            result["head_targets"] = None if mctp is None else mctp.targets
+            result["logits"] = out.logits
+            result["head_logits"] = None if mctp is None else torch.stack(mctp.output.logits)
+            result["head_targets"] = None if mctp is None else mctp.output.targets
         return result

@@ -52,8 +52,11 @@ class StagePreset:
         audio_projector: ``"frozen"`` or ``"train"`` (Plus only: the MLP projector).
         lr: Peak learning rate.
         mctp_lr_mult: Learning-rate multiplier of the heads' parameter groups.
-        mtp_loss_weight: Weight of the MCTP term; None takes the checkpoint's
-            ``mtp_loss_weight`` (official behaviour).
+        mtp_loss_weight: Weight of the MCTP term (``total = main + w * mean_k``). The stage is
+            its one owner: :meth:`apply` puts it on the model. The official value is the
+            starting checkpoint's ``mtp_loss_weight``, so the presets leave it None and
+            :meth:`apply` refuses a stage with heads until it is set
+            (``preset.replace(mtp_loss_weight=w)``).
         weight_decay: AdamW weight decay (never on biases and norm weights).
         max_steps: Optimizer steps of the stage.
 
@@ -109,15 +112,23 @@ class StagePreset:
 
     # ------------------------------------------------------------------ applying
     def apply(self, model: MCTPTrainingModel) -> MCTPTrainingModel:
-        """Grow/create the heads and set what trains; returns ``model``.
+        """Grow/create the heads, set what trains and the loss weight; returns ``model``.
+
+        The only way to set ``train_backbone``, ``detach_mtp_inputs`` (always on for a Plus
+        model) and ``mtp_loss_weight`` of a :class:`~mctp.training.MCTPTrainingModel`.
 
         Raises:
-            ValueError: If the model already has more heads than ``num_heads``, or the stage
-                trains an audio part the model does not have.
+            ValueError: If the model already has more heads than ``num_heads``, the stage has
+                heads but no ``mtp_loss_weight``, or it trains an audio part the model does not
+                have.
         """
+        if self.num_heads and self.mtp_loss_weight is None:
+            raise ValueError(
+                f"stage {self.name!r} has {self.num_heads} MCTP heads but no mtp_loss_weight; "
+                "set it (officially the starting checkpoint's): "
+                "stage.replace(mtp_loss_weight=w).apply(model)"
+            )
         model.set_num_heads(self.num_heads)
-        model.train_backbone = self.train_backbone
-        model.detach_mtp_inputs = self.detach_mtp_inputs or model.is_plus
         model.backbone.requires_grad_(self.train_backbone)
         if model.stack is not None:
             model.stack.requires_grad_(self.train_heads)
@@ -131,8 +142,7 @@ class StagePreset:
                     raise ValueError(f"stage {self.name!r} trains {name} but the model has none")
                 continue
             part.requires_grad_(mode == "train")
-        if self.mtp_loss_weight is not None:
-            model.mtp_loss_weight = float(self.mtp_loss_weight)
+        model._set_stage(self)
         return model
 
     def param_groups(self, model: MCTPTrainingModel) -> list[dict[str, Any]]:

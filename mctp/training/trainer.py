@@ -8,7 +8,8 @@ under ``torchrun``/``accelerate launch`` with DDP, FSDP and DeepSpeed ZeRO (all 
 accelerate), reports to TensorBoard/W&B and only lets the main process write. This class adds
 only what MCTP needs:
 
-* :meth:`compute_loss`: ``(main CE + w * mean_k CE_k) / num_items_in_batch`` from
+* :meth:`compute_loss`: the stage loss of :func:`mctp.total_loss` and :func:`mctp.mctp_loss`
+  (``main + w * mean_k``, every summed cross-entropy over ``num_items_in_batch``) from
   :class:`~mctp.training.MCTPTrainingModel`; per-head sums are accumulated and logged as
   ``loss_main``, ``loss_head_<k>`` (token means over all ranks) with ``tokens_per_second``.
 * a non-finite guard: before every optimizer step all ranks agree whether a micro-batch loss or
@@ -20,10 +21,17 @@ only what MCTP needs:
   main process renames it into place when complete (a kill mid-save leaves no
   ``checkpoint-N``); non-finite weights are never saved (:class:`NonFiniteWeightsError`).
 * optimizer groups from a :class:`~mctp.training.StagePreset` (heads at ``lr x mctp_lr_mult``).
+
+It extends ``Trainer`` through its public points (``compute_loss``, ``create_optimizer``,
+``log``, ``evaluate``, ``save_model``, ``train``, callbacks, ``TrainingArguments``) and two
+private methods no public point replaces, listed in :data:`PRIVATE_TRAINER_METHODS` and
+checked at construction (:func:`check_transformers_api`): ``_save_checkpoint`` (the staged,
+atomic checkpoint) and ``_save`` (one copy of tied weights, which safetensors requires).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import shutil
@@ -42,10 +50,59 @@ except ImportError as e:  # pragma: no cover - transformers is a core dependency
 if TYPE_CHECKING:
     from .stages import StagePreset
 
-__all__ = ["STAGING_DIR", "MCTPTrainer", "NonFiniteLossError", "NonFiniteWeightsError"]
+__all__ = [
+    "PRIVATE_TRAINER_METHODS",
+    "STAGING_DIR",
+    "MCTPTrainer",
+    "NonFiniteLossError",
+    "NonFiniteWeightsError",
+    "check_transformers_api",
+]
 
 STAGING_DIR = ".staging"
 """Sub-folder of ``output_dir`` where checkpoints are written before being renamed into place."""
+
+PRIVATE_TRAINER_METHODS: dict[str, tuple[str, ...]] = {
+    "_save_checkpoint": ("self", "model", "trial"),
+    "_save": ("self", "output_dir", "state_dict"),
+}
+"""The private ``transformers.Trainer`` methods :class:`MCTPTrainer` overrides, with the
+parameters it relies on (no public extension point replaces them; docs/training.md lists the
+transformers versions they are tested with):
+
+* ``_save_checkpoint(model, trial)`` writes ``checkpoint-N`` (weights, optimizer, scheduler,
+  RNG, trainer state) in one go; the override stages it in ``output_dir/.staging`` and renames
+  it into place when complete, so a kill mid-save never leaves a torn ``checkpoint-N``
+  (``on_save`` callbacks run only after the folder was written in place);
+* ``_save(output_dir, state_dict)`` is where every engine (plain, FSDP, DeepSpeed) hands the
+  weights to safetensors, which refuses tensors sharing memory: the override keeps one name of
+  each tied weight."""
+
+
+def check_transformers_api() -> None:
+    """Check that ``transformers.Trainer`` still has the private methods MCTPTrainer extends.
+
+    Raises:
+        RuntimeError: Naming the method, when the installed transformers release removed it or
+            changed its parameters.
+    """
+    import inspect
+
+    import transformers
+
+    for name, params in PRIVATE_TRAINER_METHODS.items():
+        method = getattr(Trainer, name, None)
+        if method is None:
+            raise RuntimeError(
+                f"transformers {transformers.__version__} has no Trainer.{name}, which "
+                "MCTPTrainer overrides (see docs/training.md for the tested versions)"
+            )
+        have = tuple(inspect.signature(method).parameters)
+        if have != params:
+            raise RuntimeError(
+                f"transformers {transformers.__version__} changed Trainer.{name}{have}; "
+                f"MCTPTrainer overrides Trainer.{name}{params} (see docs/training.md)"
+            )
 
 
 class NonFiniteLossError(RuntimeError):
@@ -103,12 +160,17 @@ class MCTPTrainer(Trainer):
         on_nonfinite: ``"stop"`` (raise :class:`NonFiniteLossError`) or ``"skip"`` the update.
         shuffle: Shuffle the training set with ``args.seed`` (transformers' default sampler);
             False (default) keeps the dataset's own order (it is already mixed with a seed),
-            which makes N ranks see exactly the batches one process would.
+            which makes N ranks see exactly the batches one process would: the trainer uses a
+            copy of ``args`` with the public ``train_sampling_strategy="sequential"`` (when
+            ``args`` asks for transformers' default ``"random"`` and the dataset has a length).
         **kwargs: As ``transformers.Trainer``.
 
     Raises:
         ValueError: On an unknown ``on_nonfinite``, or ``"skip"`` under DeepSpeed (which owns
             the optimizer step).
+        RuntimeError: If the installed transformers lacks a private method it extends
+            (:func:`check_transformers_api`), or divides gradients twice under gradient
+            accumulation (before 5.5.4).
     """
 
     def __init__(
@@ -121,7 +183,21 @@ class MCTPTrainer(Trainer):
     ) -> None:
         if on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+        check_transformers_api()
         super().__init__(*args, **kwargs)
+        if self.accelerator.gradient_accumulation_steps != 1:
+            import transformers
+
+            raise RuntimeError(
+                f"transformers {transformers.__version__} hands gradient accumulation to "
+                "accelerate, which divides every gradient by the accumulation steps on top of "
+                "the num_items_in_batch normalisation (wrong updates; fixed in transformers "
+                "5.5.4): upgrade transformers"
+            )
+        sized = hasattr(self.train_dataset, "__len__")
+        if not shuffle and sized and self.args.train_sampling_strategy == "random":
+            self.args = copy.copy(self.args)  # the caller's arguments stay as they were
+            self.args.train_sampling_strategy = "sequential"
         if on_nonfinite == "skip" and self.is_deepspeed_enabled:
             raise ValueError("on_nonfinite='skip' is not available under DeepSpeed; use 'stop'")
         self.stage = stage
@@ -132,7 +208,6 @@ class MCTPTrainer(Trainer):
         self._step_losses: list[float] = []
         self._acc: dict[str, torch.Tensor] = {}
         self._acc_time = time.perf_counter()
-        self._staging = False
         self.add_callback(_Guard(self))
 
     # ------------------------------------------------------------------ optimizer, data
@@ -148,12 +223,6 @@ class MCTPTrainer(Trainer):
             groups, lr=self.stage.lr, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon
         )
         return self.optimizer
-
-    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
-        dataset = self.train_dataset if train_dataset is None else train_dataset
-        if self.shuffle or not hasattr(dataset, "__len__"):
-            return super()._get_train_sampler(train_dataset)
-        return torch.utils.data.SequentialSampler(dataset)
 
     # ------------------------------------------------------------------ loss and logs
     def compute_loss(
@@ -221,7 +290,8 @@ class MCTPTrainer(Trainer):
         """Held-out loss (main and per head) and each head's greedy agreement with the backbone.
 
         Returns:
-            ``{prefix}_loss`` (the stage loss, token-normalised over the whole set),
+            ``{prefix}_loss`` (the stage loss of :func:`mctp.total_loss` with the whole set as
+            one batch: every summed cross-entropy over the set's labelled-token count),
             ``{prefix}_loss_main``, ``{prefix}_loss_head_<k>`` and
             ``{prefix}_agreement_head_<k>`` (fraction of head ``k``'s scored positions where its
             argmax equals the backbone's argmax for the same next token).
@@ -235,7 +305,10 @@ class MCTPTrainer(Trainer):
         n = inner.num_heads
         with torch.no_grad():
             for batch in loader:
-                batch = self._prepare_inputs(batch)
+                batch = {
+                    k: v.to(self.args.device) if isinstance(v, torch.Tensor) else v
+                    for k, v in batch.items()
+                }
                 out = model(**batch, return_logits=n > 0)
                 stats = {
                     "main_sum": out["main_sum"].float().reshape(1),
@@ -256,17 +329,25 @@ class MCTPTrainer(Trainer):
         if not acc:
             raise ValueError("the evaluation set is empty")
         acc = self._reduce({k: v.to(self.args.device) for k, v in acc.items()})
-        count = max(float(acc["main_count"].sum()), 1.0)
+        from mctp.losses import MCTPLoss, total_loss
+
+        count = acc["main_count"].sum()
+        main = acc["main_sum"].sum() / count.clamp_min(1)
         p = metric_key_prefix
-        metrics: dict[str, float] = {f"{p}_loss_main": float(acc["main_sum"].sum()) / count}
-        total = metrics[f"{p}_loss_main"] if inner.train_backbone else 0.0
-        if n:
-            sums, counts = acc["head_sums"], acc["head_counts"].clamp_min(1)
-            total += inner.mtp_loss_weight * float((sums / count).mean())
+        metrics: dict[str, float] = {f"{p}_loss_main": float(main)}
+        mtp = None
+        if n:  # the whole set as one batch: every sum over its labelled-token count
+            mtp = MCTPLoss.from_sums(
+                acc["head_sums"], acc["head_counts"], count, weight=inner.mtp_loss_weight
+            )
             for k in range(n):
-                metrics[f"{p}_loss_head_{k}"] = float(sums[k] / counts[k])
-                metrics[f"{p}_agreement_head_{k}"] = float(acc["agree"][k] / counts[k])
-        metrics[f"{p}_loss"] = total
+                metrics[f"{p}_loss_head_{k}"] = float(mtp.per_head[k])
+                metrics[f"{p}_agreement_head_{k}"] = float(
+                    acc["agree"][k] / acc["head_counts"][k].clamp_min(1)
+                )
+        metrics[f"{p}_loss"] = float(
+            total_loss(main, mtp, backbone_frozen=not inner.train_backbone)
+        )
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(
             self.args, self.state, self.control, metrics
@@ -285,24 +366,24 @@ class MCTPTrainer(Trainer):
                 f"(e.g. {bad[:3]}); the last saved checkpoint is intact"
             )
 
-    def _get_output_dir(self, trial: Any) -> str:
-        out = super()._get_output_dir(trial)
-        return os.path.join(out, STAGING_DIR) if self._staging else out
-
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        """Write ``checkpoint-N`` into the staging folder, then rename it into place."""
+        """Write ``checkpoint-N`` into the staging folder, then rename it into place.
+
+        A private ``Trainer`` method (see :data:`PRIVATE_TRAINER_METHODS`): transformers writes
+        the folder under ``args.output_dir``, which points at the staging folder meanwhile.
+        """
         self._check_finite()
-        run_dir = super()._get_output_dir(trial)
+        run_dir = self.args.output_dir
         name = f"checkpoint-{self.state.global_step}"
         staged = os.path.join(run_dir, STAGING_DIR, name)
         if self.args.should_save and os.path.isdir(staged):
             shutil.rmtree(staged)
         self.accelerator.wait_for_everyone()
-        self._staging = True
+        self.args.output_dir = os.path.join(run_dir, STAGING_DIR)
         try:
             super()._save_checkpoint(model, trial)
         finally:
-            self._staging = False
+            self.args.output_dir = run_dir
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             publish(staged, os.path.join(run_dir, name))
@@ -325,24 +406,49 @@ class MCTPTrainer(Trainer):
         self._check_finite()
         super().save_model(output_dir, _internal_call)
 
-    def _issue_warnings_after_load(self, load_result: Any) -> None:
-        """A resumed checkpoint must fill every weight (tied/aliased names aside).
+    def train(
+        self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any
+    ) -> Any:
+        """``Trainer.train`` after checking that a resumed checkpoint fills every weight.
+
+        Args:
+            resume_from_checkpoint: As ``Trainer.train`` (a folder, True for the newest
+                ``checkpoint-N`` of ``output_dir``, or None).
+            *args: As ``Trainer.train``.
+            **kwargs: As ``Trainer.train``.
 
         Raises:
-            RuntimeError: On missing or unexpected keys.
+            RuntimeError: If the checkpoint's weight names miss or add keys (tied/aliased
+                names aside); checked on the safetensors files (FSDP and DeepSpeed
+                checkpoints are checked by their engines).
         """
+        folder = resume_from_checkpoint
+        if folder is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            folder = get_last_checkpoint(self.args.output_dir)  # None: transformers raises
+        if isinstance(folder, str | os.PathLike):
+            self._check_checkpoint_keys(str(folder))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _check_checkpoint_keys(self, folder: str) -> None:
+        keys = _checkpoint_keys(folder)
+        if keys is None:
+            return
         state = self.model.state_dict()
         owners: dict[tuple[int, int], str] = {}
         for k, v in state.items():
             owners.setdefault(_storage_key(v), k)
-        missing = [k for k in load_result.missing_keys if owners.get(_storage_key(state[k])) == k]
-        if missing or load_result.unexpected_keys:
+        missing = [k for k in state if k not in keys and owners.get(_storage_key(state[k])) == k]
+        unexpected = sorted(keys - set(state))
+        if missing or unexpected:
             raise RuntimeError(
-                f"the checkpoint does not match the model: missing {missing[:5]}, unexpected "
-                f"{list(load_result.unexpected_keys)[:5]}"
+                f"the checkpoint {folder} does not match the model: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
             )
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """One name per tied weight, then ``Trainer._save`` (see :data:`PRIVATE_TRAINER_METHODS`)."""
         if state_dict is None and self.args.should_save:
             state_dict = self.model.state_dict()
         if state_dict is not None:  # tied weights appear twice; safetensors refuses shared memory
@@ -356,6 +462,23 @@ class MCTPTrainer(Trainer):
                 unique[k] = v
             state_dict = unique
         super()._save(output_dir, state_dict)
+
+
+def _checkpoint_keys(folder: str) -> set[str] | None:
+    """Weight names of a checkpoint folder's safetensors files (None without any)."""
+    import json
+
+    from safetensors import safe_open
+
+    single = os.path.join(folder, "model.safetensors")
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        with safe_open(single, framework="pt") as f:
+            return set(f.keys())
+    if os.path.isfile(index):
+        with open(index) as f:
+            return set(json.load(f)["weight_map"])
+    return None
 
 
 def _storage_key(t: torch.Tensor) -> tuple[int, int]:

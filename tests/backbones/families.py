@@ -2,7 +2,11 @@
 
 Each entry builds a 2-layer model of width 32 (vocab 128) with sharpened weights (greedy
 choices well separated, sequences that do not collapse into one repeated token). Families
-with sliding windows get a window of 8 so that 40+ new tokens run past it.
+with sliding windows get a window of 8 so that 40+ new tokens run past it. Besides the
+Llama-like families the table holds families laid out differently (a decoder one level
+deeper, a projection after the final norm, a post-norm decoder whose last norm sits in its
+last layer, parallel attention/MLP blocks), on which the heads find the final norm from the
+model's structure (``mctp.backbones.structure``).
 """
 
 from __future__ import annotations
@@ -113,6 +117,41 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}, "generic"),
     "falcon": ("FalconConfig", "FalconForCausalLM", {"new_decoder_architecture": False}, "generic"),
     "phi": ("PhiConfig", "PhiForCausalLM", {}, "generic"),
+    # laid out differently from Llama: the heads find the final norm from the structure
+    "opt": ("OPTConfig", "OPTForCausalLM", {"ffn_dim": 64}, "generic"),  # model.decoder.*
+    "opt-project-out": (  # final norm (width 32) -> project_out (16) -> lm_head
+        "OPTConfig",
+        "OPTForCausalLM",
+        {"ffn_dim": 64, "word_embed_proj_dim": 16},
+        "generic",
+    ),
+    "bart-decoder": (  # post-norm: the last norm is the last layer's own, one level deeper
+        "BartConfig",
+        "BartForCausalLM",
+        {
+            "d_model": 32,
+            "decoder_layers": 2,
+            "decoder_attention_heads": 4,
+            "decoder_ffn_dim": 64,
+            "is_decoder": True,
+            "is_encoder_decoder": False,
+            "forced_eos_token_id": None,  # transformers would force EOS at max_length
+        },
+        "generic",
+    ),
+    "gptj": (  # parallel attention and MLP
+        "GPTJConfig",
+        "GPTJForCausalLM",
+        {
+            "n_embd": 32,
+            "n_layer": 2,
+            "n_head": 4,
+            "rotary_dim": 4,
+            "n_positions": 256,
+            "attn_implementation": "eager",  # no SDPA for GPT-J in transformers 5.5
+        },
+        "generic",
+    ),
 }
 
 

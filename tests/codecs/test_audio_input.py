@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from mctp.checkpoint import CheckpointError
 from mctp.codecs import AudioError, DummyCodec, load_audio, load_codec, resample, to_mono
+from mctp.codecs.audio import MissingSampleRateWarning
 from mctp.codecs.glm4voice import GLM4VoiceDecoder, GLM4VoiceTokenizer
 from mctp.codecs.projector import MLPProjector
 from mctp.codecs.sensevoice import SenseVoiceEncoder
@@ -55,14 +56,15 @@ def _fox(fixtures_dir: Path) -> torch.Tensor:
 def test_tokenizer_resamples_what_it_is_told(tok, fixtures_dir: Path) -> None:
     """An 8 kHz clip with ``sample_rate=8000`` gives the ids of its 16 kHz version."""
     wav = _fox(fixtures_dir)
-    full = tok.encode([wav])[0]
+    full = tok.encode([wav], sample_rate=16000)[0]
     wav8 = resample(wav, 16000, 8000)
     back = resample(wav8, 8000, 16000)
     ids = tok.encode([wav8], sample_rate=8000)[0]
-    assert torch.equal(ids, tok.encode([back])[0])
+    assert torch.equal(ids, tok.encode([back], sample_rate=16000)[0])
     assert abs(ids.numel() - full.numel()) <= 1 and ids.numel() == -(-back.numel() // 1280)
-    # read as 16 kHz, the same samples would give about half the ids
-    assert tok.encode([wav8])[0].numel() < 0.6 * full.numel()
+    # read as 16 kHz, the same samples would give about half the ids: never without a warning
+    with pytest.warns(MissingSampleRateWarning, match=r"GLM4VoiceTokenizer\.encode.*16000 Hz"):
+        assert tok.encode([wav8])[0].numel() < 0.6 * full.numel()
     feats = tok.encode_features([wav8], sample_rate=8000)[0]
     assert feats.shape[0] == ids.numel()
     assert torch.equal(tok.encode([wav], sample_rate=16000)[0], full)
@@ -87,9 +89,11 @@ def test_sensevoice_resamples_and_counts_frames_at_any_rate(enc, fixtures_dir: P
     wav = load_audio(fixtures_dir / "sensevoice" / "inputs" / "en.wav")[0]
     wav44 = resample(wav, 16000, 44100)
     out = enc.encode([wav44], sample_rate=44100)[0]
-    torch.testing.assert_close(out, enc.encode([resample(wav44, 44100, 16000)])[0])
+    torch.testing.assert_close(
+        out, enc.encode([resample(wav44, 44100, 16000)], sample_rate=16000)[0]
+    )
     assert out.shape[0] == enc.num_frames(wav44.numel(), sample_rate=44100)
-    assert abs(out.shape[0] - enc.encode([wav])[0].shape[0]) <= 1
+    assert abs(out.shape[0] - enc.encode([wav], sample_rate=16000)[0].shape[0]) <= 1
 
 
 def test_dummy_codec_takes_a_rate() -> None:
@@ -99,6 +103,32 @@ def test_dummy_codec_takes_a_rate() -> None:
     assert ids.tolist() == [3, 7, 11]
     with pytest.raises(TypeError, match=r"wrap a single one"):
         codec.encode(tone)
+
+
+def test_every_codec_entry_warns_for_a_waveform_without_its_rate(tok, enc) -> None:
+    """A bare waveform is read at the codec's rate: allowed, but never silently (as
+    transformers' feature extractors warn); with ``sample_rate`` nothing is said."""
+    wav = 0.1 * torch.randn(3200, generator=torch.Generator().manual_seed(0))
+    calls = {
+        "DummyCodec.encode": lambda **kw: DummyCodec().encode([wav], **kw),
+        "GLM4VoiceTokenizer.encode": lambda **kw: tok.encode([wav], **kw),
+        "GLM4VoiceTokenizer.encode_features": lambda **kw: tok.encode_features([wav], **kw),
+        "SenseVoiceEncoder.encode": lambda **kw: enc.encode([wav], **kw),
+        "SenseVoiceEncoder.features": lambda **kw: enc.features(wav, **kw),
+    }
+    for name, call in calls.items():
+        with pytest.warns(MissingSampleRateWarning, match=rf"{name} got waveforms without") as rec:
+            call()
+        assert rec[0].filename == __file__, name  # points at the caller
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            call(sample_rate=16000)
+    # features() resamples like encode() when told the rate
+    wav8 = resample(wav, 16000, 8000)
+    torch.testing.assert_close(
+        enc.features(wav8, sample_rate=8000),
+        enc.features(resample(wav8, 8000, 16000), sample_rate=16000),
+    )
 
 
 # ----------------------------------------------------------------------------- SenseVoice shapes
@@ -132,11 +162,11 @@ def test_sensevoice_num_frames_agrees_with_encode(enc) -> None:
         wav = 0.1 * torch.randn(n, generator=g)
         if n < low:
             with pytest.raises(AudioError, match=f"at least {low} samples"):
-                enc.encode([wav])
+                enc.encode([wav], sample_rate=16000)
             with pytest.raises(AudioError, match="too short"):
                 enc.num_frames(n)
         else:
-            assert enc.encode([wav])[0].shape[0] == enc.num_frames(n)
+            assert enc.encode([wav], sample_rate=16000)[0].shape[0] == enc.num_frames(n)
     with pytest.raises(ValueError, match="positive"):
         enc.num_frames(0)
 
@@ -294,16 +324,16 @@ def test_int16_range_floats_warn(tok, enc, fixtures_dir: Path) -> None:
     wav = _fox(fixtures_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # in-range audio: no warning
-        tok.encode([wav])
-        enc.encode([wav])
+        tok.encode([wav], sample_rate=16000)
+        enc.encode([wav], sample_rate=16000)
         tok.encode([wav], sample_rate=8000)  # resampling overshoot does not warn either
     loud = wav * 32768
     with pytest.warns(UserWarning, match=r"outside \[-1, 1\].*32768"):
-        tok.encode([loud])
+        tok.encode([loud], sample_rate=16000)
     with pytest.warns(UserWarning, match=r"outside \[-1, 1\]"):
-        enc.encode([loud])
+        enc.encode([loud], sample_rate=16000)
     with pytest.warns(UserWarning, match=r"outside \[-1, 1\]"):
-        DummyCodec().encode([loud])
+        DummyCodec().encode([loud], sample_rate=16000)
 
 
 def test_folder_json_helpers_do_not_swallow(tmp_path: Path) -> None:

@@ -67,9 +67,9 @@ def test_first_call_prefills_and_catches_up_in_windows(model, mode, prompt_len, 
     exact_chains: list[int] = []  # eager head chains over exact backlogs
     decode, step = type(bb).decode, MCTPDecoder.step
 
-    def spy_decode(self, buffer, cache, idx, **k):
-        shapes.append(idx.numel())
-        return decode(self, buffer, cache, idx, **k)
+    def spy_decode(self, embeds, positions, slots, valid, cache):
+        shapes.append(slots.numel())
+        return decode(self, embeds, positions, slots, valid, cache)
 
     def spy_step(self, *a, **k):
         exact_chains.append(1)

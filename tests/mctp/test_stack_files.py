@@ -110,3 +110,41 @@ def test_push_to_hub_offline_raises_cleanly(model, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(Exception, match=r"(?i)offline"):
         stack.push_to_hub("me/heads", token="t")
+
+
+def test_bad_folders_and_configs_name_the_path(model, tmp_path, monkeypatch):
+    """A missing local folder is not sent to the Hub as a repo id; a config that is not JSON,
+    not an object or incomplete is named (issue 16)."""
+    import huggingface_hub
+
+    bb, stack = model
+    missing = tmp_path / "no_such_heads"
+    with pytest.raises(FileNotFoundError, match=rf"no folder {missing}.*not a Hugging Face Hub"):
+        MCTPStack.from_pretrained(missing, bb.parts())
+
+    def hub_says_no(name, **kw):
+        raise huggingface_hub.errors.LocalEntryNotFoundError(f"404: {name} not found")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub_says_no)
+    monkeypatch.chdir(tmp_path)  # "org/heads" is a valid repo id and a relative path
+    with pytest.raises(
+        FileNotFoundError, match=rf"no folder {tmp_path}/org/heads, and the Hub .*'org/heads'.*404"
+    ):
+        MCTPStack.from_pretrained("org/heads", bb.parts())
+    folder = stack.save_pretrained(tmp_path / "heads")
+    with pytest.raises(NotADirectoryError, match=r"model\.safetensors is a file"):
+        MCTPStack.from_pretrained(folder / "model.safetensors", bb.parts())
+    config = folder / "mctp_config.json"
+    good = config.read_text()
+    for text, pattern in (
+        ("{not json", r"mctp_config\.json is not valid JSON"),
+        (b"\xff\xfe\x00", r"mctp_config\.json is not valid JSON"),
+        ("[1, 2]", r"mctp_config\.json is not an MCTP stack config"),
+        ('{"format": "mctp-stack"}', r"mctp_config\.json lacks \['hidden_size'"),
+    ):
+        config.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(ValueError, match=pattern) as info:
+            MCTPStack.from_pretrained(folder, bb.parts())
+        assert str(folder) in str(info.value)
+    config.write_text(good)
+    assert MCTPStack.from_pretrained(folder, bb.parts()).num_heads == 3

@@ -15,9 +15,10 @@ from mctp.training import MCTPTrainingModel, PackedCollator, vita_audio_stage
 PLACEHOLDER = VOCAB - 1
 
 
-def _model(family: str, stage: int, heads: int = 2) -> MCTPTrainingModel:
+def _model(family: str, stage: int, heads: int = 2, weight: float = 1.0) -> MCTPTrainingModel:
     model = MCTPTrainingModel(backbone=tiny_backbone(family))
-    vita_audio_stage(stage, num_heads=heads if stage > 1 else 0).apply(model)
+    n = heads if stage > 1 else 0
+    vita_audio_stage(stage, num_heads=n, mtp_loss_weight=weight).apply(model)
     return model
 
 
@@ -52,8 +53,7 @@ def test_accumulated_loss_equals_one_big_batch(family, stage):
 
 
 def test_loss_terms_and_frozen_backbone(family):
-    model = _model(family, 4, heads=3)
-    model.mtp_loss_weight = 0.5
+    model = _model(family, 4, heads=3, weight=0.5)
     out = model(**PackedCollator()(samples(3)))
     n = out["main_count"].clamp_min(1)
     expected = out["main_sum"] / n + 0.5 * (out["head_sums"] / n).mean()
@@ -92,7 +92,8 @@ def _plus(sensevoice, stage: int, heads: int = 2) -> MCTPTrainingModel:
         audio_placeholder_id=PLACEHOLDER,
         audio_queries=queries,
     )
-    vita_audio_stage(stage, plus=True, num_heads=heads if stage > 1 else 0).apply(model)
+    n = heads if stage > 1 else 0
+    vita_audio_stage(stage, plus=True, num_heads=n, mtp_loss_weight=1.0).apply(model)
     return model
 
 
@@ -116,7 +117,7 @@ def test_plus_frames_reach_backbone_only_and_mtp_inputs_are_detached(sensevoice)
     assert all(bool(g.abs().sum() > 0) for g in both.values())
     # the heads add nothing to the projector's gradient: their inputs are detached
     model.zero_grad()
-    model.mtp_loss_weight = 0.0
+    vita_audio_stage(4, plus=True, num_heads=2, mtp_loss_weight=0.0).apply(model)
     model(**batch)["loss"].backward()
     for n, p in model.audio_projection.named_parameters():
         torch.testing.assert_close(p.grad, both[n], rtol=0, atol=0)
@@ -144,7 +145,9 @@ def test_plus_frames_reach_backbone_only_and_mtp_inputs_are_detached(sensevoice)
 def test_plus_stage_modes_and_errors(sensevoice):
     model = _plus(sensevoice, 2, heads=1)
     assert not any(p.requires_grad for p in model.audio_projection.parameters())
-    vita_audio_stage(4, plus=True, num_heads=1, audio_encoder="train").apply(model)
+    vita_audio_stage(4, plus=True, num_heads=1, audio_encoder="train", mtp_loss_weight=1.0).apply(
+        model
+    )
     assert all(p.requires_grad for p in model.audio_model.parameters())
     with pytest.raises(ValueError, match="no audio_features"):
         b = _plus_batch(sensevoice)
@@ -154,7 +157,7 @@ def test_plus_stage_modes_and_errors(sensevoice):
         MCTPTrainingModel(backbone=tiny_backbone(), audio_placeholder_id=3)
     plain = MCTPTrainingModel(backbone=tiny_backbone())
     with pytest.raises(ValueError, match="trains audio_projection"):
-        vita_audio_stage(4, plus=True, num_heads=1).apply(plain)
+        vita_audio_stage(4, plus=True, num_heads=1, mtp_loss_weight=1.0).apply(plain)
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(family):

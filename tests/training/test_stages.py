@@ -46,8 +46,15 @@ def test_invalid_presets():
 
 def test_apply_grows_heads_freezes_and_groups():
     model = MCTPTrainingModel(backbone=tiny_backbone())
-    vita_audio_stage(2, num_heads=1).apply(model)
-    assert model.num_heads == 1 and not model.train_backbone
+    with pytest.raises(RuntimeError, match="no training stage applied"):
+        model.train_backbone  # noqa: B018 - the stage is the settings' one owner
+    with pytest.raises(ValueError, match="no mtp_loss_weight"):
+        vita_audio_stage(2, num_heads=1).apply(model)
+    assert model.stage is None and model.num_heads == 0  # the refused stage changed nothing
+    vita_audio_stage(2, num_heads=1, mtp_loss_weight=0.25).apply(model)
+    assert model.num_heads == 1 and not model.train_backbone and model.mtp_loss_weight == 0.25
+    with pytest.raises(AttributeError):
+        model.mtp_loss_weight = 1.0  # only StagePreset.apply sets it
     assert not any(p.requires_grad for p in model.backbone.parameters())
     last = model.backbone.base.layers[-1].state_dict()
     assert all(torch.equal(v, model.stack.heads[0].block.state_dict()[k]) for k, v in last.items())
@@ -58,7 +65,7 @@ def test_apply_grows_heads_freezes_and_groups():
     assert model.num_heads == 3 and model.mtp_loss_weight == 0.5
     for head in model.stack.heads[1:]:
         assert torch.equal(head.proj.weight, model.stack.heads[0].proj.weight)
-    s4 = vita_audio_stage(4, num_heads=3, weight_decay=0.1)
+    s4 = vita_audio_stage(4, num_heads=3, weight_decay=0.1, mtp_loss_weight=0.5)
     s4.apply(model)
     groups = {g["name"]: g for g in s4.param_groups(model)}
     assert set(groups) == {"backbone", "backbone_no_decay", "mctp", "mctp_no_decay"}

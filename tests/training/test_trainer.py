@@ -24,7 +24,7 @@ from mctp.training import (
 
 def _trainer(tmp_path, *, stage=4, heads=2, steps=3, family="qwen2", **kw):
     model = MCTPTrainingModel(backbone=tiny_backbone(family))
-    preset = vita_audio_stage(stage, num_heads=heads, lr=1e-3, max_steps=steps)
+    preset = vita_audio_stage(stage, num_heads=heads, lr=1e-3, max_steps=steps, mtp_loss_weight=1.0)
     preset.apply(model)
     opts = dict(
         output_dir=str(tmp_path),

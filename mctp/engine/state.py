@@ -1,0 +1,104 @@
+"""``DecodeState``: the one object that owns what a generation remembers between steps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..backbone import Backbone
+from ..stack import MCTPStack
+from .buffer import TokenBuffer
+from .decoding import MCTPDecoder
+
+__all__ = ["DecodeState"]
+
+
+class DecodeState:
+    """Positions, validity and ids (the token buffer), the backbone's caches and the MCTP heads'
+    caches of one engine, allocated together up front and moved together.
+
+    The schedule loop reads and advances it; a rejected draft is undone with one call,
+    :meth:`rollback`, which moves the buffer's cursor, the heads' progress and the count of
+    slots whose backbone states are cached back together (the caches' stale entries past the
+    cursor are overwritten when those slots are processed again).
+
+    Args:
+        backbone: The backbone (allocates its own cache, see
+            :meth:`mctp.backbone.Backbone.setup_caches`).
+        stack: The heads the engine runs (an audio-only view included), or None.
+        max_batch: Rows ``B``.
+        max_len: Slots ``S`` per row.
+        device: Where every buffer lives.
+        dtype: Cache dtype (None: the backbone's / the heads').
+
+    Raises:
+        ValueError: On non-positive sizes.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        stack: MCTPStack | None,
+        *,
+        max_batch: int,
+        max_len: int,
+        device: torch.device,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.buffer = TokenBuffer(max_batch, max_len, device)
+        self.cache: Any = backbone.setup_caches(max_batch, max_len, dtype=dtype, device=device)
+        self.heads: MCTPDecoder | None = (
+            None if stack is None else MCTPDecoder(stack, self.buffer, dtype=dtype)
+        )
+        self.processed = 0
+        """Slots whose backbone states are in the backbone's cache (and given to the heads)."""
+
+    def start(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        prompt_embeds: torch.Tensor | None,
+        *,
+        heads_read_prompt_embeds: bool = False,
+    ) -> None:
+        """Load a prompt ``[B, P]`` and forget everything before it.
+
+        Raises:
+            TypeError, ValueError: As :meth:`TokenBuffer.start`.
+        """
+        self.buffer.start(
+            input_ids,
+            attention_mask,
+            prompt_embeds,
+            heads_read_prompt_embeds=heads_read_prompt_embeds,
+        )
+        if self.heads is not None:
+            self.heads.reset()
+        self.processed = 0
+
+    def backbone_done(self, start: int, hidden: torch.Tensor) -> None:
+        """The backbone processed slots ``start .. start + T - 1`` (``hidden [B, T, H]``): hand
+        the states to the heads and count them as cached."""
+        if self.heads is not None:
+            self.heads.write_backbone(start, hidden)
+        self.processed = start + hidden.shape[1]
+
+    def rollback(self, length: int) -> None:
+        """Forget every slot from ``length`` on: the buffer's cursor, the heads' progress and
+        the cached backbone slots move back together.
+
+        Raises:
+            ValueError: If ``length`` is not in ``[1, buffer.length]``.
+        """
+        self.buffer.truncate(length)
+        if self.heads is not None:
+            self.heads.truncate(length)
+        self.processed = min(self.processed, length)
+
+    def reset(self) -> None:
+        """Forget the sequence (every buffer stays allocated)."""
+        self.buffer.clear()
+        if self.heads is not None:
+            self.heads.reset()
+        self.processed = 0
