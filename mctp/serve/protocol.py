@@ -212,10 +212,13 @@ class Api:
             if name in allowed:
                 continue
             if not where and name in engine:
+                flags = ("device", "dtype", "compile", "audio_heads", "compile_cache")
+                flag = name.replace("_", "-") if name in (*flags, "max_batch", "max_len") else ""
+                how = f" (mctp serve --{flag})" if flag else ""
                 raise RequestError(
                     400,
-                    f"{name} is an engine setting, fixed when the server starts "
-                    f"(mctp serve --{name.replace('_', '-')}); a request cannot change it",
+                    f"{name} is an engine setting, fixed when the server starts{how}; "
+                    "a request cannot change it",
                     name,
                 )
             known = ", ".join(sorted(allowed))
