@@ -153,12 +153,47 @@ def engine_from_args(args: argparse.Namespace) -> Any:
     )
 
 
+def _unwritable(out: Path) -> str | None:
+    """Why ``mctp speak`` could not write its answer to ``out`` (None: it can).
+
+    Looks at the place as the final write will: the name's format, a directory in the way,
+    the folder (made when missing) and a real test write into it (so read-only file systems
+    and permissions count, for root too).
+    """
+    import os
+    import tempfile
+
+    import soundfile as sf
+
+    if out.is_dir():
+        return f"is a directory; give a file name such as {out / 'answer.wav'}"
+    ext = out.suffix.lstrip(".").upper()
+    if ext not in sf.available_formats():
+        return f"unknown audio format {out.suffix or '(no extension)'!r}: use .wav, .flac or .ogg"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create the folder {out.parent}: {e.strerror or e}"
+    if out.exists() and not os.access(out, os.W_OK):
+        return "the file exists and is read-only"
+    try:
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as e:
+        return f"cannot write into {out.parent}: {e.strerror or e}"
+    return None
+
+
 def _speak(args: argparse.Namespace) -> int:
     import soundfile as sf
     from tqdm import tqdm
 
     if (args.text is None) == (args.input is None):
         print("mctp speak: give exactly one of --text and --input", file=sys.stderr)
+        return 2
+    problem = _unwritable(args.out)
+    if problem is not None:  # found before the model loads and answers, not after
+        print(f"mctp speak: error: --out {args.out}: {problem}", file=sys.stderr)
         return 2
     t = time.perf_counter()
     pipe = build_from_args(args)

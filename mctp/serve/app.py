@@ -11,7 +11,12 @@ Routes:
     * ``GET /``: the web page (record or upload a question, pick the mode, hear the answer).
 
 Extensions to the OpenAI request bodies: ``mode`` (``vanilla|balance|boost|turbo``). Every
-answer carries an ``mctp`` object with ``first_chunk_ms``, ``tokens_per_s`` and ``mode``.
+answer carries an ``mctp`` object with ``first_chunk_ms``, ``tokens_per_s``, ``mode`` and
+``stray_tokens`` (ids the model put in the wrong kind of segment, skipped). A field the server
+does not honour (see :data:`SPEECH_FIELDS`, :data:`CHAT_FIELDS`), an engine setting, a value
+out of range or of the wrong type is a 400 naming it; user text is tokenised as plain text;
+the whole prompt is bounded (``max_prompt_tokens``, the engine's ``max_len``) before any work
+starts. A stream ends with ``[DONE]`` (chat) / ``speech.audio.done`` or with an error event.
 All generation goes through one :class:`~mctp.serve.worker.GenerationWorker`.
 """
 
@@ -49,7 +54,27 @@ def _stats(result: Any) -> dict[str, Any]:
         "num_audio_tokens": result.num_audio_tokens,
         "mode": result.mode,
         "sample_rate": result.sample_rate,
+        "stray_tokens": result.stray_tokens,
     }
+
+
+SPEECH_FIELDS = frozenset(
+    {"model", "input", "voice", "response_format", "stream_format", "speed", "mode"}
+    | {"max_tokens", "max_completion_tokens"}
+)
+"""Fields ``/v1/audio/speech`` honours (anything else is a 400 naming it)."""
+CHAT_FIELDS = frozenset(
+    {"model", "messages", "modalities", "audio", "stream", "stream_options", "mode", "n"}
+    | {"max_tokens", "max_completion_tokens", "temperature", "top_p"}
+)
+"""Fields ``/v1/chat/completions`` honours (anything else is a 400 naming it)."""
+
+
+def _error_body(exc: BaseException) -> dict[str, Any]:
+    """An OpenAI-style error object for an exception met while streaming."""
+    if isinstance(exc, RequestError):
+        return exc.body()
+    return {"error": {"message": str(exc) or type(exc).__name__, "type": "server_error"}}
 
 
 def _sse(obj: Any) -> bytes:
@@ -159,9 +184,18 @@ def create_app(pipeline: Any, config: ServerConfig | None = None) -> Any:
     @app.post("/v1/audio/speech")
     async def speech(request: Request) -> Response:
         body = await api.body(request)
+        api.fields(body, SPEECH_FIELDS)
         text = api.text(body.get("input"), "input")
         if not text.strip():
             raise RequestError(400, "input must not be empty", "input")
+        voice = body.get("voice")
+        if voice is not None and not isinstance(voice, str):
+            raise RequestError(400, "voice must be a string", "voice")
+        speed = api.number(body, "speed", 0.25, 4.0)
+        if speed is not None and speed != 1.0:
+            raise RequestError(
+                400, f"speed {speed:g} is not supported: this model speaks at 1.0 only", "speed"
+            )
         fmt = body.get("response_format", "wav")
         if fmt not in ("wav", "pcm"):
             raise RequestError(
@@ -172,8 +206,14 @@ def create_app(pipeline: Any, config: ServerConfig | None = None) -> Any:
             raise RequestError(
                 400, f"stream_format must be audio or sse, got {stream_format!r}", "stream_format"
             )
+        try:
+            messages = pipeline.build_messages(text, False, "tts")
+        except ValueError as e:
+            raise RequestError(400, str(e), "input") from None
+        budget = api.budget(body)
+        api.prompt_tokens(messages, [], budget, "input")
         run = api.stream_run(
-            text=text, task="tts", mode=api.mode(body), max_new_tokens=api.budget(body)
+            messages=messages, audios=[], mode=api.mode(body), max_new_tokens=budget
         )
         job, out = api.start(run)
         if stream_format == "sse":
@@ -214,6 +254,10 @@ def create_app(pipeline: Any, config: ServerConfig | None = None) -> Any:
                         }
                     )
                 item = await api.next_item(out, job, request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the stream ends with an error event, never silently
+            yield _sse({"type": "error", **_error_body(e)})
         finally:
             job.cancel()  # no-op when finished; frees the worker when the client left
             api._checked.pop(job.id, None)
@@ -221,6 +265,21 @@ def create_app(pipeline: Any, config: ServerConfig | None = None) -> Any:
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         body = await api.body(request)
+        api.fields(body, CHAT_FIELDS)
+        stream = api.flag(body, "stream")
+        options = body.get("stream_options")
+        if options is not None:
+            if not stream or not isinstance(options, dict):
+                raise RequestError(
+                    400, "stream_options must be an object, and only with stream: true",
+                    "stream_options",
+                )  # fmt: skip
+            api.fields(options, frozenset({"include_usage"}), "stream_options.")
+            api.flag(options, "include_usage")  # usage always comes in the last chunk
+        n = body.get("n", 1)
+        if n != 1 or isinstance(n, bool):
+            raise RequestError(400, f"n must be 1 (one answer per request), got {n!r}", "n")
+        sampling = api.sampling(body)
         messages, audios = api.messages(body)
         modalities = body.get("modalities", ["text"])
         if (
@@ -235,12 +294,16 @@ def create_app(pipeline: Any, config: ServerConfig | None = None) -> Any:
         audio_opts = body.get("audio") or {}
         if not isinstance(audio_opts, dict):
             raise RequestError(400, "audio must be an object", "audio")
+        api.fields(audio_opts, frozenset({"format", "voice"}), "audio.")
+        if not isinstance(audio_opts.get("voice", ""), str):
+            raise RequestError(400, "audio.voice must be a string", "audio.voice")
         fmt = audio_opts.get("format", "wav")
         if fmt not in ("wav", "pcm16"):
             raise RequestError(
                 400, f"audio.format {fmt!r} is not supported: use wav or pcm16", "audio.format"
             )
-        stream = bool(body.get("stream", False))
+        budget = api.budget(body)
+        api.prompt_tokens(messages, [w.numel() / sr for w, sr in audios], budget, "messages")
         rate = pipeline.input_sample_rate
         wavs = []
         from mctp.codecs import AudioError
@@ -252,7 +315,11 @@ def create_app(pipeline: Any, config: ServerConfig | None = None) -> Any:
                 raise RequestError(400, f"bad input audio: {e}", "messages") from None
         assert rate is not None or not wavs
         run = api.stream_run(
-            messages=messages, audios=wavs, mode=api.mode(body), max_new_tokens=api.budget(body)
+            sampling,
+            messages=messages,
+            audios=wavs,
+            mode=api.mode(body),
+            max_new_tokens=budget,
         )
         job, out = api.start(run)
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]
@@ -340,6 +407,10 @@ def create_app(pipeline: Any, config: ServerConfig | None = None) -> Any:
                     )
                 item = await api.next_item(out, job, request)
             yield _sse("[DONE]")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the stream ends with an error event, never silently
+            yield _sse(_error_body(e))
         finally:
             job.cancel()  # no-op when finished; frees the worker when the client left
             api._checked.pop(job.id, None)

@@ -33,6 +33,9 @@ class ServerConfig:
         max_audio_s: Longest input audio in seconds (400 above).
         max_text_chars: Longest input text (400 above).
         max_new_tokens: Upper bound for ``max_tokens`` / the default budget.
+        max_prompt_tokens: Longest prompt in tokens after the chat template, speech included
+            (estimated from the input codec's frame rate before any work starts; 400 above).
+            The engine's ``max_len`` bounds prompt + budget as well.
         warmup: Run one short generation per mode at start-up (the compiled path compiles
             there) before ``/health`` reports ready.
         lanes: Generators of ``max_batch`` rows each: a request that arrives while every
@@ -44,11 +47,19 @@ class ServerConfig:
     max_audio_s: float = 60.0
     max_text_chars: int = 4000
     max_new_tokens: int = 1024
+    max_prompt_tokens: int = 2048
     warmup: bool = True
     lanes: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("max_queue", "max_body_bytes", "max_text_chars", "max_new_tokens", "lanes"):
+        for name in (
+            "max_queue",
+            "max_body_bytes",
+            "max_text_chars",
+            "max_new_tokens",
+            "max_prompt_tokens",
+            "lanes",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_audio_s <= 0:
@@ -160,6 +171,8 @@ class Api:
             body = json.loads(raw)
         except ValueError as e:
             raise RequestError(400, f"the body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise RequestError(400, "the body's JSON is nested too deeply") from None
         if not isinstance(body, dict):
             raise RequestError(400, "the body must be a JSON object")
         model = body.get("model")
@@ -182,6 +195,151 @@ class Api:
             return self.pipe.schedule(mode)
         except (ValueError, TypeError) as e:
             raise RequestError(400, str(e), "mode") from None
+
+    def fields(self, body: dict[str, Any], allowed: frozenset[str], where: str = "") -> None:
+        """Refuse the fields of ``body`` that this server does not honour.
+
+        Raises:
+            RequestError: 400 naming an engine setting (fixed when the server starts) or an
+                unknown field (as OpenAI answers unknown parameters).
+        """
+        from dataclasses import fields as dc_fields
+
+        from mctp.engine.generation_config import EngineConfig
+
+        engine = {f.name for f in dc_fields(EngineConfig)} | {"lanes", "num_threads"}
+        for name in body:
+            if name in allowed:
+                continue
+            if not where and name in engine:
+                flags = ("device", "dtype", "compile", "audio_heads", "compile_cache")
+                flag = name.replace("_", "-") if name in (*flags, "max_batch", "max_len") else ""
+                how = f" (mctp serve --{flag})" if flag else ""
+                raise RequestError(
+                    400,
+                    f"{name} is an engine setting, fixed when the server starts{how}; "
+                    "a request cannot change it",
+                    name,
+                )
+            known = ", ".join(sorted(allowed))
+            raise RequestError(
+                400, f"unrecognized request argument {where}{name}: use {known}", where + name
+            )
+
+    @staticmethod
+    def flag(body: dict[str, Any], name: str, default: bool = False) -> bool:
+        """A boolean field (JSON ``true``/``false`` only).
+
+        Raises:
+            RequestError: 400 for anything but a boolean.
+        """
+        value = body.get(name, default)
+        if not isinstance(value, bool):
+            raise RequestError(400, f"{name} must be a boolean, got {value!r}", name)
+        return value
+
+    @staticmethod
+    def number(body: dict[str, Any], name: str, lo: float, hi: float) -> float | None:
+        """An optional number field in ``[lo, hi]``.
+
+        Raises:
+            RequestError: 400 for a non-number or one out of range.
+        """
+        value = body.get(name)
+        if value is None:
+            return None
+        if (
+            not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not lo <= value <= hi
+            or value != value
+        ):
+            raise RequestError(
+                400, f"{name} must be a number in [{lo:g}, {hi:g}], got {value!r}", name
+            )
+        return float(value)
+
+    def sampling(self, body: dict[str, Any]) -> Any:
+        """The text sampling a chat request asks for (``temperature``, ``top_p``), or None
+        for the pipeline's.
+
+        ``temperature: 0`` is greedy decoding; above 0 samples with that temperature.
+
+        Raises:
+            RequestError: 400 for values out of range, or sampling asked of a server that
+                verifies (lossless verified decoding is greedy only).
+        """
+        from mctp.engine.sampling import SamplingConfig
+
+        t = self.number(body, "temperature", 0.0, 2.0)
+        top_p = self.number(body, "top_p", 0.0, 1.0)
+        if top_p is not None and top_p <= 0:
+            raise RequestError(400, f"top_p must be in (0, 1], got {top_p:g}", "top_p")
+        if t is None and top_p is None:
+            return None
+        base = self.pipe.generation.text_sampling
+        if t == 0:
+            if top_p is not None and top_p != 1:
+                raise RequestError(400, "top_p needs temperature > 0 (0 is greedy)", "top_p")
+            return SamplingConfig(repetition_penalty=base.repetition_penalty)
+        if self.pipe.generation.verify:
+            raise RequestError(
+                400,
+                "this server runs verified (lossless) decoding, which is greedy only: "
+                "use temperature 0 or leave it out",
+                "temperature",
+            )
+        return SamplingConfig(
+            do_sample=True,
+            temperature=base.temperature if t is None else t,
+            top_k=base.top_k,
+            top_p=base.top_p if top_p is None else top_p,
+            repetition_penalty=base.repetition_penalty,
+        )
+
+    def prompt_tokens(
+        self,
+        messages: list[dict[str, str]],
+        seconds: list[float],
+        budget: int,
+        param: str,
+    ) -> int:
+        """Bound the whole prompt before any work starts.
+
+        The chat template is rendered and tokenised (user text as plain text); each audio
+        counts as its codec's tokens (``seconds * frame_rate`` + its two tags).
+
+        Returns:
+            The prompt's length in tokens (speech estimated).
+
+        Raises:
+            RequestError: 400 naming ``max_prompt_tokens`` when the prompt is longer, or the
+                engine's ``max_len`` when prompt + ``max_tokens`` do not fit; 400 for text
+                the tokenizer can only read as a control token.
+        """
+        try:
+            ids = self.pipe.token_ids(messages)
+        except ValueError as e:
+            raise RequestError(400, str(e), param) from None
+        codec = self.pipe.audio_tokenizer or self.pipe.audio_encoder
+        rate = float(getattr(codec, "frame_rate", 0.0) or 0.0)
+        n = len(ids) + sum(int(s * rate) + 1 for s in seconds)  # + BOA/EOA - placeholder
+        if n > self.cfg.max_prompt_tokens:
+            raise RequestError(
+                400,
+                f"the prompt is {n} tokens after the chat template (speech included); "
+                f"the limit is max_prompt_tokens={self.cfg.max_prompt_tokens}",
+                param,
+            )
+        max_len = self.pipe.engine.max_len
+        if n + budget > max_len:
+            raise RequestError(
+                400,
+                f"the prompt ({n} tokens) + max_tokens ({budget}) is over the engine's "
+                f"max_len={max_len}: shorten the prompt or lower max_tokens",
+                param,
+            )
+        return n
 
     def budget(self, body: dict[str, Any]) -> int:
         """``max_completion_tokens`` / ``max_tokens``, or the default, within the limit.
@@ -236,6 +394,7 @@ class Api:
             where = f"messages[{i}]"
             if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
                 raise RequestError(400, f"{where} needs a role of system, user or assistant", where)
+            self.fields(m, frozenset({"role", "content"}), where + ".")
             content = m.get("content")
             if isinstance(content, str):
                 parts = [{"type": "text", "text": content}]
@@ -250,11 +409,14 @@ class Api:
                 p = f"{where}.content[{j}]"
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text":
+                    self.fields(part, frozenset({"type", "text"}), p + ".")
                     texts.append(self.text(part.get("text"), p + ".text"))
                 elif kind == "input_audio":
+                    self.fields(part, frozenset({"type", "input_audio"}), p + ".")
                     spec = part.get("input_audio")
                     if not isinstance(spec, dict):
                         raise RequestError(400, f"{p}.input_audio must be an object", p)
+                    self.fields(spec, frozenset({"data", "format"}), p + ".input_audio.")
                     if self.pipe.input_sample_rate is None:
                         raise RequestError(400, "this model takes no audio input", p)
                     audios.append(
@@ -342,14 +504,18 @@ class Api:
         assert result is not None
         return result
 
-    def stream_run(self, **kwargs: Any) -> Callable[[], Any]:
+    def stream_run(self, sampling: Any = None, **kwargs: Any) -> Callable[[], Any]:
         """A job function: ``pipeline.open(**kwargs)`` (the prepared request, which the
         worker batches with others), called on the worker thread; the request's timings
-        count from now (queueing included)."""
+        count from now (queueing included). ``sampling`` (a :class:`mctp.SamplingConfig`)
+        replaces the request's text sampling."""
         pipe = self.pipe
         arrived = time.perf_counter()
 
         def run() -> Any:
-            return pipe.open(**kwargs, arrived=arrived)
+            req = pipe.open(**kwargs, arrived=arrived)
+            if sampling is not None:
+                req.config = req.config.replace(text_sampling=sampling)
+            return req
 
         return run

@@ -10,6 +10,7 @@ streaming session that turns every audio segment into waveform as soon as it exi
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -31,6 +32,7 @@ ASR_PROMPT = "Convert the speech to text."
 TTS_PROMPT = "Convert the text to speech."
 """VITA-Audio's TTS instruction (followed by a newline and the text)."""
 TASKS = ("chat", "tts", "asr")
+_log = logging.getLogger(__name__)
 
 AudioInput = str | os.PathLike | torch.Tensor | np.ndarray
 """A wav path, or a waveform (``[T]`` or ``[T, C]``/``[C, T]``) given with its sample rate."""
@@ -317,14 +319,21 @@ class SpeechPipeline:
 
         ``chat``: the text, or ``<|audio|>`` (text before it when both are given); ``tts``:
         ``"Convert the text to speech.\\n" + text``; ``asr``: ``"Convert the speech to text.\\n<|audio|>"``.
+        The text is the user's: :meth:`prepare` reads it as plain text (special tokens in it
+        such as ``<|im_end|>`` stay text).
 
         Raises:
-            ValueError: On an unknown task or a task without its input.
+            ValueError: On an unknown task, a task without its input, or text holding the
+                reserved ``<|audio|>`` (the pipeline's own audio placeholder).
         """
         from mctp.backbones import AUDIO_PLACEHOLDER
 
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}: use one of {TASKS}")
+        if text and AUDIO_PLACEHOLDER in text:
+            raise ValueError(
+                f"text contains the reserved {AUDIO_PLACEHOLDER}: give speech as audio instead"
+            )
         if task == "tts":
             if not text:
                 raise ValueError("task 'tts' needs text")
@@ -344,9 +353,107 @@ class SpeechPipeline:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         return messages
 
+    def control_ids(self) -> frozenset[int]:
+        """Ids that user text must never produce: every added or special token of the
+        tokenizer (chat markers, audio codes and tags, ...) except the unknown token."""
+        cached = self.__dict__.get("_control")
+        if cached is not None and cached[0] is self.tokenizer:
+            return cached[1]
+        ids = {int(i) for i in getattr(self.tokenizer, "added_tokens_decoder", {})}
+        ids |= {int(i) for i in self.tokenizer.all_special_ids}
+        unk = self.tokenizer.unk_token_id
+        out = frozenset(ids - {unk})
+        self.__dict__["_control"] = (self.tokenizer, out)
+        return out
+
+    def _text_ids(self, text: str, control: frozenset[int]) -> list[int]:
+        """``text`` as plain text ids: special tokens are split (``split_special_tokens``) and
+        added tokens that the tokenizer still matches (e.g. ``<|audio_5|>``, not marked
+        special) are broken before their last character.
+
+        Raises:
+            ValueError: If the tokenizer still turns part of the text into a control token.
+        """
+        import re
+
+        tok = self.tokenizer
+
+        def plain(piece: str) -> list[int]:
+            if not piece:
+                return []
+            return list(tok(piece, add_special_tokens=False, split_special_tokens=True).input_ids)
+
+        ids = plain(text)
+        if not control.intersection(ids):
+            return ids
+        cached = self.__dict__.get("_added_pattern")
+        if cached is None or cached[0] is not tok:
+            names = sorted((str(t) for t in tok.get_added_vocab() if str(t)), key=len)
+            cached = (tok, re.compile("|".join(re.escape(n) for n in reversed(names))))
+            self.__dict__["_added_pattern"] = cached
+        pattern = cached[1]
+        ids, last = [], 0
+        for m in pattern.finditer(text):
+            ids += plain(text[last : m.start()]) + plain(m.group()[:-1]) + plain(m.group()[-1:])
+            last = m.end()
+        ids += plain(text[last:])
+        bad = sorted(control.intersection(ids))
+        if bad:
+            raise ValueError(
+                f"the text holds {tok.convert_ids_to_tokens(bad[:5])}, which this tokenizer "
+                "cannot read as plain text"
+            )
+        return ids
+
+    def token_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """The chat template's token ids for ``messages``, before speech is put in.
+
+        Only the template's own markers and the ``<|audio|>`` placeholders in the contents
+        become control tokens; everything in the contents is tokenised as plain text
+        (``<|im_end|>``, ``<|begin_of_audio|>``, ``<|audio_5|>``, ... typed by a user stay
+        text). Each content is tokenised on its own (as the tokenizer does between special
+        tokens anyway).
+
+        Raises:
+            ValueError: If a content is not a string, or holds text the tokenizer can only
+                read as a control token.
+        """
+        import re
+        import uuid
+
+        from mctp.backbones import AUDIO_PLACEHOLDER
+
+        nonce = uuid.uuid4().hex
+        marked = []
+        for i, m in enumerate(messages):
+            if not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}].content must be a string")
+            marked.append({**m, "content": f"\ue000{nonce}:{i}\ue001"})
+        text = self.tokenizer.apply_chat_template(
+            marked, add_generation_prompt=True, tokenize=False
+        )
+        control = self.control_ids()
+        ph = self.vocab.audio_placeholder
+        ids: list[int] = []
+        last = 0
+        for mark in re.finditer(f"\ue000{nonce}:(\\d+)\ue001", text):
+            ids += self.tokenizer(text[last : mark.start()], add_special_tokens=False).input_ids
+            for j, piece in enumerate(
+                messages[int(mark.group(1))]["content"].split(AUDIO_PLACEHOLDER)
+            ):
+                if j:
+                    ids.append(ph)
+                ids += self._text_ids(piece, control)
+            last = mark.end()
+        ids += self.tokenizer(text[last:], add_special_tokens=False).input_ids
+        return ids
+
     @torch.inference_mode()
     def prepare(self, messages: Sequence[dict[str, str]], audios: Sequence[torch.Tensor]) -> Prompt:
         """Render the chat template and put the speech in place of the ``<|audio|>`` placeholders.
+
+        The contents are tokenised as plain text (see :meth:`token_ids`): a user cannot close
+        the turn or inject audio codes by typing control tokens.
 
         Args:
             messages: ``[{"role", "content"}]`` with one ``<|audio|>`` per audio, in order.
@@ -356,12 +463,10 @@ class SpeechPipeline:
             The :class:`Prompt` on the backbone's device.
 
         Raises:
-            ValueError: If placeholders and audios differ in number.
+            ValueError: If placeholders and audios differ in number, or a content holds text
+                the tokenizer can only read as a control token.
         """
-        text = self.tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=True, tokenize=False
-        )
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        ids = self.token_ids(messages)
         ph = self.vocab.audio_placeholder
         slots = [i for i, t in enumerate(ids) if t == ph]
         if len(slots) != len(audios):
@@ -531,6 +636,12 @@ class SpeechPipeline:
         """Speak a request's generation: its row's :class:`mctp.StreamEvent` (text ids, audio
         segments, one ``"end"`` carrying the row's result) into :class:`SpeechChunk`.
 
+        A model that misbehaves does not fail the answer: ids that are not audio inside an
+        audio segment are skipped (only audio codes reach the decoder, as the original
+        VITA-Audio keeps only the audio codes of its output), and audio ids among the text
+        are not spoken as text; both are logged with a warning and counted in
+        :attr:`SpeechResult.stray_tokens`.
+
         Yields:
             :class:`SpeechChunk`; the last one is ``"end"`` with the :class:`SpeechResult`.
         """
@@ -543,44 +654,66 @@ class SpeechPipeline:
         wav: list[torch.Tensor] = []
         first_chunk = first_text = None
         n_audio = 0
+        stray = 0  # ids the model put in the wrong kind of segment (skipped)
         last_token: int | None = None
         gen = None
         ended = False
-        for ev in events:
-            if ev.row_result is not None:
-                gen = ev.row_result
-            elif ev.result is not None:
-                gen = ev.result
-            if ended or ev.row not in (0, -1):
-                continue  # later "end" events of the same row only carry the result
-            now = time.perf_counter() - t0
-            if ev.kind == "text":
-                lo, hi = self.vocab.audio_start, self.vocab.audio_stop
-                ids = [i for i in ev.ids if not lo <= i < hi]  # stray audio ids are not text
-                last_token = ev.ids[-1] if ev.ids else last_token
-                text_ids += ids
-                full = self.tokenizer.decode(text_ids, skip_special_tokens=True)
-                delta = full[len(said) :] if full.startswith(said) else full
-                said = full
-                if delta:
-                    first_text = now if first_text is None else first_text
-                    yield SpeechChunk("text", now, text=delta)
-            elif ev.kind == "audio":
-                n_audio += len(ev.ids)
-                chunk = session.push(self.vocab.to_codes(ev.ids))
-                if chunk.numel():
-                    now = time.perf_counter() - t0
-                    first_chunk = now if first_chunk is None else first_chunk
-                    wav.append(chunk)
-                    yield SpeechChunk("audio", now, audio=chunk)
-            elif ev.kind == "end":
-                ended = True
-                tail = session.push(torch.zeros(0, dtype=torch.long), final=True)
-                if tail.numel():
-                    now = time.perf_counter() - t0
-                    first_chunk = now if first_chunk is None else first_chunk
-                    wav.append(tail)
-                    yield SpeechChunk("audio", now, audio=tail)
+        try:
+            for ev in events:
+                if ev.row_result is not None:
+                    gen = ev.row_result
+                elif ev.result is not None:
+                    gen = ev.result
+                if ended or ev.row not in (0, -1):
+                    continue  # later "end" events of the same row only carry the result
+                now = time.perf_counter() - t0
+                if ev.kind == "text":
+                    lo, hi = self.vocab.audio_start, self.vocab.audio_stop
+                    ids = [i for i in ev.ids if not lo <= i < hi]  # stray audio ids are not text
+                    if len(ids) < len(ev.ids):
+                        stray += len(ev.ids) - len(ids)
+                        _log.warning(
+                            "the model put %d audio ids outside an audio segment; skipped",
+                            len(ev.ids) - len(ids),
+                        )
+                    last_token = ev.ids[-1] if ev.ids else last_token
+                    text_ids += ids
+                    full = self.tokenizer.decode(text_ids, skip_special_tokens=True)
+                    delta = full[len(said) :] if full.startswith(said) else full
+                    said = full
+                    if delta:
+                        first_text = now if first_text is None else first_text
+                        yield SpeechChunk("text", now, text=delta)
+                elif ev.kind == "audio":
+                    lo, hi = self.vocab.audio_start, self.vocab.audio_stop
+                    codes = [i for i in ev.ids if lo <= i < hi]
+                    if len(codes) < len(ev.ids):  # the model misbehaved: skip what is not audio
+                        odd = [i for i in ev.ids if not lo <= i < hi]
+                        stray += len(odd)
+                        _log.warning(
+                            "the model put %d non-audio ids inside an audio segment (%s); skipped",
+                            len(odd),
+                            odd[:5],
+                        )
+                    n_audio += len(codes)
+                    chunk = session.push(self.vocab.to_codes(codes))
+                    if chunk.numel():
+                        now = time.perf_counter() - t0
+                        first_chunk = now if first_chunk is None else first_chunk
+                        wav.append(chunk)
+                        yield SpeechChunk("audio", now, audio=chunk)
+                elif ev.kind == "end":
+                    ended = True
+                    tail = session.push(torch.zeros(0, dtype=torch.long), final=True)
+                    if tail.numel():
+                        now = time.perf_counter() - t0
+                        first_chunk = now if first_chunk is None else first_chunk
+                        wav.append(tail)
+                        yield SpeechChunk("audio", now, audio=tail)
+        finally:  # a failure here frees the row (and its Generator lane) at once
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
         total = time.perf_counter() - t0
         tokens = gen.tokens[0] if gen is not None else torch.zeros(0, dtype=torch.long)
         finish = "stop" if tokens.numel() and int(tokens[-1]) in stops else "length"
@@ -600,6 +733,7 @@ class SpeechPipeline:
             finish_reason=finish,
             generation=gen,
             prompt_ids=prompt.input_ids[0].cpu(),
+            stray_tokens=stray,
         )
         yield SpeechChunk("end", total, result=result)
 

@@ -29,6 +29,8 @@ class SpeechResult:
         finish_reason: ``"stop"`` (a stop token) or ``"length"`` (``max_new_tokens`` ran out).
         generation: The generator's own result (forwards, MCTP steps, sources), if any.
         prompt_ids: ``[P]`` the prompt the model read.
+        stray_tokens: Ids the model put in the wrong kind of segment (not audio inside an
+            audio segment, audio among the text); skipped, logged, counted here.
     """
 
     text: str
@@ -44,6 +46,7 @@ class SpeechResult:
     finish_reason: str
     generation: Any = field(default=None, repr=False)
     prompt_ids: torch.Tensor | None = field(default=None, repr=False)
+    stray_tokens: int = 0
 
     @property
     def duration_s(self) -> float:

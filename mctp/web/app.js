@@ -149,6 +149,7 @@ async function send() {
       const data = line.slice(6);
       if (data === "[DONE]") continue;
       const msg = JSON.parse(data);
+      if (msg.error) throw new Error(`the server stopped the answer: ${msg.error.message}`);
       const delta = msg.choices[0].delta || {};
       if (delta.content) $("answer").textContent += delta.content;
       if (delta.audio && delta.audio.transcript) $("answer").textContent += delta.audio.transcript;
