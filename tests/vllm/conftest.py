@@ -1,107 +1,19 @@
-"""Tiny Qwen2/Llama targets with briefly trained MCTP heads, saved as vLLM would load them.
-
-Every model here is written in the test session: a random tiny transformers model (fp32,
-attention head size 32: vLLM's CPU attention refuses 16), heads trained for a few steps on
-the backbone's own greedy continuations so that draft acceptance lies strictly between 0 and 1,
-the heads saved with ``MCTPStack.save_pretrained`` and exported with ``mctp export vllm``.
-"""
+"""Fixtures of the vLLM tests (skipped without vLLM); the builders live in vllm_helpers.py."""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+pytest.importorskip("vllm", reason="vLLM is not installed (run .ci/vllm for the vLLM tests)")
 
-NUM_HEADS = 3
-VOCAB = 128
-PROMPTS = [[5, 17, 33, 2, 90], [7, 8], [60, 61, 62, 63, 64, 65, 66, 67, 1], [44]]
+HERE = str(Path(__file__).resolve().parent)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
 
-
-@dataclass
-class Built:
-    """A saved target with its heads."""
-
-    model_dir: Path  # transformers folder (or official VITA-Audio folder)
-    heads_dir: Path  # MCTPStack.save_pretrained folder
-    draft_dir: Path  # mctp export vllm folder
-    backbone: object  # mctp HFBackbone over the same weights
-    stack: object  # MCTPStack
-
-
-def _model(family: str, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    fields = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        eos_token_id=None,
-        bos_token_id=None,
-    )
-    if family == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(rope_theta=10000.0, **fields))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**fields))
-    with torch.no_grad():  # a sharper random model: several distinct greedy tokens
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.mul_(3.0)
-    return model.eval()
-
-
-def train_heads(backbone, stack, *, steps: int, seed: int = 0) -> None:
-    """A few Adam steps of the MCTP loss on the frozen backbone's own greedy continuations."""
-    from mctp import generate, mctp_loss
-
-    g = torch.Generator().manual_seed(seed)
-    seqs = []
-    for _ in range(8):
-        prompt = torch.randint(0, VOCAB, (1, 4), generator=g)
-        res = generate(backbone, None, prompt, mode="vanilla", max_new_tokens=28)
-        seqs.append(res.sequences[0])
-    batch = torch.stack(seqs)
-    labels = batch.clone()
-    with torch.no_grad():
-        hidden = backbone(batch).hidden
-    opt = torch.optim.Adam(stack.parameters(), lr=3e-3)
-    stack.train()
-    for _ in range(steps):
-        loss = mctp_loss(stack, hidden, batch, labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    stack.eval()
-
-
-def build(root: Path, family: str, *, seed: int = 0, steps: int = 40) -> Built:
-    """Save a tiny ``family`` model, train and save its heads, export the vLLM drafter."""
-    from mctp import MCTPStack
-    from mctp.backbones import HFBackbone
-    from mctp.vllm.export import export_drafter
-
-    model = _model(family, seed)
-    backbone = HFBackbone(model)
-    torch.manual_seed(seed + 1)
-    stack = MCTPStack.from_backbone(backbone.parts(), NUM_HEADS)
-    train_heads(backbone, stack, steps=steps, seed=seed)
-    model_dir, heads_dir, draft_dir = root / "model", root / "heads", root / "draft"
-    model.save_pretrained(model_dir)
-    stack.save_pretrained(heads_dir)
-    export_drafter(heads_dir, draft_dir, backbone=model_dir)
-    return Built(model_dir, heads_dir, draft_dir, backbone, stack)
+from vllm_helpers import Built, build, build_vita  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -112,3 +24,8 @@ def qwen2_built(tmp_path_factory) -> Built:
 @pytest.fixture(scope="session")
 def llama_built(tmp_path_factory) -> Built:
     return build(tmp_path_factory.mktemp("llama"), "llama", seed=1)
+
+
+@pytest.fixture(scope="session")
+def vita_built(tmp_path_factory) -> Built:
+    return build_vita(tmp_path_factory.mktemp("vita"))
