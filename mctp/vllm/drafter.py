@@ -48,8 +48,15 @@ from mctp.layers import RMSNorm
 
 __all__ = ["MCTPDrafterForCausalLM", "install_proposer_hook"]
 
-_FAMILY_FIELDS_DROP = ("mctp_family", "mctp_head_rms_eps", "mctp_backbone_layers", "model_type",
-                       "architectures", "num_nextn_predict_layers", "auto_map")
+_FAMILY_FIELDS_DROP = (
+    "mctp_family",
+    "mctp_head_rms_eps",
+    "mctp_backbone_layers",
+    "model_type",
+    "architectures",
+    "num_nextn_predict_layers",
+    "auto_map",
+)
 
 
 def _layer_config(cfg: Any) -> Any:
@@ -209,9 +216,9 @@ class MCTPDrafterForCausalLM(nn.Module):
         rows = int(md.num_actual_tokens)
         pos = positions[:rows].long()
         qsl = md.query_start_loc.to("cpu", torch.long)
-        req = torch.repeat_interleave(
-            torch.arange(qsl.numel() - 1), qsl[1:] - qsl[:-1]
-        ).to(pos.device)
+        req = torch.repeat_interleave(torch.arange(qsl.numel() - 1), qsl[1:] - qsl[:-1]).to(
+            pos.device
+        )
         table = md.block_table.long()
         slots = self._slots(table, req, pos)
         mapped = md.slot_mapping[:rows].long()

@@ -32,10 +32,23 @@ FAMILIES: dict[str, str] = {
 _OFFICIAL_TYPES = ("qwen2_mtp", "qwen2_mtp_sensevoice")
 _MTP = re.compile(r"^(mtp_projs|mtp_embed_norms|mtp_hidden_norms)\.(\d+)\.weight$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_HEAD_PARTS = {"mtp_projs": "proj", "mtp_embed_norms": "embed_norm", "mtp_hidden_norms": "hidden_norm"}
+_HEAD_PARTS = {
+    "mtp_projs": "proj",
+    "mtp_embed_norms": "embed_norm",
+    "mtp_hidden_norms": "hidden_norm",
+}
 # Config fields that describe the checkpoint rather than one decoder layer.
-_DROP = ("auto_map", "architectures", "model_type", "num_hidden_layers", "transformers_version",
-         "mtp_loss_weight", "num_nextn_predict_layers", "layer_types", "max_window_layers")
+_DROP = (
+    "auto_map",
+    "architectures",
+    "model_type",
+    "num_hidden_layers",
+    "transformers_version",
+    "mtp_loss_weight",
+    "num_nextn_predict_layers",
+    "layer_types",
+    "max_window_layers",
+)
 
 
 class DrafterExportError(ValueError):
@@ -56,7 +69,7 @@ def read_folder_tensors(folder: Path, keep: Any = None) -> dict[str, torch.Tenso
     out: dict[str, torch.Tensor] = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            for key in f.keys():
                 if keep is None or keep(key):
                     out[key] = f.get_tensor(key)
     return out
@@ -100,7 +113,9 @@ def _heads_from_stack(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     }
 
 
-def _heads_from_official(folder: Path, raw: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _heads_from_official(
+    folder: Path, raw: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     n = int(raw.get("num_nextn_predict_layers") or 0)
     if n < 1:
         raise DrafterExportError(f"the VITA-Audio folder {folder} has no MCTP heads")
@@ -245,3 +260,17 @@ def export_drafter(
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return folder
+
+
+def cli_export(args: Any) -> int:
+    """``mctp export vllm --heads DIR [--backbone DIR] --out DIR [--num-heads N]``.
+
+    Returns:
+        0 after writing the folder (its path is printed).
+
+    Raises:
+        DrafterExportError, FileNotFoundError: As :func:`export_drafter`.
+    """
+    folder = export_drafter(args.heads, args.out, backbone=args.backbone, num_heads=args.num_heads)
+    print(f"wrote the vLLM drafter folder {folder}")
+    return 0

@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed (run .ci/vllm for the vLLM tests)")
 
-from vllm_helpers import NUM_HEADS, PROMPTS, close_llm, make_llm, our_steps, vllm_steps  # noqa: E402
+from vllm_helpers import NUM_HEADS, PROMPTS, close_llm, make_llm, our_steps, vllm_steps
 
 MAX_NEW = 20
 
@@ -45,8 +45,13 @@ def _check(built, k: int) -> None:
     drafted = accepted = 0
     distinct: set[int] = set()
     for prompt, (tokens, steps) in zip(PROMPTS, got):
-        vanilla = generate(built.backbone, None, torch.tensor([prompt]), mode="vanilla",
-                           max_new_tokens=MAX_NEW).tokens[0].tolist()
+        vanilla = (
+            generate(
+                built.backbone, None, torch.tensor([prompt]), mode="vanilla", max_new_tokens=MAX_NEW
+            )
+            .tokens[0]
+            .tolist()
+        )
         assert tokens == vanilla == _transformers_greedy(built, prompt)
         ours_tokens, ours_steps = our_steps(built, prompt, k, MAX_NEW)
         assert ours_tokens == tokens

@@ -203,5 +203,3 @@ def vllm_steps(llm, prompts: list[list[int]], max_new: int) -> list[tuple[list[i
                 steps[out.request_id].append(new)
             tokens[out.request_id] = ids
     return [(tokens[str(i)], steps[str(i)]) for i in range(len(prompts))]
-
-
