@@ -1,4 +1,5 @@
-"""Fixtures of the vLLM tests (skipped without vLLM); the builders live in vllm_helpers.py."""
+"""Fixtures of the vLLM tests; the builders live in vllm_helpers.py. Importable without vLLM:
+each test module skips itself (pytest.importorskip) when vLLM is not installed."""
 
 from __future__ import annotations
 
@@ -6,8 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("vllm", reason="vLLM is not installed (run .ci/vllm for the vLLM tests)")
 
 HERE = str(Path(__file__).resolve().parent)
 if HERE not in sys.path:

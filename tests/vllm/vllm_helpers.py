@@ -14,10 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import torch
-
-pytest.importorskip("vllm", reason="vLLM is not installed (run .ci/vllm for the vLLM tests)")
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
