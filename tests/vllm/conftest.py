@@ -16,8 +16,17 @@ from vllm_helpers import Built, build, build_vita  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def qwen2_built(tmp_path_factory) -> Built:
-    return build(tmp_path_factory.mktemp("qwen2"), "qwen2")
+def qwen2_built(vita_built, tmp_path_factory) -> Built:
+    """The VITA-Audio fixture's backbone and heads as a transformers Qwen2 folder + heads."""
+    from mctp.vllm.export import export_drafter
+
+    root = tmp_path_factory.mktemp("qwen2")
+    vita_built.backbone.model.save_pretrained(root / "model")
+    vita_built.stack.save_pretrained(root / "heads")
+    export_drafter(root / "heads", root / "draft", backbone=root / "model")
+    return Built(
+        root / "model", root / "heads", root / "draft", vita_built.backbone, vita_built.stack
+    )
 
 
 @pytest.fixture(scope="session")
