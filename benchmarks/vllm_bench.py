@@ -34,12 +34,12 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 SHAPES = {
     # CPU-sized default; 0.5b/7b are Qwen2.5 shapes (random weights) for benchmarks/gpu_vllm.sh
     "small": dict(
-        hidden_size=256,
-        intermediate_size=704,
+        hidden_size=128,
+        intermediate_size=352,
         num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=2048,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=1024,
     ),
     "0.5b": dict(
         hidden_size=896,
@@ -101,7 +101,7 @@ def build(root: Path, shape: str, heads: int, steps: int, device: str) -> tuple:
     stack = MCTPStack.from_backbone(backbone.parts(), heads)
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, cfg.vocab_size, (8, 8), generator=g).to(device)
-    seqs = generate(backbone, None, prompts, mode="vanilla", max_new_tokens=64).sequences
+    seqs = generate(backbone, None, prompts, mode="vanilla", max_new_tokens=32).sequences
     with torch.no_grad():
         hidden = backbone(seqs).hidden
     opt = torch.optim.Adam(stack.parameters(), lr=2e-3)
@@ -133,11 +133,11 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--draft-len", type=int, default=3, help="k for vLLM+drafter and verified")
-    ap.add_argument("--train-steps", type=int, default=150)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--train-steps", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument(
         "--gpu-memory-utilization",
         type=float,
@@ -155,7 +155,9 @@ def main() -> None:
     k, n = args.draft_len, args.new_tokens
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        t0 = time.perf_counter()
         backbone, stack, vocab = build(root, args.shape, 10, args.train_steps, args.device)
+        print(f"built in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         backbone.model.to(dtype)
         stack.to(dtype)
         g = torch.Generator().manual_seed(2)
@@ -178,6 +180,7 @@ def main() -> None:
 
                 secs = timed(run, args.repeats)
                 rows.setdefault(name, {})[batch] = batch * n / secs
+                print(f"{name}, {batch} prompt(s): {batch * n / secs:.1f} tok/s", file=sys.stderr)
                 r = res["r"]
                 if r.num_drafted:
                     accept[name] = f"{r.num_accepted / r.num_drafted:.2f}"
@@ -213,6 +216,7 @@ def main() -> None:
 
                 secs = timed(run, args.repeats)
                 rows.setdefault(name, {})[batch] = batch * n / secs
+                print(f"{name}, {batch} prompt(s): {batch * n / secs:.1f} tok/s", file=sys.stderr)
             if spec is not None:
                 accept[name] = _vllm_acceptance(llm)
             from vllm.distributed import cleanup_dist_env_and_memory
