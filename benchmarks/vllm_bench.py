@@ -205,6 +205,7 @@ def main() -> None:
                 max_num_seqs=8,
                 seed=0,
                 speculative_config=spec,
+                disable_log_stats=False,
                 **extra,
             )
             for batch in (1, 8):
