@@ -318,6 +318,26 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, default=Path("eval.json"), help="JSON results")
     _add_model_args(e)
     e.set_defaults(func=_eval)
+
+    x = sub.add_parser(
+        "export", help="write MCTP heads for another serving engine", formatter_class=fmt
+    )
+    x.add_argument("engine", choices=("vllm",), help="the engine (vllm: an mtp drafter folder)")
+    x.add_argument(
+        "--heads", type=Path, required=True, help="MCTPStack folder or official VITA-Audio folder"
+    )
+    x.add_argument(
+        "--backbone", type=Path, default=None, help="target model folder (default: --heads)"
+    )
+    x.add_argument("--out", type=Path, required=True, help="folder to write")
+    x.add_argument("--num-heads", type=int, default=None, help="export only the first N heads")
+
+    def _export(a: argparse.Namespace) -> int:
+        from mctp.vllm.export import cli_export
+
+        return cli_export(a)
+
+    x.set_defaults(func=_export)
     return p
 
 
