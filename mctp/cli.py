@@ -227,6 +227,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_mb * 1024 * 1024,
         max_audio_s=args.max_audio_s,
+        max_prompt_tokens=args.max_prompt_tokens,
         max_new_tokens=args.max_new_tokens,
     )
     pipe = build_from_args(args)
@@ -286,6 +287,12 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--max-queue", type=int, default=8, help="waiting requests before 503")
     v.add_argument("--max-body-mb", type=int, default=16, help="largest request body (MiB)")
     v.add_argument("--max-audio-s", type=float, default=60.0, help="longest input audio (s)")
+    v.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=2048,
+        help="longest prompt after the chat template (speech counted at the codec's rate)",
+    )
     v.add_argument("--log-level", default="info", help="uvicorn log level")
     _add_model_args(v)
     v.set_defaults(func=_serve)

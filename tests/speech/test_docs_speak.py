@@ -88,7 +88,7 @@ def test_bash_blocks_run(mctp_cache, tmp_path):
     assert sf.info(tmp_path / "answer.wav").samplerate == 16000
     assert sf.info(tmp_path / "hello.wav").samplerate == 22050
     assert sf.info(tmp_path / "speech.wav").frames > 0
-    assert '"status":"ok"' in text and "data: [DONE]" in text
+    assert '"status":"ready"' in text and "data: [DONE]" in text
     assert '"object":"chat.completion"' in text
     res = json.loads((tmp_path / "eval.json").read_text())
     assert res["qa"]["s2t"] == 1.0 and len(res["heads"]["acceptance"]) == 10
