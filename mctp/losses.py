@@ -166,8 +166,7 @@ def count_items(
     Returns:
         Long scalar tensor.
     """
-    from .engine.masks import default_position_ids
-    from .stack import shift_targets  # the stack imports this module at load time
+    from .engine.masks import default_position_ids, shift_targets
 
     if position_ids is None:
         position_ids = default_position_ids(labels, attention_mask)

@@ -35,6 +35,7 @@ from .engine.masks import (
     default_position_ids,
     segment_ids,
     segment_mask,
+    shift_targets,
     valid_positions,
 )
 from .layers import RMSNorm
@@ -91,30 +92,6 @@ class MCTPOutput:
     targets: torch.Tensor | None
     loss_sums: torch.Tensor | None
     num_targets: torch.Tensor | None
-
-
-def shift_targets(
-    labels: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Next-token targets ``[B, T]``: ``labels[t+1]`` when ``t+1`` continues ``t``'s sample.
-
-    Args:
-        labels: ``[B, T]`` causal-LM labels aligned with the inputs (-100 = ignore).
-        position_ids: ``[B, T]``, restarting at 0 per packed sample.
-        attention_mask: ``[B, T]`` padding mask or None.
-
-    Returns:
-        ``[B, T]`` long; -100 at the last position, at sample ends and before padding.
-    """
-    out = torch.full_like(labels, -100)
-    if labels.shape[1] < 2:
-        return out
-    same = position_ids[:, 1:] == position_ids[:, :-1] + 1
-    if attention_mask is not None:
-        m = attention_mask.bool()
-        same = same & m[:, 1:] & m[:, :-1]
-    out[:, :-1] = torch.where(same, labels[:, 1:], -100)
-    return out
 
 
 class MCTPStack(nn.Module):
