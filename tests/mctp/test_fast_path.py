@@ -181,6 +181,35 @@ def test_inductor_cpu_turbo_gives_the_eager_tokens(model):
     assert torch.equal(second.sequences, ref.sequences)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="Inductor on CPU needs a C++ compiler")
+def test_inductor_cpu_packed_weights_give_the_eager_tokens(model):
+    """Inductor's CPU kernels with packed linear weights shared by every graph (the default
+    CPU fast path for bf16; forced here on the fp32 test model): the eager tokens, twice."""
+    import torch._dynamo
+
+    from mctp import GenerationConfig, Generator
+    from mctp.compile_packing import packed_weight_bytes, packing_available, release_packed_weights
+    from mctp.fast_path import FastPath
+
+    if not packing_available("cpu", torch.float32):
+        pytest.skip("oneDNN packing unavailable")
+    bb, stack = model
+    ids = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(1))
+    ref = generate(bb, stack, ids, "turbo", 40)
+    torch._dynamo.reset()
+    release_packed_weights()
+    cfg = GenerationConfig(mode="turbo", max_new_tokens=40, compile=True, window=11)
+    gen = Generator(bb, stack, cfg, max_len=128)
+    gen.path = FastPath(bb, device=torch.device("cpu"), window=11, pack_weights=True)
+    first, second = gen.generate(ids), gen.generate(ids)
+    assert torch.equal(first.sequences, ref.sequences)
+    assert torch.equal(second.sequences, ref.sequences)
+    dense = sum(p.numel() * p.element_size() for p in [*bb.parameters(), *stack.parameters()])
+    assert 0 < packed_weight_bytes() <= dense  # one packed copy at most, whatever the graphs
+    release_packed_weights()
+
+
 @pytest.mark.gpu
 def test_cuda_graphs_turbo_matches_eager(model):
     bb, stack = model
@@ -223,12 +252,23 @@ def test_generator_is_reused_and_checked(model):
 
 def test_compile_cache_files_are_checked(tmp_path):
     from mctp import load_compile_cache
+    from mctp.fast_path import COMPILE_CACHE_FILE, FastPath
 
     assert load_compile_cache(tmp_path / "none.bin") is False  # a first start: nothing to load
     bad = tmp_path / "bad.bin"
     bad.write_bytes(b"not a cache")
     with pytest.raises(RuntimeError, match="is not a torch compile cache"):
         load_compile_cache(bad)
+    bb = object.__new__(HFBackbone)  # FastPath only compiles its decode lazily
+    torch.nn.Module.__init__(bb)
+    fresh = FastPath(bb, device=torch.device("cpu"), compile_cache_dir=tmp_path / "new")
+    assert fresh.cache_loaded is False
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / COMPILE_CACHE_FILE).write_bytes(b"not a cache")
+    with pytest.raises(RuntimeError, match="is not a torch compile cache"):
+        FastPath(bb, device=torch.device("cpu"), compile_cache_dir=tmp_path / "bad")
+    with pytest.raises(ValueError, match="no compile_cache_dir"):
+        FastPath(bb, device=torch.device("cpu")).save_compile_cache()
 
 
 @pytest.mark.slow
