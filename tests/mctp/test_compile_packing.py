@@ -59,30 +59,34 @@ def test_packed_linear_op_matches_linear():
 @pytest.mark.slow
 @needs_inductor
 def test_compiled_graphs_share_one_packed_copy_and_see_weight_updates():
-    """Two compiled functions (two shapes, a row slice) read one packed copy per weight; an
-    in-place update of a weight is seen by the next call (the copy is re-made)."""
+    """Two compiled functions read one packed copy per weight (and per row slice); one-row
+    products over big weights run as reductions without a copy; an in-place update of a
+    weight is seen by the next call (its copy is re-made, not added)."""
     torch.manual_seed(0)
-    up, down = torch.nn.Linear(16, 48), torch.nn.Linear(48, 32, bias=False)
+    up, down = torch.nn.Linear(16, 48), torch.nn.Linear(48, 48, bias=False)
 
     def fn(x):
         h = down(torch.relu(up(x)))
         return h, torch.nn.functional.linear(h, down.weight[8:24])  # a row slice of a weight
 
     kw = compile_kwargs("cpu", torch.float32, pack_weights=True)
-    f1, f2 = torch.compile(lambda x: fn(x), **kw), torch.compile(lambda x: fn(x), **kw)
+    f1 = torch.compile(lambda x: fn(x), **kw)
+    gemv = PackedLinearPass()
+    gemv.gemv_elements = 1  # every one-row product: a reduction over the dense weight
+    f2 = torch.compile(lambda x: fn(x), dynamic=False, options={"post_grad_custom_post_pass": gemv})
     release_packed_weights()
-    xs = [torch.randn(1, 11, 16), torch.randn(1, 1, 16)]
+    packed = 4 * (48 * 16 + 48 * 48 + 16 * 48)  # up.weight, down.weight, down.weight[8:24]
+    xs = [torch.randn(1, 11, 16), torch.randn(1, 16)]
     with torch.inference_mode():
-        for f, x in zip((f1, f2), xs):
+        for f, x, size in ((f2, xs[1], 0), (f1, xs[0], packed)):
             for got, ref in zip(f(x), fn(x)):
                 torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-        # up.weight, up.bias stay dense (bias is not packed), down.weight, its rows 8:24
-        assert packed_weight_bytes() == 4 * (48 * 16 + 32 * 48 + 16 * 48)
+            assert packed_weight_bytes() == size
         with torch.no_grad():
             up.weight.mul_(-2.0)
         for got, ref in zip(f1(xs[0]), fn(xs[0])):
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-    assert packed_weight_bytes() == 4 * (48 * 16 + 32 * 48 + 16 * 48)  # replaced, not added
+    assert packed_weight_bytes() == packed  # replaced, not added
     release_packed_weights()
 
 
