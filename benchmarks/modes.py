@@ -256,8 +256,11 @@ def main() -> None:
         for mode, _, kw in variants:  # warm-up: the fast path compiles on the first call
             run(mode, kw)
     warm_s, warm_cpu_s = time.perf_counter() - t, time.process_time() - cpu
-    if args.compile and args.compile_cache:
-        save_compile_cache(args.compile_cache)
+    if args.compile and args.compile_cache and not loaded:
+        try:
+            save_compile_cache(args.compile_cache)
+        except RuntimeError as err:  # frozen graphs bypass torch's caches: nothing to save
+            print(f"compile cache not saved: {err}")
     times: dict[tuple[str, str], list] = {}
     for _ in range(args.repeats):
         for mode, heads, kw in variants:
