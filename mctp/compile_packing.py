@@ -181,8 +181,6 @@ class PackedLinearPass(CustomGraphPass):
         indices = set(getattr(meta, "static_input_indices", None) or ())
         inputs = [n for n in graph.nodes if n.op == "placeholder"]
         static = {n.name for i, n in enumerate(inputs) if i in indices}
-        if not static:
-            return
         for node in list(graph.nodes):
             if node.op != "call_function" or node.kwargs:
                 continue
@@ -198,12 +196,8 @@ class PackedLinearPass(CustomGraphPass):
                 and list(wt.args[1]) == [1, 0]  # type: ignore[arg-type]
             ):
                 continue
-            found = _static_rows(wt.args[0], static)  # type: ignore[arg-type]
-            if found is None:
-                continue
-            w, start, stop = found
-            val = w.meta.get("val")
-            out = node.meta.get("val")
+            rows_node: torch.fx.Node = wt.args[0]  # type: ignore[assignment]
+            val, out = rows_node.meta.get("val"), node.meta.get("val")
             if (
                 val is None
                 or out is None
@@ -214,10 +208,15 @@ class PackedLinearPass(CustomGraphPass):
                 or (bias is not None and bias.meta["val"].ndim != 1)  # type: ignore[union-attr]
             ):
                 continue
-            rows = x.meta["val"].shape[0]  # type: ignore[union-attr]
-            if rows == 1 and (stop - start) * val.shape[1] >= self.gemv_elements:
-                new = _gemv(graph, node, x, wt.args[0], bias)  # type: ignore[arg-type]
+            found = _static_rows(rows_node, static)
+            if x.meta["val"].shape[0] == 1 and val.numel() >= self.gemv_elements:  # type: ignore[union-attr]
+                # plain math on the graph's inputs: any weight, a parameter or not (the
+                # audio rows of a shared lm_head reached through a dict are not static)
+                new = _gemv(graph, node, x, rows_node, bias)
+            elif found is None:
+                continue
             else:
+                w, start, stop = found
                 with graph.inserting_before(node):
                     new = graph.call_function(
                         torch.ops.mctp.packed_linear.default, (x, w, bias, start, stop)
