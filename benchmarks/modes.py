@@ -7,6 +7,9 @@ round-robin order, and the median of ``--repeats`` runs is reported with its rat
 Vanilla. MCTP modes are reported twice: heads scoring the full vocabulary (as the original) and
 heads restricted to BOA/EOA + the 16,384 audio tokens (exact for these modes).
 
+"tok/CPU-s" divides by the CPU time of the process (all its threads) instead of the wall clock:
+with ``--threads 1`` it hardly depends on what else the machine runs.
+
 "decode tok/s" leaves the prefill out (tokens after the first over the time after it): the
 steady state that the paper's 4096-token runs measure. "First audio" is the time from the call
 until the tokens of the first audio segment exist (Table 9's quantity): the end of the
@@ -31,9 +34,12 @@ longer backlogs of Boost (4 text tokens + 10) catch up in an extra compiled wind
 from __future__ import annotations
 
 import argparse
+import json
 import platform
+import resource
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -45,13 +51,16 @@ CONFIGS = {
 }
 
 
-def build(name: str, device: str, dtype: torch.dtype, num_heads: int = 10):
+def build(
+    name: str, device: str, dtype: torch.dtype, num_heads: int = 10, layers: int | None = None
+):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from mctp import MCTPStack
     from mctp.backbones import AUDIO_PLACEHOLDER, BOA, EOA, HFBackbone, SpeechVocab
 
-    hidden, layers, heads, kv, inter, vocab, tie = CONFIGS[name]
+    hidden, n_layers, heads, kv, inter, vocab, tie = CONFIGS[name]
+    layers = layers or n_layers
     cfg = Qwen2Config(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -92,16 +101,21 @@ def build(name: str, device: str, dtype: torch.dtype, num_heads: int = 10):
 def autotune_mode(device: str, *, cudagraphs: bool) -> dict:
     """``torch.compile`` kwargs for Inductor's max-autotune GEMMs (CUDA graphs on CUDA if asked).
 
-    Off CUDA this also sets ``torch._inductor.config.freezing``: the CPU GEMM templates need
-    frozen weights, and the global config is what is read when compiling
-    (``torch.compile(options={"freezing": True})`` is ignored).
+    Off CUDA the GEMM templates also need frozen weights: run the compiling calls inside
+    :func:`frozen_weights` (Dynamo reads ``torch._inductor.config.freezing`` itself when it
+    traces, so ``torch.compile(options={"freezing": True})`` is not enough).
     """
-    if not device.startswith("cuda"):
-        import torch._inductor.config as inductor_config
-
-        inductor_config.freezing = True
     cuda_graphs = cudagraphs and device.startswith("cuda")
     return {"mode": "max-autotune" if cuda_graphs else "max-autotune-no-cudagraphs"}
+
+
+def frozen_weights(on: bool):
+    """A context in which Inductor freezes weights into the graphs (restored on exit)."""
+    import contextlib
+
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(freezing=True) if on else contextlib.nullcontext()
 
 
 def first_segment_end(mode: str) -> int:
@@ -114,6 +128,9 @@ def first_segment_end(mode: str) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=sorted(CONFIGS), default="0.5b")
+    p.add_argument(
+        "--layers", type=int, default=None, help="backbone layers (default: the config's)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--new-tokens", type=int, default=None, help="default: 64 on CPU, 1024 on GPU")
@@ -129,7 +146,13 @@ def main() -> None:
     p.add_argument(
         "--max-autotune",
         action="store_true",
-        help="with --compile: Inductor max-autotune GEMMs (and frozen weights on CPU)",
+        help="with --compile: Inductor max-autotune GEMMs and, on CPU, weights frozen into "
+        "every graph (the fast path before packed weights: several GB per graph set)",
+    )
+    p.add_argument(
+        "--no-pack",
+        action="store_true",
+        help="with --compile: no packed linear weights (mctp.engine.compile_packing) on CPU",
     )
     p.add_argument("--window", type=int, default=16, help="fast-path window (with --compile)")
     p.add_argument(
@@ -138,6 +161,12 @@ def main() -> None:
         help="with --compile: load torch's compile artifacts from this file when it exists and "
         "save them there after the warm-up (a second start of the same shapes warms up fast)",
     )
+    p.add_argument(
+        "--compile-cache-dir",
+        default=None,
+        help="with --compile: as --compile-cache, in this folder (FastPath's compile_cache_dir)",
+    )
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument(
         "--bandwidth-gbs", type=float, default=None, help="memory bandwidth for the roofline column"
     )
@@ -148,7 +177,9 @@ def main() -> None:
     n = args.new_tokens or (64 if args.device == "cpu" else 1024)
 
     t = time.perf_counter()
-    backbone, stack, speech, weight_bytes = build(args.config, args.device, dtype)
+    backbone, stack, speech, weight_bytes = build(
+        args.config, args.device, dtype, layers=args.layers
+    )
     build_s = time.perf_counter() - t
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(
@@ -176,10 +207,14 @@ def main() -> None:
         load_compile_cache,
         save_compile_cache,
     )
+    from mctp.engine.fast_path import COMPILE_CACHE_FILE
 
     compile_options: dict = {}
     if args.compile and args.max_autotune:
         compile_options = autotune_mode(args.device, cudagraphs=True)
+    frozen = args.compile and args.max_autotune and not args.device.startswith("cuda")
+    if args.compile_cache_dir:
+        args.compile_cache = str(Path(args.compile_cache_dir) / COMPILE_CACHE_FILE)
     loaded = args.compile and args.compile_cache and load_compile_cache(args.compile_cache)
     base_cfg = GenerationConfig(mode="vanilla", max_new_tokens=n)
     engine = EngineConfig(
@@ -188,6 +223,7 @@ def main() -> None:
         compile=args.compile,
         compile_options=compile_options,
         window=args.window,
+        pack_weights=False if args.no_pack or frozen else None,
     )
     # one Generator (caches, buffers, compiled callables) per stack and head vocabulary,
     # reused by every run (audio-only heads change compiled shapes: an engine setting)
@@ -202,6 +238,7 @@ def main() -> None:
         for use_stack, audio in ((False, False), (True, False), (True, True))
         if speech is not None or not audio
     }
+    packed = args.compile and gens[True].path.packs_weights
 
     def run(mode: str, kw: dict):
         kw = dict(kw)
@@ -209,14 +246,21 @@ def main() -> None:
         audio = kw.pop("audio_heads", False)
         gen = gens[(mode != "vanilla", audio)]
         cfg = gen.config.replace(mode=m, **kw)
-        return gen.generate(prompt, config=cfg, sync_timings=True)
+        cpu = time.process_time()
+        res = gen.generate(prompt, config=cfg, sync_timings=True)
+        res.cpu_s = time.process_time() - cpu  # CPU time of this process (all its threads)
+        return res
 
-    t = time.perf_counter()
-    for mode, _, kw in variants:  # warm-up: the fast path compiles on the first call
-        run(mode, kw)
-    warm_s = time.perf_counter() - t
-    if args.compile and args.compile_cache:
-        save_compile_cache(args.compile_cache)
+    t, cpu = time.perf_counter(), time.process_time()
+    with frozen_weights(frozen):
+        for mode, _, kw in variants:  # warm-up: the fast path compiles on the first call
+            run(mode, kw)
+    warm_s, warm_cpu_s = time.perf_counter() - t, time.process_time() - cpu
+    if args.compile and args.compile_cache and not loaded:
+        try:
+            save_compile_cache(args.compile_cache)
+        except RuntimeError as err:  # frozen graphs bypass torch's caches: nothing to save
+            print(f"compile cache not saved: {err}")
     times: dict[tuple[str, str], list] = {}
     for _ in range(args.repeats):
         for mode, heads, kw in variants:
@@ -225,7 +269,7 @@ def main() -> None:
             first = next(s for produced, s in res.cycle_times if produced >= end)
             after = res.total_s - res.cycle_times[0][1]  # everything after the prefill
             decode = (n - res.cycle_times[0][0]) / after
-            times.setdefault((mode, heads), []).append((res.total_s, first, res, decode))
+            times.setdefault((mode, heads), []).append((res.total_s, first, res, decode, res.cpu_s))
 
     base = statistics.median(x[0] for x in times[("vanilla", "-")])
     base_decode = statistics.median(x[3] for x in times[("vanilla", "-")])
@@ -240,15 +284,12 @@ def main() -> None:
     )
     print(
         f"prompt {args.prompt} tokens, {n} new tokens, greedy, random weights, median of {args.repeats}; "
-        f"build {build_s:.1f} s, warm-up {warm_s:.1f} s"
+        f"build {build_s:.1f} s, warm-up {warm_s:.1f} s ({warm_cpu_s:.1f} CPU s)"
         + (" (compile cache loaded)" if loaded else "")
         + "; "
         f"compile {(compile_options or True) if args.compile else 'off'}"
-        + (
-            ", frozen weights"
-            if args.compile and args.max_autotune and not args.device.startswith("cuda")
-            else ""
-        )
+        + (", frozen weights" if frozen else "")
+        + (", packed weights" if packed else "")
         + (f", window {args.window}" if args.compile else "")
         + "\n"
     )
@@ -262,13 +303,20 @@ def main() -> None:
         "backbone fwd",
         "MCTP steps",
         "first audio (ms)",
+        "tok/CPU-s",
     )
     rows = []
+    results = []
     for (mode, heads), xs in times.items():
         total = statistics.median(x[0] for x in xs)
         first = statistics.median(x[1] for x in xs)
         decode = statistics.median(x[3] for x in xs)
+        per_cpu = n / statistics.median(x[4] for x in xs)
         res = xs[0][2]
+        results.append(
+            {"mode": mode, "heads": heads, "tokens_s": n / total, "decode_s": decode}
+            | {"tokens_cpu_s": per_cpu}
+        )
         rows.append(
             (
                 mode,
@@ -280,11 +328,18 @@ def main() -> None:
                 str(res.num_backbone_forwards),
                 str(res.num_mctp_steps),
                 f"{1000 * first:.1f}",
+                f"{per_cpu:.1f}",
             )
         )
     widths = [max(len(r[i]) for r in [cols, *rows]) for i in range(len(cols))]
     for r in [cols, tuple("-" * w for w in widths), *rows]:
         print("| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |")
+    if args.json:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        info = {"warm_up_s": warm_s, "warm_up_cpu_s": warm_cpu_s, "build_s": build_s}
+        info["peak_rss_bytes"] = peak
+        info |= {"weight_bytes": weight_bytes, "cache_loaded": bool(loaded), "rows": results}
+        Path(args.json).write_text(json.dumps(info, indent=1))
     if args.bandwidth_gbs:
         limit = args.bandwidth_gbs * 1e9 / weight_bytes
         van = n / base

@@ -7,11 +7,17 @@ compiles each of those functions once with ``torch.compile(dynamic=False)`` (CUD
 CUDA through ``mode="reduce-overhead"``). A Generator picks one at construction; the
 generation loop calls the same three methods on either.
 
-No global torch setting is changed: every compiled function is a fresh function object with
-its own code object, so each has its own compile cache (Dynamo's recompile limit counts per
-code object) and the default limit is never reached. Compiled artifacts are reused across
-processes by torch's own caches (Inductor's FX-graph cache on disk, on by default), or
-explicitly with :func:`save_compile_cache` / :func:`load_compile_cache` (torch's "mega-cache").
+On CPU the linear layers of every compiled graph read one packed copy of each weight
+(:mod:`mctp.engine.compile_packing`, a post-grad pass given per compile call): the GEMM speed of
+Inductor's frozen weights without a frozen copy of the weights per graph, and without
+max-autotune's benchmarking at compile time (see docs/compile.md for what each costs).
+
+No global torch setting is changed: options go to each ``torch.compile`` call, and every
+compiled function is a fresh function object with its own code object, so each has its own
+compile cache (Dynamo's recompile limit counts per code object) and the default limit is never
+reached. Compiled artifacts are reused across processes by torch's own caches (Inductor's
+FX-graph cache on disk, on by default), or explicitly with :func:`save_compile_cache` /
+:func:`load_compile_cache` (torch's "mega-cache"), or by ``FastPath(compile_cache_dir=...)``.
 """
 
 from __future__ import annotations
@@ -25,9 +31,21 @@ import torch
 
 from ..backbone import Backbone
 from .buffer import TokenBuffer
+from .compile_packing import PackedLinearPass, packing_available
 from .decoding import MCTPDecoder
 
-__all__ = ["ExactPath", "FastPath", "backbone_step", "load_compile_cache", "save_compile_cache"]
+__all__ = [
+    "COMPILE_CACHE_FILE",
+    "ExactPath",
+    "FastPath",
+    "backbone_step",
+    "compile_kwargs",
+    "load_compile_cache",
+    "save_compile_cache",
+]
+
+#: The file :class:`FastPath` reads and writes in its ``compile_cache_dir``.
+COMPILE_CACHE_FILE = "mctp_compile_cache.bin"
 
 Sampler = Callable[[torch.Tensor], torch.Tensor]
 
@@ -113,9 +131,15 @@ class FastPath:
         prefill_windows: Window decodes allowed for a prefill and per head catch-up.
         compile_options: Extra ``torch.compile`` keyword arguments (e.g. ``backend``); an
             ``{"backend": "eager"}`` runs the fixed shapes without compiling (tests).
+        pack_weights: Packed linear weights shared by all graphs (:func:`compile_kwargs`).
+            None: on wherever they apply (Inductor on CPU, bf16 weights).
+        compile_cache_dir: A folder for torch's compiled artifacts: loaded here when it holds
+            them (:data:`COMPILE_CACHE_FILE`), written by :meth:`save_compile_cache` after the
+            warm-up, so that the next process skips Inductor's code generation.
 
     Raises:
-        ValueError: On ``window < 1`` or ``prefill_windows < 0``.
+        ValueError: On ``window < 1`` or ``prefill_windows < 0``, or as :func:`compile_kwargs`.
+        RuntimeError: If ``compile_cache_dir`` holds a file that is not a compile cache.
     """
 
     #: Chains always run their full length (static shapes); extra tokens are cut at the end.
@@ -129,6 +153,8 @@ class FastPath:
         window: int = 16,
         prefill_windows: int = 4,
         compile_options: Mapping[str, Any] | None = None,
+        pack_weights: bool | None = None,
+        compile_cache_dir: str | Path | None = None,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
@@ -137,10 +163,16 @@ class FastPath:
         self.backbone = backbone
         self.window = window
         self.prefill_windows = prefill_windows
-        self.compile_kwargs: dict[str, Any] = {"dynamic": False}
-        if device.type == "cuda":
-            self.compile_kwargs["mode"] = "reduce-overhead"
-        self.compile_kwargs.update(compile_options or {})
+        weight = getattr(getattr(backbone, "lm_head", None), "weight", None)
+        dtype = weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
+        self.compile_kwargs = compile_kwargs(
+            device, dtype, compile_options=compile_options, pack_weights=pack_weights
+        )
+        self.compile_cache_dir = None if compile_cache_dir is None else Path(compile_cache_dir)
+        #: Whether artifacts were loaded from ``compile_cache_dir``.
+        self.cache_loaded = self.compile_cache_dir is not None and load_compile_cache(
+            self.compile_cache_dir / COMPILE_CACHE_FILE
+        )
         step = self._compile(backbone_step, "mctp_backbone_decode")
         self._decode = lambda buffer, cache, idx, all_logits=False: step(
             backbone, buffer, cache, idx, all_logits
@@ -148,8 +180,27 @@ class FastPath:
         self._chains: dict[tuple[MCTPDecoder, int], Callable[..., Any]] = {}
         self._fills: dict[tuple[MCTPDecoder, int], Callable[[torch.Tensor], None]] = {}
 
+    @property
+    def packs_weights(self) -> bool:
+        """Whether the compiled graphs read packed linear weights."""
+        return "post_grad_custom_post_pass" in self.compile_kwargs.get("options", {})
+
     def _compile(self, fn: Callable[..., Any], tag: str) -> Callable[..., Any]:
         return torch.compile(_own_code(fn, tag), **self.compile_kwargs)
+
+    def save_compile_cache(self) -> Path:
+        """Write this process's compiled artifacts to ``compile_cache_dir`` (after a warm-up).
+
+        Returns:
+            The file written.
+
+        Raises:
+            ValueError: If the FastPath has no ``compile_cache_dir``.
+            RuntimeError: If nothing was compiled yet.
+        """
+        if self.compile_cache_dir is None:
+            raise ValueError("this FastPath has no compile_cache_dir to save to")
+        return save_compile_cache(self.compile_cache_dir / COMPILE_CACHE_FILE)
 
     # ------------------------------------------------------------------ backbone
     def forward(
@@ -216,6 +267,58 @@ class FastPath:
                 decoder.window_chain(count, w), f"mctp_chain{count}_w{w}"
             )
         return decoder.run_window(self._chains[key], count, w, sampler).tokens
+
+
+def compile_kwargs(
+    device: torch.device | str,
+    dtype: torch.dtype,
+    *,
+    compile_options: Mapping[str, Any] | None = None,
+    pack_weights: bool | None = None,
+) -> dict[str, Any]:
+    """The ``torch.compile`` keyword arguments of the fast path.
+
+    ``dynamic=False`` always; ``mode="reduce-overhead"`` (CUDA graphs) on CUDA; then
+    ``compile_options``. With packed weights (Inductor on CPU: ``pack_weights=True``, or
+    None with bf16 weights) Inductor gets :class:`~mctp.engine.compile_packing.PackedLinearPass` as
+    its ``post_grad_custom_post_pass`` option (a ``mode`` becomes its option set, as torch
+    takes either a mode or options).
+
+    Args:
+        device: Where the graphs run.
+        dtype: The weights' dtype.
+        compile_options: Extra ``torch.compile`` keyword arguments.
+        pack_weights: True / False / None (auto).
+
+    Raises:
+        ValueError: If ``pack_weights=True`` where packing cannot apply (not CPU, a dtype
+            oneDNN cannot pack, a backend other than Inductor, or another post-grad pass).
+    """
+    device = torch.device(device)
+    kw: dict[str, Any] = {"dynamic": False}
+    if device.type == "cuda":
+        kw["mode"] = "reduce-overhead"
+    kw.update(compile_options or {})
+    backend = kw.get("backend", "inductor")
+    options = dict(kw.get("options") or {})
+    why_not = None
+    if backend != "inductor":
+        why_not = f"backend {backend!r} (packing is an Inductor pass)"
+    elif not packing_available(device, dtype):
+        why_not = f"{dtype} weights on {device.type} (oneDNN packs bf16/fp32 on CPU)"
+    elif options.get("post_grad_custom_post_pass") is not None:
+        why_not = "compile_options already set a post_grad_custom_post_pass"
+    if pack_weights is None:
+        pack_weights = why_not is None and dtype == torch.bfloat16
+    if pack_weights:
+        if why_not is not None:
+            raise ValueError(f"pack_weights=True cannot apply: {why_not}")
+        mode = kw.pop("mode", None)
+        if mode is not None:
+            options = {**torch._inductor.list_mode_options(mode, kw["dynamic"]), **options}
+        options["post_grad_custom_post_pass"] = PackedLinearPass()
+        kw["options"] = options
+    return kw
 
 
 def save_compile_cache(path: str | Path) -> Path:

@@ -59,6 +59,9 @@ class EngineConfig:
         prefill_windows: Fast path: prompts of ``window .. prefill_windows * window`` slots are
             prefilled as that many window decodes, and head backlogs up to that many windows
             catch up in compiled windows (0: always the eager multi-token path).
+        pack_weights: Fast path, Inductor on CPU: matrix products read one packed copy of each
+            weight shared by every compiled graph (no frozen copies per graph); None = on for
+            bf16 on CPU, False = off, True = required (an error where it cannot apply).
         audio_heads: MCTP heads score BOA, EOA and the audio tokens only (exact when the heads
             only emit those, as in Boost/Balance/Turbo; needs speech ids). It changes the
             heads' output shape, so it is fixed per engine.
@@ -80,6 +83,7 @@ class EngineConfig:
     compile_cache: str | None = None
     window: int = 16
     prefill_windows: int = 4
+    pack_weights: bool | None = None
     audio_heads: bool = False
     stop_check_every: int = 8
 
@@ -92,6 +96,8 @@ class EngineConfig:
         for name in ("compile", "audio_heads"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.pack_weights is not None and not isinstance(self.pack_weights, bool):
+            raise TypeError(f"pack_weights must be a bool or None, got {self.pack_weights!r}")
         if not isinstance(self.compile_options, Mapping):
             raise TypeError(f"compile_options must be a mapping, got {self.compile_options!r}")
         set_(self, "compile_options", MappingProxyType(dict(self.compile_options)))

@@ -160,6 +160,8 @@ class Generator:
                 window=engine.window,
                 prefill_windows=engine.prefill_windows,
                 compile_options=engine.compile_options,
+                pack_weights=engine.pack_weights,
+                compile_cache_dir=engine.compile_cache,
             )
             if engine.compile
             else ExactPath(backbone)

@@ -239,11 +239,10 @@ class SpeechPipeline:
 
                 for _ in self.answer(req, Cohort(lane, [req.row]).events(0)):
                     pass
-        cache = self.engine.compile_cache
-        if self.engine.compile and cache is not None:
-            from mctp.engine.fast_path import save_compile_cache
-
-            save_compile_cache(Path(cache) / "mctp-compile-cache.bin")
+        if self.engine.compile and self.engine.compile_cache is not None:
+            # torch's artifacts are process-wide: one file for every lane; the next start
+            # loads it instead of compiling
+            self._lanes[0].path.save_compile_cache()
         return time.perf_counter() - t
 
     @property

@@ -159,26 +159,38 @@ def test_compiled_turbo_gives_the_eager_tokens_without_recompiling(model):
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None, reason="Inductor on CPU needs a C++ compiler")
-def test_inductor_cpu_turbo_gives_the_eager_tokens(model):
-    """Inductor's generated CPU kernels with frozen weights (the CPU setting of the benchmarks)."""
+def test_inductor_cpu_packed_weights_give_the_eager_tokens(model):
+    """Inductor's CPU kernels with packed linear weights shared by every graph (the default
+    CPU fast path for bf16; forced here on the fp32 test model): the eager tokens, twice.
+    (It replaces the frozen-weights test: ``freezing`` is torch's own feature, which the
+    fast path only passes on.)"""
     import torch._dynamo
-    import torch._inductor.config as inductor_config
+    import torch._inductor.config
 
     from mctp import GenerationConfig, Generator
+    from mctp.engine.compile_packing import (
+        packed_weight_bytes,
+        packing_available,
+        release_packed_weights,
+    )
 
+    if not packing_available("cpu", torch.float32):
+        pytest.skip("oneDNN packing unavailable")
     bb, stack = model
     ids = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(1))
     ref = generate(bb, stack, ids, "turbo", 40)
     torch._dynamo.reset()
-    try:
-        with inductor_config.patch(freezing=True):
-            cfg = GenerationConfig(mode="turbo", max_new_tokens=40)
-            gen = Generator(bb, stack, cfg, max_len=128, compile=True, window=11)
-            first, second = gen.generate(ids), gen.generate(ids)
-    finally:
-        torch._dynamo.reset()  # frozen graphs hold this model's weights as constants
+    release_packed_weights()
+    cfg = GenerationConfig(mode="turbo", max_new_tokens=40)
+    gen = Generator(bb, stack, cfg, max_len=128, compile=True, window=11, pack_weights=True)
+    inductor_before = torch._inductor.config.get_config_copy()
+    first, second = gen.generate(ids), gen.generate(ids)
+    assert torch._inductor.config.get_config_copy() == inductor_before  # options per call
     assert torch.equal(first.sequences, ref.sequences)
     assert torch.equal(second.sequences, ref.sequences)
+    dense = sum(p.numel() * p.element_size() for p in [*bb.parameters(), *stack.parameters()])
+    assert 0 < packed_weight_bytes() <= dense  # one packed copy at most, whatever the graphs
+    release_packed_weights()
 
 
 @pytest.mark.gpu
@@ -225,43 +237,59 @@ def test_generator_is_reused_and_checked(model):
 
 def test_compile_cache_files_are_checked(tmp_path):
     from mctp import load_compile_cache
+    from mctp.engine.fast_path import COMPILE_CACHE_FILE, FastPath
 
     assert load_compile_cache(tmp_path / "none.bin") is False  # a first start: nothing to load
     bad = tmp_path / "bad.bin"
     bad.write_bytes(b"not a cache")
     with pytest.raises(RuntimeError, match="is not a torch compile cache"):
         load_compile_cache(bad)
+    bb = object.__new__(HFBackbone)  # FastPath only compiles its decode lazily
+    torch.nn.Module.__init__(bb)
+    fresh = FastPath(bb, device=torch.device("cpu"), compile_cache_dir=tmp_path / "new")
+    assert fresh.cache_loaded is False
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / COMPILE_CACHE_FILE).write_bytes(b"not a cache")
+    with pytest.raises(RuntimeError, match="is not a torch compile cache"):
+        FastPath(bb, device=torch.device("cpu"), compile_cache_dir=tmp_path / "bad")
+    with pytest.raises(ValueError, match="no compile_cache_dir"):
+        FastPath(bb, device=torch.device("cpu")).save_compile_cache()
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None, reason="Inductor on CPU needs a C++ compiler")
 def test_compile_cache_carries_artifacts_to_another_process(tmp_path):
-    """A process compiles Turbo and saves torch's artifacts; a second process with an empty
-    Inductor cache loads them and generates the same tokens (its compile reads the cache)."""
+    """A process compiles a schedule (packed weights) and saves torch's artifacts in its
+    ``compile_cache_dir``; a second process with an empty Inductor cache loads them, its
+    Inductor compiles hit the cache (the packing pass is part of the cache key, not a bypass),
+    and it generates the same tokens."""
     import os
     import subprocess
     import sys
 
     code = """
 import sys, torch
+from torch._dynamo.utils import counters
 from transformers import Qwen2Config, Qwen2ForCausalLM
-from mctp import GenerationConfig, Generator, MCTPStack, load_compile_cache, save_compile_cache
+from mctp import GenerationConfig, Generator, MCTPStack
 from mctp.backbones import HFBackbone
+from mctp.engine.fast_path import FastPath
 from mctp.interleave import InterleaveSchedule
 torch.manual_seed(0)
 cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2)
 bb = HFBackbone(Qwen2ForCausalLM(cfg).eval())
 stack = MCTPStack.from_backbone(bb.parts(), 2).eval()
-loaded = load_compile_cache(sys.argv[1])
 config = GenerationConfig(mode=InterleaveSchedule.from_ratio([1, 2]), max_new_tokens=8)
-gen = Generator(bb, stack, config, max_len=32, compile=True, window=3)
+gen = Generator(bb, stack, config, max_len=32, compile=True, window=3,
+                compile_cache=sys.argv[1], pack_weights=True)
+path = gen.path
 ids = gen.generate(torch.arange(3, 9)[None]).tokens[0].tolist()
-if not loaded:
-    save_compile_cache(sys.argv[1])
-print(loaded, ids)
+if not path.cache_loaded:
+    path.save_compile_cache()
+print(path.cache_loaded, counters["inductor"]["fxgraph_cache_hit"] > 0, ids)
 """
-    cache = tmp_path / "cc.bin"
+    cache = tmp_path / "cc"
     outs = []
     for i in range(2):
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor{i}")}
@@ -274,5 +302,5 @@ print(loaded, ids)
         )
         assert run.returncode == 0, run.stderr[-3000:]
         outs.append(run.stdout.strip().splitlines()[-1])
-    assert cache.is_file() and outs[0].startswith("False") and outs[1].startswith("True")
-    assert outs[0].split(" ", 1)[1] == outs[1].split(" ", 1)[1]
+    assert outs[0].startswith("False False") and outs[1].startswith("True True")
+    assert outs[0].split(" ", 2)[2] == outs[1].split(" ", 2)[2]
