@@ -174,6 +174,8 @@ def train_heads(
         out_dir = cfg.out_dir or scratch
         for stage, steps, heads in ((2, cfg.stage2_steps, 1), (3, cfg.stage3_steps, cfg.num_heads)):
             preset = vita_audio_stage(stage, num_heads=heads, lr=cfg.lr, max_steps=steps)
+            # the backbone is frozen (no main term): the weight only scales the heads' loss
+            preset = preset.replace(mtp_loss_weight=1.0)
             preset.apply(model)
             model.stack.to(device=llm.device)
             trainer = MCTPTrainer(

@@ -201,6 +201,9 @@ class Cohort:
         """
         if not 0 <= row < len(self._queues):
             raise IndexError(f"row {row} out of range for a cohort of {len(self._queues)}")
+        return _RowEvents(self, row)
+
+    def _row_events(self, row: int) -> Iterator[StreamEvent]:
         queue = self._queues[row]
         ended = False
         try:
@@ -215,12 +218,25 @@ class Cohort:
                     ended = True
                     return
         finally:
-            self._readers.discard(row)
-            queue.clear()
-            if not ended and not self.finished:
-                self._abandoned.add(row)
-            if not self._readers and not self._tickets:
-                self.close()
+            self._release(row, ended)
+
+    def _release(self, row: int, ended: bool) -> None:
+        """The reader of ``row`` is gone. Events already queued past its ``"end"`` belong to
+        the request that took the row next (a row is free once its end was produced, maybe
+        before its reader read it), so only the old occupant's events are dropped."""
+        self._readers.discard(row)
+        queue = self._queues[row]
+        if not ended:
+            ends = [i for i, ev in enumerate(queue) if ev.kind == "end"]
+            if ends:  # its end is queued already: drop up to it, keep the next occupant's
+                for _ in range(ends[0] + 1):
+                    queue.popleft()
+            else:
+                queue.clear()
+                if not self.finished:
+                    self._abandoned.add(row)
+        if not self._readers and not self._tickets:
+            self.close()
 
     def close(self) -> None:
         """Stop the generation (frees the lane)."""
@@ -234,6 +250,31 @@ class Cohort:
         if not self.finished and not self._readers and not self._tickets:
             self.close()
         return not self.finished
+
+
+class _RowEvents:
+    """A row's event iterator; closing it releases the row even before its first event."""
+
+    def __init__(self, cohort: Cohort, row: int) -> None:
+        self.cohort, self.row = cohort, row
+        self._events = cohort._row_events(row)
+        self._started = False
+
+    def __iter__(self) -> _RowEvents:
+        return self
+
+    def __next__(self) -> StreamEvent:
+        self._started = True
+        return next(self._events)
+
+    def close(self) -> None:
+        """Abandon the row (the cohort stops once no row is read and no request waits)."""
+        if self._started:
+            self._events.close()
+        else:
+            self._started = True
+            self._events.close()
+            self.cohort._release(self.row, False)
 
 
 class BatchScheduler:

@@ -49,12 +49,23 @@ def test_speak_errors(mctp_cache, tmp_path, capsys):
 
 def test_help_shows_defaults():
     p = parser()
-    sub = p._subparsers._group_actions[0].choices  # the three commands
-    assert set(sub) == {"speak", "serve", "eval"}
+    sub = p._subparsers._group_actions[0].choices  # the commands
+    assert set(sub) == {"speak", "serve", "eval", "export"}
     speak = " ".join(sub["speak"].format_help().split())  # independent of line wrapping
     assert "(default: boost)" in speak and "(default: answer.wav)" in speak
     assert "(default: mctp.speech:build_tiny_pipeline)" in speak
-    assert "(default: 8000)" in sub["serve"].format_help()
+    serve = " ".join(sub["serve"].format_help().split())
+    assert "(default: 8000)" in serve
+    for flag in (
+        "--dtype",
+        "--compile",
+        "--audio-heads",
+        "--verify",
+        "--compile-cache",
+        "--max-batch",
+    ):
+        assert flag in serve and flag in speak  # the engine flags, with their defaults
+    assert "(default: auto)" in serve
     assert "(default: eval.json)" in sub["eval"].format_help()
 
 
