@@ -40,6 +40,8 @@ class ServerConfig:
             there) before ``/health`` reports ready.
         lanes: Generators of ``max_batch`` rows each: a request that arrives while every
             lane runs a batch waits for the first to end.
+        joins: Let a waiting request join a running batch at its next join point instead
+            (experimental: off until every joined answer equals the answer alone).
     """
 
     max_queue: int = 8
@@ -50,6 +52,7 @@ class ServerConfig:
     max_prompt_tokens: int = 2048
     warmup: bool = True
     lanes: int = 2
+    joins: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -148,7 +151,7 @@ class Api:
         self.pipe, self.cfg = pipeline, cfg
         self.worker = GenerationWorker(
             cfg.max_queue,
-            batcher=SpeechBatcher(pipeline, lanes=cfg.lanes),
+            batcher=SpeechBatcher(pipeline, lanes=cfg.lanes, joins=cfg.joins),
             turn=pipeline._threads,
         )
         self._checked: dict[int, float] = {}  # job id -> when its connection was last looked at

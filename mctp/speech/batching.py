@@ -17,13 +17,16 @@ class SpeechBatcher:
         pipeline: The pipeline; its :attr:`~SpeechPipeline.engine` gives each Generator
             ``max_batch`` rows.
         lanes: Generators (each runs one cohort at a time; a request arriving while every
-            lane is busy waits for the first cohort to end).
+            lane is busy waits for the first cohort to end, or joins a running one).
+        joins: Let waiting requests join running cohorts (off by default: under the load
+            test some joined answers still differ from the answers alone; see
+            docs/speak.md).
 
     Raises:
         ValueError: If ``lanes < 1``.
     """
 
-    def __init__(self, pipeline: SpeechPipeline, lanes: int = 2) -> None:
+    def __init__(self, pipeline: SpeechPipeline, lanes: int = 2, *, joins: bool = False) -> None:
         from mctp.engine.batching import BatchScheduler
 
         if lanes < 1:
@@ -33,6 +36,7 @@ class SpeechBatcher:
             pipeline.generators(lanes), audio_chunk=pipeline.audio_chunk
         )
         self.max_batch = self.scheduler.max_batch
+        self.joins = joins
 
     def accepts(self, request: Any) -> bool:
         """Whether ``request`` is a prepared :class:`SpeechRequest`."""
@@ -52,6 +56,8 @@ class SpeechBatcher:
         Returns:
             A handle (``joined``, ``refused``, ``start()``), or None when no cohort took it.
         """
+        if not self.joins:
+            return None
         got = self.scheduler.offer(request.row)
         return None if got is None else _Joining(self.pipeline, request, *got)
 
