@@ -508,6 +508,13 @@ class _Run:
                 raise ValueError(
                     "pad prompts on the left: attention_mask[:, -1] must be 1 for every row"
                 )
+        vocab_size = gen.backbone.vocab_size
+        lo, hi = int(input_ids.min()), int(input_ids.max())  # one read per call, not per token
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"input_ids hold id {bad}, outside the model's vocabulary [0, {vocab_size})"
+            )
         heads = 0 if gen.stack is None else gen.stack.num_heads
         need = slots_needed(cfg, p, cfg.max_new_tokens, heads, gen.engine)
         if need > gen.max_len:

@@ -254,6 +254,10 @@ def test_bad_arguments_raise(hf):
         generate(bb, None, ids, "vanilla", 5, temperature=0.5)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         SamplingConfig(temperature=0)
+    with pytest.raises(ValueError, match=r"id 128, outside the model's vocabulary \[0, 128\)"):
+        generate(bb, None, torch.tensor([[5, 128]]), "vanilla", 5)
+    with pytest.raises(ValueError, match="id -1, outside"):
+        generate(bb, None, torch.tensor([[5, -1]]), "vanilla", 5)
     with pytest.raises(ValueError, match="needs vocab="):
         next(generate_stream(bb, None, ids, "vanilla", 5))
 
