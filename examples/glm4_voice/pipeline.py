@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from mctp.interleave import InterleaveSchedule, Mode
-from mctp.speech import Prompt, SpeechChunk, SpeechPipeline, SpeechRequest, SpeechResult
+from mctp.speech import Prompt, SpeechChunk, SpeechPipeline, SpeechRequest
 
 from .model import GLM4Voice
 from .vocab import AUDIO_PROMPT, TEXT_PROMPT, check_schedule, native_schedule, turbo_schedule
@@ -131,7 +131,7 @@ class GLM4VoicePipeline(SpeechPipeline):
     def answer(self, request: SpeechRequest, events: Iterator[Any]) -> Iterator[SpeechChunk]:
         """Speak a request's row of events: text ids become text, every audio id goes to the
         decoder as it appears (GLM-4-Voice puts no tags around its audio)."""
-        prompt, sched, t0 = request.prompt, request.config.schedule, request.t0
+        t0 = request.t0
         session = self.decoder.stream()
         session.reset()
         lo, hi = self.vocab.audio_range
@@ -174,25 +174,7 @@ class GLM4VoicePipeline(SpeechPipeline):
             first_chunk = now if first_chunk is None else first_chunk
             wav.append(tail)
             yield SpeechChunk("audio", now, audio=tail)
-        total = time.perf_counter() - t0
-        tokens = gen.tokens[0] if gen is not None else torch.zeros(0, dtype=torch.long)
-        finish = "stop" if tokens.numel() and int(tokens[-1]) in stops else "length"
-        result = SpeechResult(
-            text=said,
-            audio=torch.cat(wav) if wav else torch.zeros(0),
-            sample_rate=self.sample_rate,
-            mode=list(sched.ratio),
-            first_chunk_s=first_chunk,
-            first_text_s=first_text,
-            total_s=total,
-            num_tokens=int(tokens.numel()),
-            num_audio_tokens=n_audio,
-            tokens_per_s=gen.tokens_per_s if gen is not None else 0.0,
-            finish_reason=finish,
-            generation=gen,
-            prompt_ids=prompt.input_ids[0].cpu(),
-        )
-        yield SpeechChunk("end", total, result=result)
+        yield self._finish(request, gen, said, wav, first_chunk, first_text, n_audio)
 
 
 def build_pipeline(

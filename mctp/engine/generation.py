@@ -49,11 +49,7 @@ def one_shot_generator(
     need = slots_needed(cfg, p, cfg.max_new_tokens, 0 if stack is None else stack.num_heads, eng)
     if "max_len" not in options and (engine is None or engine.max_len < need):
         eng = eng.replace(max_len=max(need, 2))
-    elif eng.max_len < need:
-        raise ValueError(
-            f"prompt ({p}) + max_new_tokens ({cfg.max_new_tokens}) + {need - p - cfg.max_new_tokens} "
-            f"needs {need} cache slots, max_len is {eng.max_len}"
-        )
+    # a max_len given too small is refused by the call itself, with the same message
     return Generator(backbone, stack, cfg, engine=eng, vocab=vocab)
 
 

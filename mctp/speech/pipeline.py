@@ -231,12 +231,12 @@ class SpeechPipeline:
         t = time.perf_counter()
         if modes is None:
             modes = [self.mode]
+        from mctp.engine.batching import Cohort
+
         for lane in self.generators(max(1, len(self._lanes))):
             for mode in modes:
                 sched = self.schedule(mode)
                 req = self.open("hello", mode=sched, max_new_tokens=40)
-                from mctp.engine.batching import Cohort
-
                 for _ in self.answer(req, Cohort(lane, [req.row]).events(0)):
                     pass
         if self.engine.compile and self.engine.compile_cache is not None:
@@ -644,10 +644,9 @@ class SpeechPipeline:
         Yields:
             :class:`SpeechChunk`; the last one is ``"end"`` with the :class:`SpeechResult`.
         """
-        prompt, sched, t0 = request.prompt, request.config.schedule, request.t0
+        t0 = request.t0
         session = self.decoder.stream()
         session.reset()
-        stops = set(request.config.eos_token_id)
         text_ids: list[int] = []
         said = ""
         wav: list[torch.Tensor] = []
@@ -713,28 +712,47 @@ class SpeechPipeline:
             close = getattr(events, "close", None)
             if close is not None:
                 close()
-        total = time.perf_counter() - t0
+        yield self._finish(
+            request, gen, said, wav, first_chunk, first_text, n_audio, last_token, stray
+        )
+
+    def _finish(
+        self,
+        request: SpeechRequest,
+        gen: Any,
+        text: str,
+        wav: list[torch.Tensor],
+        first_chunk: float | None,
+        first_text: float | None,
+        num_audio: int,
+        last_token: int | None = None,
+        stray: int = 0,
+    ) -> SpeechChunk:
+        """The ``"end"`` chunk of an answer: its :class:`SpeechResult` from what was said
+        (``wav``: the waveform pieces) and the row's :class:`mctp.GenerationResult` ``gen``."""
+        total = time.perf_counter() - request.t0
+        stops = set(request.config.eos_token_id)
         tokens = gen.tokens[0] if gen is not None else torch.zeros(0, dtype=torch.long)
         finish = "stop" if tokens.numel() and int(tokens[-1]) in stops else "length"
         if last_token is not None and last_token in stops:
             finish = "stop"
         result = SpeechResult(
-            text=said,
+            text=text,
             audio=torch.cat(wav) if wav else torch.zeros(0),
             sample_rate=self.sample_rate,
-            mode=list(sched.ratio),
+            mode=list(request.config.schedule.ratio),
             first_chunk_s=first_chunk,
             first_text_s=first_text,
             total_s=total,
             num_tokens=int(tokens.numel()),
-            num_audio_tokens=n_audio,
+            num_audio_tokens=num_audio,
             tokens_per_s=gen.tokens_per_s if gen is not None else 0.0,
             finish_reason=finish,
             generation=gen,
-            prompt_ids=prompt.input_ids[0].cpu(),
+            prompt_ids=request.prompt.input_ids[0].cpu(),
             stray_tokens=stray,
         )
-        yield SpeechChunk("end", total, result=result)
+        return SpeechChunk("end", total, result=result)
 
     def __call__(
         self,
