@@ -168,6 +168,7 @@ class Generator:
         )
         self._lock = threading.Lock()
         self._joins: list[JoinTicket] = []
+        self._join_open = False
         self.rows = b  # rows of the running (or last) call: <= max_batch
 
     # ------------------------------------------------------------------ set-up
@@ -195,6 +196,17 @@ class Generator:
     def max_len(self) -> int:
         """Slots of every buffer."""
         return self.buffer.max_len
+
+    @property
+    def streaming(self) -> bool:
+        """Whether a call is running (a stream started and not ended)."""
+        return self._lock.locked()
+
+    @property
+    def accepts_joins(self) -> bool:
+        """Whether a running stream still takes requests (:meth:`offer_join`): from its
+        first event until its last generation step."""
+        return self._join_open
 
     def _check(self, config: GenerationConfig) -> None:
         schedule, stack = config.schedule, self.stack
@@ -382,6 +394,7 @@ class Generator:
                         run.finished_rows.add(r)
                     yield ev
 
+            self._join_open = True
             try:
                 for produced in run.cycles():
                     now = time.perf_counter() - t0
@@ -412,6 +425,7 @@ class Generator:
                             tok0 = [int(buf.ids[r, run.row_start[r]])]
                             yield from row_events(r, seg.feed(r, tok0, now, run.forwards))
             finally:
+                self._join_open = False
                 for ticket in self._joins:  # the run ended before they could join
                     ticket.row = -1
                 self._joins.clear()
@@ -432,12 +446,15 @@ class Generator:
         Raises:
             RuntimeError: If no stream is running.
         """
-        if not self._lock.locked():
-            raise RuntimeError("no stream is running on this Generator")
+        if not self._join_open:
+            raise RuntimeError(
+                "no stream takes requests on this Generator now (none runs, or it is past its "
+                "last generation step)"
+            )
         self._joins.append(ticket)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: two tickets may carry equal requests
 class JoinTicket:
     """A request waiting to join a running stream (:meth:`Generator.offer_join`).
 
