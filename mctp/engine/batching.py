@@ -240,7 +240,6 @@ class Cohort:
         if not self.finished and not self._reading:
             self._advance()
 
-
     def events(self, row: int) -> Iterator[StreamEvent]:
         """The events of the request the cohort started in row ``row`` (as ``row=0``),
         ending with its ``"end"``; reading them drives the cohort. Closing this iterator

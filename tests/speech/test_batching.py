@@ -65,9 +65,7 @@ def test_concurrent_requests_with_cancellations_get_their_lone_answers(mctp_cach
                 elif item.kind == "text":
                     got["text"] += item.text
 
-            job = worker.submit(
-                lambda q=questions[i]: pipe.open(audio=q, sample_rate=16000), sink
-            )
+            job = worker.submit(lambda q=questions[i]: pipe.open(audio=q, sample_rate=16000), sink)
             if n % 4 == 3:
                 job.cancel()
             jobs.append((i, job, got))
