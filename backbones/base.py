@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -19,7 +18,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from mctp.engine.masks import additive, check_batch_shapes, default_position_ids
+from mctp.engine.masks import (
+    additive,
+    check_batch_shapes,
+    default_position_ids,
+    warn_unmasked_padding,
+)
 from mctp.losses import chunked_cross_entropy
 from mctp.stack import BackboneParts, shift_targets
 
@@ -234,9 +238,9 @@ class HFBackbone(nn.Module, metaclass=_ChoosesPath):
     ) -> BackboneOutput:
         """Uncached forward over a (packed) batch.
 
-        A batch of several rows given neither ``attention_mask`` nor ``position_ids`` whose
-        rows start with the model's ``pad_token_id`` warns (``UserWarning``): the padding is
-        read as real tokens, as transformers warns for the same input.
+        A batch of several rows given neither ``attention_mask`` nor ``position_ids`` in which
+        rows begin or end with the model's ``pad_token_id`` warns (``UserWarning``): that
+        padding is read as real tokens (transformers warns for the same input).
 
         Args:
             input_ids: ``[B, T]``.
@@ -259,8 +263,9 @@ class HFBackbone(nn.Module, metaclass=_ChoosesPath):
         check_batch_shapes(
             b, t, position_ids=position_ids, attention_mask=attention_mask, labels=labels
         )
-        if attention_mask is None and position_ids is None and b > 1:
-            self._warn_unmasked_padding(input_ids)
+        if attention_mask is None and position_ids is None:
+            pad = getattr(self.config, "pad_token_id", None)
+            warn_unmasked_padding(input_ids, pad, f"{self.family} (pad_token_id)")
         if position_ids is None:
             position_ids = default_position_ids(input_ids, attention_mask)
         embed = self.model.get_input_embeddings()
@@ -283,20 +288,6 @@ class HFBackbone(nn.Module, metaclass=_ChoosesPath):
             total, count = chunked_cross_entropy(hidden, targets, head, chunk_size=loss_chunk_size)
             loss = total / count.clamp_min(1)
         return BackboneOutput(hidden=hidden, logits=logits, loss=loss, num_targets=count)
-
-    def _warn_unmasked_padding(self, input_ids: torch.Tensor) -> None:
-        pad = getattr(self.config, "pad_token_id", None)
-        if not isinstance(pad, int):
-            return
-        rows = (input_ids[:, 0] == pad).nonzero().flatten().tolist()  # one read, unmasked only
-        if rows:
-            warnings.warn(
-                f"{self.family}: rows {rows} of input_ids start with pad_token_id={pad} but no "
-                "attention_mask was given: the padding is read as real tokens and those rows "
-                "get a different answer than alone; pass attention_mask (1 = real token)",
-                UserWarning,
-                stacklevel=2,
-            )
 
     @abc.abstractmethod
     def _hidden(
