@@ -144,10 +144,19 @@ class HFBackbone(nn.Module, metaclass=_ChoosesPath):
         prefix = getattr(model, "base_model_prefix", "model")
         self.base = getattr(model, prefix, None) or model.base_model
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
-        self.prefill_chunk = check_prefill_chunk(prefill_chunk)
-        """Most slots one cached forward processes at once; longer steps run in chunks."""
+        self.prefill_chunk = prefill_chunk
         self.fast_path_blockers: list[str] = []
         """Why this backbone is not on the fast path (empty on the fast path)."""
+
+    @property
+    def prefill_chunk(self) -> int | None:
+        """Most slots one cached forward processes at once (longer steps run in chunks, see
+        :meth:`decode`); None: never chunk. Settable; validated."""
+        return self._prefill_chunk
+
+    @prefill_chunk.setter
+    def prefill_chunk(self, value: int | None) -> None:
+        self._prefill_chunk = check_prefill_chunk(value)
 
     @property
     def path(self) -> str:

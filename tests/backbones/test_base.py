@@ -103,3 +103,11 @@ def test_padding_without_a_mask_warns_in_the_training_forward():
         warnings.simplefilter("error")
         bb(ids, attention_mask=(ids != 0).long())  # a mask: nothing to say
         bb(ids[:, 2:])  # no padding
+
+
+def test_prefill_chunk_is_validated_when_set():
+    bb = HFBackbone(build("llama"), verify=False)
+    bb.prefill_chunk = None
+    assert bb.prefill_chunk is None
+    with pytest.raises(ValueError, match="prefill_chunk must be None or an int >= 1, got 0"):
+        bb.prefill_chunk = 0
