@@ -9,7 +9,6 @@ so ``isinstance(backbone, HFBackbone)`` holds for both and no method asks which 
 
 from __future__ import annotations
 
-import abc
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,7 +96,14 @@ def check_prefill_chunk(prefill_chunk: object) -> int | None:
     return prefill_chunk  # type: ignore[return-value]
 
 
-class _ChoosesPath(abc.ABCMeta):
+def _subclass_only(obj: object, name: str) -> str:
+    return (
+        f"{type(obj).__name__}.{name}: implemented by the path classes (FastHFBackbone, "
+        "GenericHFBackbone), which HFBackbone(model) returns"
+    )
+
+
+class _ChoosesPath(type):
     """Calling ``HFBackbone(...)`` itself builds the subclass of the chosen path."""
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
@@ -190,13 +196,13 @@ class HFBackbone(nn.Module, metaclass=_ChoosesPath):
         forward applies them)."""
         return []
 
-    @abc.abstractmethod
     def parts(self) -> BackboneParts:
         """The modules MCTP heads share with this backbone."""
+        raise NotImplementedError(_subclass_only(self, "parts"))
 
-    @abc.abstractmethod
     def block_factory(self, *, copy_last: bool = True) -> Callable[[int], nn.Module]:
         """A factory of decoder blocks for :class:`~mctp.stack.MCTPStack`."""
+        raise NotImplementedError(_subclass_only(self, "block_factory"))
 
     # ------------------------------------------------------------------ training switches
     def gradient_checkpointing_enable(
@@ -298,7 +304,6 @@ class HFBackbone(nn.Module, metaclass=_ChoosesPath):
             loss = total / count.clamp_min(1)
         return BackboneOutput(hidden=hidden, logits=logits, loss=loss, num_targets=count)
 
-    @abc.abstractmethod
     def _hidden(
         self,
         x: torch.Tensor,
@@ -308,13 +313,13 @@ class HFBackbone(nn.Module, metaclass=_ChoosesPath):
         flash: bool,
     ) -> torch.Tensor:
         """Uncached final-normed hidden states ``[B, T, H]`` of embeddings ``x [B, T, H]``."""
+        raise NotImplementedError(_subclass_only(self, "_hidden"))
 
     # ------------------------------------------------------------------ cached decode
-    @abc.abstractmethod
     def new_cache(self, batch_size: int, max_len: int) -> Any:
         """An empty cache for :meth:`decode` (buffers may be allocated on first use)."""
+        raise NotImplementedError(_subclass_only(self, "new_cache"))
 
-    @abc.abstractmethod
     def setup_caches(
         self,
         batch_size: int,
@@ -331,6 +336,7 @@ class HFBackbone(nn.Module, metaclass=_ChoosesPath):
             dtype: Buffer dtype (default: the model's).
             device: Buffer device (default: the model's).
         """
+        raise NotImplementedError(_subclass_only(self, "setup_caches"))
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings ``[B, T, H]`` of ``ids [B, T]``."""
@@ -398,7 +404,6 @@ class HFBackbone(nn.Module, metaclass=_ChoosesPath):
         assert out is not None
         return out
 
-    @abc.abstractmethod
     def _decode(
         self,
         x: torch.Tensor,
@@ -408,6 +413,7 @@ class HFBackbone(nn.Module, metaclass=_ChoosesPath):
         cache: Any,
     ) -> torch.Tensor:
         """Cached forward of embeddings ``x [B, T, H]`` at slots ``idx`` -> ``[B, T, H]``."""
+        raise NotImplementedError(_subclass_only(self, "_decode"))
 
     # ------------------------------------------------------------------ checks
     def _has_windows(self) -> bool:
