@@ -40,7 +40,7 @@ _REQUIRED = ("embed_tokens", "layers", "norm", "rotary_emb")
 _PROBE_WINDOW = 3  # sliding windows are narrowed to this many slots during the self-check
 
 
-class Mismatch(Exception):
+class _Mismatch(Exception):
     """The wrapper's output differs from the model's own forward."""
 
 
@@ -86,14 +86,11 @@ def check_prefill_chunk(prefill_chunk: object) -> int | None:
     Raises:
         ValueError: Naming ``prefill_chunk`` otherwise.
     """
-    ok = prefill_chunk is None or (
-        isinstance(prefill_chunk, int)
-        and not isinstance(prefill_chunk, bool)
-        and prefill_chunk >= 1
-    )
-    if not ok:
-        raise ValueError(f"prefill_chunk must be None or an int >= 1, got {prefill_chunk!r}")
-    return prefill_chunk  # type: ignore[return-value]
+    if prefill_chunk is None:
+        return None
+    if isinstance(prefill_chunk, int) and not isinstance(prefill_chunk, bool) and prefill_chunk > 0:
+        return prefill_chunk
+    raise ValueError(f"prefill_chunk must be None or an int >= 1, got {prefill_chunk!r}")
 
 
 def _subclass_only(obj: object, name: str) -> str:
@@ -122,7 +119,8 @@ class HFBackbone(nn.Module, metaclass=_ChoosesPath):
     :class:`~mctp.backbones.generic.GenericHFBackbone` (both instances of this class); see
     :func:`mctp.backbones.hf.choose_backbone` for the arguments and the errors.
 
-    Subclasses receive ``(model, *, verify=True, prefill_chunk=DEFAULT_PREFILL_CHUNK)``.
+    Subclasses take ``(model, *, verify=True, prefill_chunk=DEFAULT_PREFILL_CHUNK)`` and run
+    their self-check (:meth:`self_check`) when ``verify``; this base sets up what they share.
 
     Raises:
         NotImplementedError: If the model has no output embeddings.
@@ -133,11 +131,7 @@ class HFBackbone(nn.Module, metaclass=_ChoosesPath):
     PATH: ClassVar[str]
 
     def __init__(
-        self,
-        model: nn.Module,
-        *,
-        verify: bool = True,
-        prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+        self, model: nn.Module, *, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
     ) -> None:
         super().__init__()
         self.model = model
@@ -459,7 +453,7 @@ class HFBackbone(nn.Module, metaclass=_ChoosesPath):
             with shrink:
                 self._reread_attention()
                 self._compare()
-        except Mismatch as err:
+        except _Mismatch as err:
             return str(err)
         finally:
             self.model.train(was_training)
@@ -485,10 +479,10 @@ class HFBackbone(nn.Module, metaclass=_ChoosesPath):
             ) from err
         try:
             self._compare_ours(ids, mask, pos, ref)
-        except Mismatch:
+        except _Mismatch:
             raise
         except Exception as err:  # our loop could not run this model's layers
-            raise Mismatch(f"{type(err).__name__}: {err}") from err
+            raise _Mismatch(f"{type(err).__name__}: {err}") from err
 
     def _compare_ours(
         self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, ref: torch.Tensor
@@ -522,4 +516,4 @@ class HFBackbone(nn.Module, metaclass=_ChoosesPath):
 def _close(ref: torch.Tensor, ours: torch.Tensor, what: str, tol: float) -> None:
     err = (ref - ours).abs().max().item()
     if not err <= tol:  # also catches NaN
-        raise Mismatch(f"{what}: max |logit diff| {err:.3g} > {tol:.3g}")
+        raise _Mismatch(f"{what}: max |logit diff| {err:.3g} > {tol:.3g}")
