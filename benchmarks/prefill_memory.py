@@ -127,12 +127,13 @@ def main() -> None:
         f"{args.threads} thread(s)\n"
     )
     print(
-        "| model | mode | prefill_chunk | weights MiB | RSS before MiB | peak MiB | peak - before MiB | s |"
+        "| model | prompt | mode | prefill_chunk | weights MiB | RSS before MiB | peak MiB "
+        "| peak - before MiB | s |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['model']} | {r['mode']} | {r['chunk']} | {r['weights_mib']:.1f} | "
+            f"| {r['model']} | {r['prompt']} | {r['mode']} | {r['chunk']} | {r['weights_mib']:.1f} | "
             f"{r['before_mib']:.0f} | {r['peak_mib']:.0f} | {r['prefill_mib']:.0f} | "
             f"{r['seconds']:.1f} |"
         )
