@@ -223,23 +223,18 @@ def test_the_path_is_a_class_chosen_at_construction(tiny_hf):
     )
 
 
-def test_a_fast_loop_that_fails_the_self_check_falls_back_with_a_warning(tiny_hf, caplog):
+def test_a_fast_loop_that_fails_the_self_check_falls_back_with_a_warning(
+    tiny_hf, caplog, monkeypatch
+):
     from mctp.backbones import FastHFBackbone, GenericHFBackbone
 
     model = tiny_hf("llama")
     orig = FastHFBackbone._decode
-
-    def off_by_a_bit(self, x, *args):
-        return orig(self, x, *args) + 1.0
-
-    FastHFBackbone._decode = off_by_a_bit
-    try:
-        with caplog.at_level("WARNING", logger="mctp.backbones.hf"):
-            bb = HFBackbone(model)
-        with pytest.raises(NotImplementedError, match="the fast path does not reproduce"):
-            HFBackbone(model, path="fast")
-    finally:
-        FastHFBackbone._decode = orig
+    monkeypatch.setattr(FastHFBackbone, "_decode", lambda self, x, *a: orig(self, x, *a) + 1.0)
+    with caplog.at_level("WARNING", logger="mctp.backbones.hf"):
+        bb = HFBackbone(model)
     assert type(bb) is GenericHFBackbone
     assert bb.fast_path_blockers[0].startswith("self-check: cached decode")
     assert "fast loop differs" in caplog.text and "using the generic path" in caplog.text
+    with pytest.raises(NotImplementedError, match="the fast path does not reproduce"):
+        HFBackbone(model, path="fast")
