@@ -27,6 +27,7 @@ from mctp.losses import chunked_cross_entropy
 from mctp.stack import BackboneParts, shift_targets
 
 from .attention import SUPPORTED_LAYER_TYPES, layer_types, shrunk_windows
+from .selfcheck import PROBE_WINDOW, Mismatch, compare_with_model
 
 if TYPE_CHECKING:
     from mctp.engine.buffer import TokenBuffer
@@ -37,11 +38,6 @@ __all__ = ["DEFAULT_PREFILL_CHUNK", "BackboneOutput", "HFBackbone", "structural_
 DEFAULT_PREFILL_CHUNK = 512
 
 _REQUIRED = ("embed_tokens", "layers", "norm", "rotary_emb")
-_PROBE_WINDOW = 3  # sliding windows are narrowed to this many slots during the self-check
-
-
-class _Mismatch(Exception):
-    """The wrapper's output differs from the model's own forward."""
 
 
 @dataclass
@@ -443,7 +439,7 @@ class HFBackbone(nn.Module, metaclass=_ChoosesPath):
             NotImplementedError: If the model's own forward fails on the check's batch.
         """
         shrink: contextlib.AbstractContextManager[None] = (
-            shrunk_windows(self.config, self.base.layers, _PROBE_WINDOW)
+            shrunk_windows(self.config, self.base.layers, PROBE_WINDOW)
             if self._has_windows()
             else contextlib.nullcontext()
         )
@@ -452,68 +448,10 @@ class HFBackbone(nn.Module, metaclass=_ChoosesPath):
         try:
             with shrink:
                 self._reread_attention()
-                self._compare()
-        except _Mismatch as err:
+                compare_with_model(self)
+        except Mismatch as err:
             return str(err)
         finally:
             self.model.train(was_training)
             self._reread_attention()
         return None
-
-    def _compare(self) -> None:
-        device = self.lm_head.weight.device
-        n, pad = _PROBE_WINDOW + 7, 2  # longer than the (narrowed) window; row 1 left-padded
-        v = max(self.vocab_size, 2)
-        ids = (torch.arange(2 * n, device=device).view(2, n) * 7 + 3) % v
-        mask = torch.ones(2, n, dtype=torch.long, device=device)
-        mask[1, :pad] = 0
-        pos = default_position_ids(ids, mask)
-        try:
-            ref = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False
-            ).logits.float()
-        except Exception as err:  # the model's own forward: report, never guess
-            raise NotImplementedError(
-                f"{self.family}: the model's own forward fails on a left-padded 2 x {n} batch "
-                f"({type(err).__name__}: {err}); HFBackbone cannot run this model"
-            ) from err
-        try:
-            self._compare_ours(ids, mask, pos, ref)
-        except _Mismatch:
-            raise
-        except Exception as err:  # our loop could not run this model's layers
-            raise _Mismatch(f"{type(err).__name__}: {err}") from err
-
-    def _compare_ours(
-        self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, ref: torch.Tensor
-    ) -> None:
-        n = ids.shape[1]
-        ours = self.forward(ids, position_ids=pos, attention_mask=mask, return_logits=True)
-        assert ours.logits is not None
-        real = mask.bool()
-        tol = self._tolerance(ref)
-        _close(ref[real], ours.logits.float()[real], "training forward", tol)
-        # cached: prefill all but the last 3 slots, then one slot at a time, then roll back
-        cache = self.setup_caches(2, n)
-        embeds = self.model.get_input_embeddings()(ids)
-        index = torch.arange(n, device=ids.device)
-        split = n - 3
-        got = [self._decode(embeds[:, :split], pos[:, :split], index[:split], real, cache)]
-        for i in range(split, n):
-            sl = slice(i, i + 1)
-            got.append(self._decode(embeds[:, sl], pos[:, sl], index[sl], real, cache))
-        redo = self._decode(embeds[:, split:], pos[:, split:], index[split:], real, cache)
-        cached = self._logits(torch.cat(got, 1)).float()
-        _close(ref[real], cached[real], "cached decode", tol)
-        tail = real[:, split:]
-        _close(ref[:, split:][tail], self._logits(redo).float()[tail], "cached re-read", tol)
-
-    def _tolerance(self, ref: torch.Tensor) -> float:
-        fp32 = ref.dtype == torch.float32 and self.lm_head.weight.dtype == torch.float32
-        return (1e-3 if fp32 else 5e-2) * max(1.0, ref.abs().max().item())
-
-
-def _close(ref: torch.Tensor, ours: torch.Tensor, what: str, tol: float) -> None:
-    err = (ref - ours).abs().max().item()
-    if not err <= tol:  # also catches NaN
-        raise _Mismatch(f"{what}: max |logit diff| {err:.3g} > {tol:.3g}")
