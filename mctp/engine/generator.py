@@ -35,6 +35,7 @@ from .buffer import TokenBuffer
 from .decoding import MCTPDecoder
 from .fast_path import ExactPath, FastPath
 from .generation_config import EngineConfig, GenerationConfig, split_options
+from .masks import warn_unmasked_padding
 from .result import GenerationResult
 from .sampling import SpeechIds, TokenPicker
 from .segmenter import StreamEvent, StreamSegmenter
@@ -525,6 +526,8 @@ class _Run:
                 raise ValueError(
                     "pad prompts on the left: attention_mask[:, -1] must be 1 for every row"
                 )
+        else:  # padding without a mask is read as real tokens: say so, as transformers does
+            warn_unmasked_padding(input_ids, cfg.pad_id, "generate (GenerationConfig.pad_id)")
         vocab_size = gen.backbone.vocab_size
         lo, hi = int(input_ids.min()), int(input_ids.max())  # one read per call, not per token
         if lo < 0 or hi >= vocab_size:
