@@ -153,6 +153,7 @@ class Api:
             cfg.max_queue,
             batcher=SpeechBatcher(pipeline, lanes=cfg.lanes, joins=cfg.joins),
             turn=pipeline._threads,
+            first=lambda chunk: getattr(chunk, "kind", None) != "text",  # audio or the end
         )
         self._checked: dict[int, float] = {}  # job id -> when its connection was last looked at
 
