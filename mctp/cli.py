@@ -197,6 +197,13 @@ def _speak(args: argparse.Namespace) -> int:
         return 2
     t = time.perf_counter()
     pipe = build_from_args(args)
+    # the request is prepared first: a prompt + budget over --max-len (or bad input) is
+    # reported before the warm-up's compiling, not after it
+    try:
+        pipe.open(text=args.text, audio=args.input, task=args.task)
+    except ValueError as e:
+        print(f"mctp speak: error: {e}", file=sys.stderr)
+        return 2
     if args.warmup:  # one-time start-up costs (allocations, compiling) stay out of the latency
         pipe.warmup()
     print(f"model ready in {time.perf_counter() - t:.1f} s", file=sys.stderr)

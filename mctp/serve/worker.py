@@ -66,8 +66,9 @@ class Batcher(Protocol):
         """Whether ``request`` (what a job's function returned) is batched."""
         ...
 
-    def fits(self, a: Any, b: Any) -> bool:
-        """Whether two accepted requests may run in one batch."""
+    def pick(self, requests: Sequence[Any]) -> list[int]:
+        """Indices of the waiting ``requests`` (oldest first) that start together as one
+        batch: the oldest and those that fit with it, at most ``max_batch``."""
         ...
 
     def can_start(self) -> bool:
@@ -238,13 +239,7 @@ class GenerationWorker:
             self._waiting = [(j, r) for j, r in self._waiting if not self._drop_cancelled(j)]
             if not self._waiting or not b.can_start():
                 return
-            first = self._waiting[0][1]
-            picked = [0]
-            for i in range(1, len(self._waiting)):
-                if len(picked) >= b.max_batch:
-                    break
-                if b.fits(first, self._waiting[i][1]):
-                    picked.append(i)
+            picked = b.pick([r for _, r in self._waiting])
             jobs = [self._waiting[i] for i in picked]
             for i in reversed(picked):
                 del self._waiting[i]

@@ -210,8 +210,8 @@ class _FaultyBatcher:
     def accepts(self, request):
         return request == "req"
 
-    def fits(self, a, b):
-        return True
+    def pick(self, requests):
+        return [0]
 
     def can_start(self):
         return False
