@@ -258,8 +258,10 @@ class SpeechPipeline:
 
     @property
     def device(self) -> torch.device:
-        """Where the backbone's weights live."""
-        return next(self.backbone.parameters()).device
+        """Where the backbone's weights live (the CPU once they were released to the meta
+        device: another engine generates and the pipeline only builds prompts)."""
+        device = next(self.backbone.parameters()).device
+        return torch.device("cpu") if device.type == "meta" else device
 
     def schedule(self, mode: str | Mode | InterleaveSchedule) -> InterleaveSchedule:
         """Resolve and check a mode against the stack.

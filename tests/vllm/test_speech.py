@@ -1,0 +1,224 @@
+"""``mctp serve --engine vllm``: our routes and answers over vLLM's async engine.
+
+One vLLM engine (with the MCTP drafter, verified) serves the whole module behind a real
+uvicorn server; concurrent requests must each get our eager Vanilla engine's greedy answer
+(fp32): the same token ids, text and audio, and vLLM must have run them in one batch.
+"""
+
+from __future__ import annotations
+
+import base64
+import gc
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (run .ci/vllm for the vLLM tests)")
+
+SERVE_TESTS = str(Path(__file__).resolve().parents[1] / "serve")
+if SERVE_TESTS not in sys.path:
+    sys.path.insert(0, SERVE_TESTS)
+
+from mctp_serve_helpers import InProcessServer, post_json, request, sse_events  # noqa: E402
+from vllm_helpers import NUM_HEADS, build_speech  # noqa: E402
+
+MAX_NEW = 64
+MAX_LEN = 256
+CHATS = ["hello what is the weather today", "tell me about paris", "who are you", "good morning"]
+SPEAK = ["one two three", "thanks"]
+
+
+@pytest.fixture(scope="module")
+def speech_dirs(tmp_path_factory):
+    return build_speech(tmp_path_factory.mktemp("speech"))
+
+
+def _pipeline(model_dir: Path, mode: str = "vanilla", **kw):
+    from mctp import EngineConfig
+    from mctp.speech.builders import build_folder_pipeline
+
+    return build_folder_pipeline(
+        model=model_dir,
+        mode=mode,
+        max_new_tokens=MAX_NEW,
+        engine=EngineConfig(max_len=MAX_LEN),
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(speech_dirs):
+    """Our eager engine's greedy Vanilla answer of every prompt (fp32)."""
+    pipe = _pipeline(speech_dirs[0])
+    chats = {t: pipe(t) for t in CHATS}
+    speaks = {t: pipe(t, task="tts") for t in SPEAK}
+    return chats, speaks
+
+
+@pytest.fixture(scope="module")
+def served(speech_dirs):
+    """A server over one vLLM engine with the drafter; yields (url, engine, seen ids)."""
+    from mctp.serve import ServerConfig, create_app
+    from mctp.vllm.engine import VLLMEngine
+    from mctp.vllm.speech import VLLMSpeechEngine, release_weights
+
+    model_dir, draft_dir = speech_dirs
+    pipe = _pipeline(model_dir, verify=True)
+    release_weights(pipe)
+    seen: dict[tuple[int, ...], list[int]] = {}
+    finish = pipe._finish
+
+    def spy(request, gen, *args, **kw):  # every answer's generated ids, by prompt
+        seen[tuple(request.prompt.input_ids[0].tolist())] = gen.tokens[0].tolist()
+        return finish(request, gen, *args, **kw)
+
+    pipe._finish = spy
+    gen = VLLMEngine(
+        model_dir,
+        drafter=draft_dir,
+        num_speculative_tokens=NUM_HEADS,
+        dtype="float32",
+        max_num_seqs=8,
+        max_model_len=MAX_LEN,
+        engine_kwargs={"seed": 0},
+    )
+    engine = VLLMSpeechEngine(pipe, gen, max_queue=4)
+    app = create_app(pipe, ServerConfig(max_new_tokens=MAX_NEW, max_queue=4), engine=engine)
+    try:
+        with InProcessServer(app) as server:
+            yield server.url, engine, pipe, seen
+    finally:
+        gen.shutdown()
+        gen.engine = None  # the AsyncLLM goes now, not at interpreter exit
+        gc.collect()
+
+
+def _pcm(wav) -> bytes:
+    from mctp.serve.protocol import pcm16
+
+    return pcm16(wav)
+
+
+def test_concurrent_answers_equal_vanilla_and_batch_in_vllm(served, reference):
+    url, engine, _, seen = served
+    chats, speaks = reference
+    assert any(r.num_audio_tokens for r in chats.values())  # the answers hold speech
+
+    def chat(text: str, stream: bool):
+        body = {
+            "messages": [{"role": "user", "content": text}],
+            "modalities": ["text", "audio"],
+            "audio": {"format": "pcm16"},
+            "max_tokens": MAX_NEW,
+            "stream": stream,
+        }
+        if not stream:
+            return post_json(url, "/v1/chat/completions", body)
+        status, _, data = request(url, "/v1/chat/completions", body)
+        return status, sse_events(data)
+
+    def speak(text: str):
+        body = {"input": text, "response_format": "pcm", "max_tokens": MAX_NEW}
+        status, _, data = request(url, "/v1/audio/speech", body)
+        return status, data
+
+    before = engine.completed
+    with ThreadPoolExecutor(len(CHATS) + len(SPEAK)) as pool:
+        chat_futs = [pool.submit(chat, t, i % 2 == 1) for i, t in enumerate(CHATS)]
+        speak_futs = [pool.submit(speak, t) for t in SPEAK]
+        chat_out = [f.result() for f in chat_futs]
+        speak_out = [f.result() for f in speak_futs]
+
+    for i, (text, (status, out)) in enumerate(zip(CHATS, chat_out)):
+        ref = chats[text]
+        assert status == 200, out
+        if i % 2 == 0:  # a whole answer
+            msg = out["choices"][0]["message"]
+            assert msg["content"] == ref.text
+            assert base64.b64decode(msg["audio"]["data"]) == _pcm(ref.audio)
+            assert out["usage"]["completion_tokens"] == ref.num_tokens
+            assert out["choices"][0]["finish_reason"] == ref.finish_reason
+        else:  # a stream: text and audio deltas, the usage chunk, then [DONE]
+            assert out[-1] == "[DONE]"
+            deltas = [e["choices"][0]["delta"] for e in out[:-1]]
+            transcript = "".join(d.get("audio", {}).get("transcript", "") for d in deltas)
+            pieces = [d["audio"]["data"] for d in deltas if "data" in d.get("audio", {})]
+            audio = b"".join(base64.b64decode(x) for x in pieces)
+            assert transcript == ref.text and audio == _pcm(ref.audio)
+            assert out[-2]["usage"]["completion_tokens"] == ref.num_tokens
+        prompt = tuple(ref.prompt_ids.tolist())
+        assert seen[prompt] == ref.generation.tokens[0].tolist()  # token for token
+    for text, (status, data) in zip(SPEAK, speak_out):
+        ref = speaks[text]
+        assert status == 200
+        assert data == _pcm(ref.audio)
+        assert seen[tuple(ref.prompt_ids.tolist())] == ref.generation.tokens[0].tolist()
+
+    assert engine.completed - before == len(CHATS) + len(SPEAK)
+    status, _, data = request(url, "/health")
+    health = json.loads(data)
+    assert status == 200 and health["status"] == "ready"
+    assert health["engine"]["name"] == "vllm" and health["engine"]["num_speculative_tokens"] == 3
+    assert health["failed"] == 0 and health["running"] == 0
+    assert health["max_rows_seen"] > 1 and health["batches"] > 0  # vLLM ran them together
+    assert health["joined"] > 0
+
+
+def test_refuses_what_vllm_does_not_run(served):
+    url = served[0]
+    status, body = post_json(url, "/v1/audio/speech", {"input": "hello", "mode": "turbo"})
+    assert status == 400 and body["error"]["param"] == "mode"
+    assert "generates with vLLM" in body["error"]["message"]
+    _, _, models = request(url, "/v1/models")
+    assert json.loads(models)["data"][0]["mctp"]["modes"] == ["vanilla"]
+
+
+def test_engine_refuses_settings_vllm_does_not_have(speech_dirs):
+    from types import SimpleNamespace
+
+    from mctp import SamplingConfig
+    from mctp.vllm.speech import VLLMSpeechEngine
+
+    model = speech_dirs[0]
+    plain = SimpleNamespace(drafter=None, max_model_len=MAX_LEN, max_num_seqs=8)
+    drafted = SimpleNamespace(drafter=speech_dirs[1], max_model_len=MAX_LEN, max_num_seqs=8)
+    with pytest.raises(ValueError, match="vLLM runs Vanilla only"):
+        VLLMSpeechEngine(_pipeline(model, "boost"), plain)
+    with pytest.raises(ValueError, match="--draft"):
+        VLLMSpeechEngine(_pipeline(model, verify=True), plain)
+    with pytest.raises(ValueError, match="add --verify"):
+        VLLMSpeechEngine(_pipeline(model), drafted)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        sampling = SamplingConfig(repetition_penalty=1.2)
+        VLLMSpeechEngine(_pipeline(model, text_sampling=sampling), plain)
+    with pytest.raises(ValueError, match="audio_sampling"):
+        sampling = SamplingConfig(do_sample=True, temperature=0.7)
+        VLLMSpeechEngine(_pipeline(model, audio_sampling=sampling), plain)
+    short = SimpleNamespace(drafter=None, max_model_len=MAX_LEN // 2, max_num_seqs=8)
+    with pytest.raises(ValueError, match="max_model_len 128"):
+        VLLMSpeechEngine(_pipeline(model), short)
+    with pytest.raises(ValueError, match="max_queue must be >= 1"):
+        VLLMSpeechEngine(_pipeline(model), plain, max_queue=0)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--compile", "on"], "--compile is a setting of our engine"),
+        (["--compile-cache", "x"], "--compile-cache is a setting of our engine"),
+        (["--audio-heads"], "--audio-heads is a setting of our engine"),
+        (["--mode", "turbo"], "vLLM runs vanilla only"),
+        (["--verify"], "needs the drafter folder: --draft DIR"),
+        (["--draft", "d"], "add --verify"),
+        ([], "needs --model FOLDER"),
+        (["--model", "m", "--device", "cuda"], "the installed vLLM runs on cpu"),
+    ],
+)
+def test_cli_refuses_flags_that_do_not_fit(flags, message, capsys):
+    from mctp.cli import main
+
+    assert main(["serve", "--engine", "vllm", *flags]) == 2
+    assert message in capsys.readouterr().err
