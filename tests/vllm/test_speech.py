@@ -2,51 +2,27 @@
 
 One vLLM engine (with the MCTP drafter, verified) serves the whole module behind a real
 uvicorn server; concurrent requests must each get our eager Vanilla engine's greedy answer
-(fp32): the same token ids, text and audio, and vLLM must have run them in one batch.
+(fp32): the same token ids, text and audio, and vLLM must have run them in one batch. The
+server is the session's ``speech_server`` fixture (conftest.py).
 """
 
 from __future__ import annotations
 
 import base64
-import gc
 import json
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (run .ci/vllm for the vLLM tests)")
 
-SERVE_TESTS = str(Path(__file__).resolve().parents[1] / "serve")
-if SERVE_TESTS not in sys.path:
-    sys.path.insert(0, SERVE_TESTS)
+from mctp_serve_helpers import post_json, request, sse_events
+from vllm_helpers import SPEECH_MAX_LEN as MAX_LEN
+from vllm_helpers import SPEECH_MAX_NEW as MAX_NEW
+from vllm_helpers import speech_pipeline as _pipeline
 
-from mctp_serve_helpers import InProcessServer, post_json, request, sse_events  # noqa: E402
-from vllm_helpers import NUM_HEADS, build_speech  # noqa: E402
-
-MAX_NEW = 64
-MAX_LEN = 256
 CHATS = ["hello what is the weather today", "tell me about paris", "who are you", "good morning"]
 SPEAK = ["one two three", "thanks"]
-
-
-@pytest.fixture(scope="module")
-def speech_dirs(tmp_path_factory):
-    return build_speech(tmp_path_factory.mktemp("speech"))
-
-
-def _pipeline(model_dir: Path, mode: str = "vanilla", **kw):
-    from mctp import EngineConfig
-    from mctp.speech.builders import build_folder_pipeline
-
-    return build_folder_pipeline(
-        model=model_dir,
-        mode=mode,
-        max_new_tokens=MAX_NEW,
-        engine=EngineConfig(max_len=MAX_LEN),
-        **kw,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -58,52 +34,14 @@ def reference(speech_dirs):
     return chats, speaks
 
 
-@pytest.fixture(scope="module")
-def served(speech_dirs):
-    """A server over one vLLM engine with the drafter; yields (url, engine, seen ids)."""
-    from mctp.serve import ServerConfig, create_app
-    from mctp.vllm.engine import VLLMEngine
-    from mctp.vllm.speech import VLLMSpeechEngine, release_weights
-
-    model_dir, draft_dir = speech_dirs
-    pipe = _pipeline(model_dir, verify=True)
-    release_weights(pipe)
-    seen: dict[tuple[int, ...], list[int]] = {}
-    finish = pipe._finish
-
-    def spy(request, gen, *args, **kw):  # every answer's generated ids, by prompt
-        seen[tuple(request.prompt.input_ids[0].tolist())] = gen.tokens[0].tolist()
-        return finish(request, gen, *args, **kw)
-
-    pipe._finish = spy
-    gen = VLLMEngine(
-        model_dir,
-        drafter=draft_dir,
-        num_speculative_tokens=NUM_HEADS,
-        dtype="float32",
-        max_num_seqs=8,
-        max_model_len=MAX_LEN,
-        engine_kwargs={"seed": 0},
-    )
-    engine = VLLMSpeechEngine(pipe, gen, max_queue=4)
-    app = create_app(pipe, ServerConfig(max_new_tokens=MAX_NEW, max_queue=4), engine=engine)
-    try:
-        with InProcessServer(app) as server:
-            yield server.url, engine, pipe, seen
-    finally:
-        gen.shutdown()
-        gen.engine = None  # the AsyncLLM goes now, not at interpreter exit
-        gc.collect()
-
-
 def _pcm(wav) -> bytes:
     from mctp.serve.protocol import pcm16
 
     return pcm16(wav)
 
 
-def test_concurrent_answers_equal_vanilla_and_batch_in_vllm(served, reference):
-    url, engine, _, seen = served
+def test_concurrent_answers_equal_vanilla_and_batch_in_vllm(speech_server, reference):
+    url, engine, seen = speech_server.url, speech_server.engine, speech_server.seen
     chats, speaks = reference
     assert any(r.num_audio_tokens for r in chats.values())  # the answers hold speech
 
@@ -167,8 +105,8 @@ def test_concurrent_answers_equal_vanilla_and_batch_in_vllm(served, reference):
     assert health["joined"] > 0
 
 
-def test_refuses_what_vllm_does_not_run(served):
-    url = served[0]
+def test_refuses_what_vllm_does_not_run(speech_server):
+    url = speech_server.url
     status, body = post_json(url, "/v1/audio/speech", {"input": "hello", "mode": "turbo"})
     assert status == 400 and body["error"]["param"] == "mode"
     assert "generates with vLLM" in body["error"]["message"]
@@ -180,13 +118,14 @@ def test_engine_refuses_settings_vllm_does_not_have(speech_dirs):
     from types import SimpleNamespace
 
     from mctp import SamplingConfig
+    from mctp.interleave import InterleaveSchedule
     from mctp.vllm.speech import VLLMSpeechEngine
 
     model = speech_dirs[0]
     plain = SimpleNamespace(drafter=None, max_model_len=MAX_LEN, max_num_seqs=8)
     drafted = SimpleNamespace(drafter=speech_dirs[1], max_model_len=MAX_LEN, max_num_seqs=8)
     with pytest.raises(ValueError, match="vLLM runs Vanilla only"):
-        VLLMSpeechEngine(_pipeline(model, "boost"), plain)
+        VLLMSpeechEngine(_pipeline(model, InterleaveSchedule([1, 3])), plain)
     with pytest.raises(ValueError, match="--draft"):
         VLLMSpeechEngine(_pipeline(model, verify=True), plain)
     with pytest.raises(ValueError, match="add --verify"):

@@ -27,6 +27,8 @@ if str(EXAMPLES) not in sys.path:
 NUM_HEADS = 3
 VOCAB = 128
 PROMPTS = [[5, 17, 33, 2, 90], [7, 8], [60, 61, 62, 63, 64, 65, 66, 67, 1], [44]]
+SPEECH_MAX_NEW = 64  # answers of the speech folder (its taught answer ends before)
+SPEECH_MAX_LEN = 256
 
 
 @dataclass
@@ -247,3 +249,17 @@ def build_speech(root: Path, *, steps: int = 60) -> tuple[Path, Path]:
     stack.save_pretrained(model_dir / "mctp_heads")
     export_drafter(model_dir / "mctp_heads", draft_dir, backbone=model_dir)
     return model_dir, draft_dir
+
+
+def speech_pipeline(model_dir: Path, mode: object = "vanilla", **kw):
+    """The folder pipeline of :func:`build_speech`'s folder (our engine, eager, fp32)."""
+    from mctp import EngineConfig
+    from mctp.speech.builders import build_folder_pipeline
+
+    return build_folder_pipeline(
+        model=model_dir,
+        mode=mode,
+        max_new_tokens=SPEECH_MAX_NEW,
+        engine=EngineConfig(max_len=SPEECH_MAX_LEN),
+        **kw,
+    )
