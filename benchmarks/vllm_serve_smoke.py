@@ -16,6 +16,7 @@ import argparse
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -74,7 +75,9 @@ def main() -> int:
         if status != 200:
             raise RuntimeError(f"chat answered {status}: {chat}")
         audio = base64.b64decode(chat["choices"][0]["message"]["audio"]["data"])
-        status, _, wav = request(url, "/v1/audio/speech", {"input": "one two three"}, timeout=120)
+        status, _, wav = request(
+            url, "/v1/audio/speech", {"input": "one two three", "max_tokens": 64}, timeout=120
+        )
         if status != 200:
             raise RuntimeError(f"speech answered {status}: {wav[:200]!r}")
         _, _, health = request(url, "/health")
@@ -102,6 +105,7 @@ def main() -> int:
         log.close()
         if out.strip():
             print("--- server output (tail) ---\n" + out[-4000:], flush=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
