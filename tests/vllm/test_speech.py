@@ -161,3 +161,32 @@ def test_cli_refuses_flags_that_do_not_fit(flags, message, capsys):
 
     assert main(["serve", "--engine", "vllm", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_cancelled_job_stops_its_vllm_request(speech_server):
+    import time
+
+    engine = speech_server.engine
+    pipe = engine.pipeline
+    before = engine.cancelled
+    items: list = []
+    holder: dict = {}
+
+    def sink(item):  # the client leaves at the answer's first chunk
+        items.append(item)
+        holder["job"].cancel()
+
+    async def submit():
+        holder["job"] = engine.submit(lambda: pipe.open("hello", max_new_tokens=MAX_NEW), sink)
+
+    speech_server.run(submit())
+    deadline = time.monotonic() + 60
+    while (engine.cancelled == before or engine.running) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert engine.cancelled == before + 1 and engine.running == 0
+    assert items and all(getattr(i, "kind", None) != "end" for i in items)  # stopped early
+    assert speech_server.run(_unfinished(engine)) == 0  # vLLM dropped the request
+
+
+async def _unfinished(engine) -> int:
+    return engine.engine.engine.output_processor.get_num_unfinished_requests()
