@@ -1,6 +1,7 @@
 """Adapters that make any Hugging Face causal LM an MCTP backbone (``mctp.backbones``)."""
 
-from .hf import BackboneOutput, HFBackbone
+from .generic import GenericHFBackbone
+from .hf import BackboneOutput, FastHFBackbone, HFBackbone
 from .lora import add_lora, trainable_parameter_count
 from .vocab import (
     AUDIO_CONTEXT,
@@ -22,6 +23,8 @@ __all__ = [
     "SPECIAL_TOKENS",
     "SPECIAL_TOKENS_PLUS",
     "BackboneOutput",
+    "FastHFBackbone",
+    "GenericHFBackbone",
     "HFBackbone",
     "SpeechVocab",
     "add_lora",

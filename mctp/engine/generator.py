@@ -35,6 +35,7 @@ from .buffer import TokenBuffer
 from .decoding import MCTPDecoder
 from .fast_path import ExactPath, FastPath
 from .generation_config import EngineConfig, GenerationConfig, split_options
+from .masks import warn_unmasked_padding
 from .result import GenerationResult
 from .sampling import SpeechIds, TokenPicker
 from .segmenter import StreamEvent, StreamSegmenter
@@ -168,6 +169,7 @@ class Generator:
         )
         self._lock = threading.Lock()
         self._joins: list[JoinTicket] = []
+        self._join_open = False
         self.rows = b  # rows of the running (or last) call: <= max_batch
 
     # ------------------------------------------------------------------ set-up
@@ -195,6 +197,17 @@ class Generator:
     def max_len(self) -> int:
         """Slots of every buffer."""
         return self.buffer.max_len
+
+    @property
+    def streaming(self) -> bool:
+        """Whether a call is running (a stream started and not ended)."""
+        return self._lock.locked()
+
+    @property
+    def accepts_joins(self) -> bool:
+        """Whether a running stream still takes requests (:meth:`offer_join`): from its
+        first event until its last generation step."""
+        return self._join_open
 
     def _check(self, config: GenerationConfig) -> None:
         schedule, stack = config.schedule, self.stack
@@ -382,6 +395,7 @@ class Generator:
                         run.finished_rows.add(r)
                     yield ev
 
+            self._join_open = True
             try:
                 for produced in run.cycles():
                     now = time.perf_counter() - t0
@@ -412,6 +426,7 @@ class Generator:
                             tok0 = [int(buf.ids[r, run.row_start[r]])]
                             yield from row_events(r, seg.feed(r, tok0, now, run.forwards))
             finally:
+                self._join_open = False
                 for ticket in self._joins:  # the run ended before they could join
                     ticket.row = -1
                 self._joins.clear()
@@ -432,12 +447,15 @@ class Generator:
         Raises:
             RuntimeError: If no stream is running.
         """
-        if not self._lock.locked():
-            raise RuntimeError("no stream is running on this Generator")
+        if not self._join_open:
+            raise RuntimeError(
+                "no stream takes requests on this Generator now (none runs, or it is past its "
+                "last generation step)"
+            )
         self._joins.append(ticket)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: two tickets may carry equal requests
 class JoinTicket:
     """A request waiting to join a running stream (:meth:`Generator.offer_join`).
 
@@ -508,6 +526,8 @@ class _Run:
                 raise ValueError(
                     "pad prompts on the left: attention_mask[:, -1] must be 1 for every row"
                 )
+        else:  # padding without a mask is read as real tokens: say so, as transformers does
+            warn_unmasked_padding(input_ids, cfg.pad_id, "generate (GenerationConfig.pad_id)")
         vocab_size = gen.backbone.vocab_size
         lo, hi = int(input_ids.min()), int(input_ids.max())  # one read per call, not per token
         if lo < 0 or hi >= vocab_size:
