@@ -269,6 +269,8 @@ def _serve_vllm(args: argparse.Namespace) -> int:
         ("--compile", args.compile, "auto"),
         ("--compile-cache", args.compile_cache, None),
         ("--audio-heads", args.audio_heads, False),
+        ("--lanes", args.lanes, 2),
+        ("--joins/--no-joins", args.joins, True),
     ):
         if value != default:
             raise ValueError(f"{flag} is a setting of our engine; vLLM has no such setting")

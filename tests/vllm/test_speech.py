@@ -149,6 +149,8 @@ def test_engine_refuses_settings_vllm_does_not_have(speech_dirs):
         (["--compile", "on"], "--compile is a setting of our engine"),
         (["--compile-cache", "x"], "--compile-cache is a setting of our engine"),
         (["--audio-heads"], "--audio-heads is a setting of our engine"),
+        (["--lanes", "3"], "--lanes is a setting of our engine"),
+        (["--no-joins"], "--joins/--no-joins is a setting of our engine"),
         (["--mode", "turbo"], "vLLM runs vanilla only"),
         (["--verify"], "needs the drafter folder: --draft DIR"),
         (["--draft", "d"], "add --verify"),
