@@ -301,7 +301,8 @@ class VLLMSpeechEngine:
         cfg = req.config
         prompt = req.prompt.input_ids[0].tolist()
         events: queue.Queue[Any] = queue.Queue()
-        answer = loop.run_in_executor(self._answers, self._speak, job, req, events)
+        failed = threading.Event()  # vLLM failed: the answer must not sink an end
+        answer = loop.run_in_executor(self._answers, self._speak, job, req, events, failed)
         seg = StreamSegmenter(
             self.pipeline.vocab, 1, cfg.eos_token_id, audio_chunk=self.pipeline.audio_chunk
         )
@@ -339,12 +340,18 @@ class VLLMSpeechEngine:
             result = _result(prompt, tokens, sources, steps, prefill_s, now, first_audio, cycles)
             for ev in seg.finish(now, steps, result):
                 events.put(ev)
+        except BaseException:
+            failed.set()  # the request gets the error, not an answer cut short as if whole
+            raise
         finally:
             events.put(_END)
         await answer  # its exception, if any, fails the request
 
-    def _speak(self, job: Job, req: SpeechRequest, events: queue.Queue[Any]) -> None:
-        """The pipeline's answer over the request's events, on an answer thread."""
+    def _speak(
+        self, job: Job, req: SpeechRequest, events: queue.Queue[Any], failed: threading.Event
+    ) -> None:
+        """The pipeline's answer over the request's events, on an answer thread (it stops
+        sinking when the job is cancelled or the generation ``failed``)."""
 
         def items() -> Iterator[StreamEvent]:
             while True:
@@ -361,7 +368,7 @@ class VLLMSpeechEngine:
             chunks = self.pipeline.answer(req, items())
             try:
                 for chunk in chunks:
-                    if job.cancelled.is_set():
+                    if job.cancelled.is_set() or failed.is_set():
                         return
                     job.sink(chunk)
             finally:

@@ -88,12 +88,15 @@ def test_concurrent_answers_equal_vanilla_and_batch_in_vllm(speech_server, refer
             assert transcript == ref.text and audio == _pcm(ref.audio)
             assert out[-2]["usage"]["completion_tokens"] == ref.num_tokens
         prompt = tuple(ref.prompt_ids.tolist())
+        assert prompt in seen, (prompt, sorted(seen))
         assert seen[prompt] == ref.generation.tokens[0].tolist()  # token for token
     for text, (status, data) in zip(SPEAK, speak_out):
         ref = speaks[text]
         assert status == 200
         assert data == _pcm(ref.audio)
-        assert seen[tuple(ref.prompt_ids.tolist())] == ref.generation.tokens[0].tolist()
+        prompt = tuple(ref.prompt_ids.tolist())
+        assert prompt in seen, (prompt, sorted(seen))
+        assert seen[prompt] == ref.generation.tokens[0].tolist()
 
     assert engine.completed - before == len(CHATS) + len(SPEAK)
     status, _, data = request(url, "/health")
@@ -192,3 +195,24 @@ def test_a_cancelled_job_stops_its_vllm_request(speech_server):
 
 async def _unfinished(engine) -> int:
     return engine.engine.engine.output_processor.get_num_unfinished_requests()
+
+
+def test_a_vllm_failure_ends_the_stream_with_an_error_not_an_answer(speech_server, monkeypatch):
+    import asyncio
+
+    gen = speech_server.engine.engine
+    text = speech_server.engine.pipeline.tokenizer("hello this", add_special_tokens=False)
+
+    async def broken(prompt_ids, **kw):  # two text ids, then the engine fails
+        yield list(text.input_ids)
+        await asyncio.sleep(0.5)  # the answer speaks the text first
+        raise RuntimeError("the engine core died")
+
+    monkeypatch.setattr(gen, "stream", broken)
+    body = {"messages": [{"role": "user", "content": "hello"}], "stream": True}
+    status, _, data = request(speech_server.url, "/v1/chat/completions", body)
+    events = sse_events(data)
+    assert status == 200 and "[DONE]" not in events
+    assert events[-1]["error"]["message"] == "the engine core died"
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == "hello this"
+    assert all(e["choices"][0]["finish_reason"] is None for e in events[:-1])  # no end
