@@ -199,7 +199,8 @@ class Cohort:
 
         Returns:
             A ticket (its ``row`` is set once joined, -1 if the cohort ended first), or None
-            when it cannot join (other settings, ended, not started yet, or every row taken).
+            when it cannot join (other settings, ended, not started yet, every row taken, or
+            a prompt longer than the running sequence so far).
         """
         if (
             self.finished
@@ -207,6 +208,9 @@ class Cohort:
             or not request.fits_with(self.first)
             or request.prompt_embeds is not None
             or self.load >= self.generator.max_batch
+            # its prompt must fit before the cursor (see _Run.try_join); a longer one would
+            # wait here for the sequence to grow while a free lane could start it now
+            or request.input_ids.shape[1] > self.generator.buffer.length - 1
         ):
             return None
         ticket = JoinTicket(request)

@@ -192,8 +192,8 @@ class GenerationWorker:
             try:
                 for job in new:
                     self._admit(job)
+                self._offer_joins()  # a running batch with room first: its steps are shared
                 self._start_batches()
-                self._offer_joins()
                 self._turns()
                 self._settle_joins()
             except Exception as e:  # a fault of the worker itself: fail its jobs, keep serving

@@ -194,3 +194,18 @@ def test_no_request_joins_a_stream_past_its_last_step(toy):
     # the lane's next stream runs its own rows only
     again = Cohort(gen, [RowRequest(toy.prompt, cfg)])
     assert list(again.events(0))[-1].row_result.tokens[0].tolist() == toy.answer
+
+
+def test_a_prompt_longer_than_the_running_sequence_is_not_taken(toy):
+    # it could only join once the sequence grew past it: a free lane starts it sooner
+    cfg = GenerationConfig(mode="vanilla", max_new_tokens=60, eos_token_id=2)
+    gen = Generator(toy.backbone, toy.stack, cfg, engine=EngineConfig(max_batch=2, max_len=128),
+                    vocab=toy.vocab)  # fmt: skip
+    cohort = Cohort(gen, [RowRequest(toy.prompt, cfg)])
+    events = cohort.events(0)
+    next(events)
+    running = gen.buffer.length  # prompt + tokens so far
+    longer = torch.randint(3, 60, (1, running + 3))
+    assert cohort.offer(RowRequest(longer, cfg)) is None
+    assert cohort.offer(RowRequest(toy.prompt[:, :3], cfg)) is not None
+    list(events)
