@@ -89,7 +89,7 @@ def generate(
         attention_mask: ``[B, P]`` (1 = real token) for left-padded batches.
         prompt_embeds: ``[B, P, H]`` prompt embeddings for the backbone's prefill.
         heads_read_prompt_embeds: The MCTP heads read ``prompt_embeds`` too (opt-in).
-        vocab: Speech ids (:class:`mctp.backbones.SpeechVocab`).
+        vocab: Speech ids (:class:`mctp.SpeechVocab`).
         generator: Random source for sampling.
         sync_timings: Synchronise the device after every cycle (exact timings).
         streamer: A transformers streamer for the text tokens (batch size 1).

@@ -69,7 +69,7 @@ class SpeechPipeline:
         backbone: A cached backbone (e.g. :class:`mctp.backbones.HFBackbone`).
         stack: Its MCTP heads, or None (Vanilla only).
         tokenizer: The text tokenizer (transformers; needs a chat template).
-        vocab: Speech ids (:class:`mctp.backbones.SpeechVocab`).
+        vocab: Speech ids (:class:`mctp.SpeechVocab`).
         decoder: The :class:`~mctp.codecs.AudioDecoder` that speaks the audio tokens.
         audio_tokenizer: Speech input as discrete tokens (``<|audio|>`` becomes
             ``BOA audio... EOA``), or None.
@@ -325,7 +325,7 @@ class SpeechPipeline:
             ValueError: On an unknown task, a task without its input, or text holding the
                 reserved ``<|audio|>`` (the pipeline's own audio placeholder).
         """
-        from mctp.backbones import AUDIO_PLACEHOLDER
+        from mctp.speech_vocab import AUDIO_PLACEHOLDER
 
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}: use one of {TASKS}")
@@ -420,7 +420,7 @@ class SpeechPipeline:
         import re
         import uuid
 
-        from mctp.backbones import AUDIO_PLACEHOLDER
+        from mctp.speech_vocab import AUDIO_PLACEHOLDER
 
         nonce = uuid.uuid4().hex
         marked = []
