@@ -15,8 +15,8 @@ from mctp.interleave import InterleaveSchedule, Mode
 
 from ..backbone import Backbone
 from ..stack import MCTPStack
-from .generation_config import EngineConfig, GenerationConfig, split_options
-from .generator import GenerationResult, Generator, slots_needed
+from .generation_config import EngineConfig, GenerationConfig, slots_needed, split_options
+from .generator import GenerationResult, Generator
 from .sampling import SpeechIds
 
 __all__ = ["GenerationResult", "Generator", "generate", "one_shot_generator"]

@@ -553,7 +553,7 @@ class SpeechPipeline:
             else:
                 wavs = list(audios or [])
             prompt = self.prepare(messages, wavs)
-        from mctp.engine.generator import slots_needed
+        from mctp.engine.generation_config import slots_needed
 
         heads = 0 if self.stack is None else self.stack.num_heads
         p = prompt.input_ids.shape[1]
