@@ -15,6 +15,10 @@ token-identical to Vanilla while most tokens still come from the cheap heads.
 Host synchronisation: token choice, stop detection and bookkeeping stay on the device; the
 stop flags are read once every ``stop_check_every`` backbone forwards, verified mode reads one
 accepted length per backbone forward, and streaming reads the new tokens once per cycle.
+
+This module holds the :class:`Generator` itself (set-up, ``generate``, ``stream``,
+``offer_join``); one call's schedule loop is :mod:`mctp.engine.run`, a streamed call's events
+:mod:`mctp.engine.stream_loop`, and requests joining a running stream :mod:`mctp.engine.joins`.
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ class Generator(_StreamLoop):
             Boost, which needs a stack; pass ``GenerationConfig(mode="vanilla")`` without one).
         engine: Engine settings (:class:`~mctp.EngineConfig`: device, cache dtype,
             ``max_batch``, ``max_len``, compile, window, audio-only heads, ...).
-        vocab: Speech ids (:class:`mctp.backbones.SpeechVocab`): enables separate audio
+        vocab: Speech ids (:class:`mctp.SpeechVocab`): enables separate audio
             sampling, audio-only heads and audio events.
         **engine_options: Fields of :class:`~mctp.EngineConfig` applied on ``engine`` (e.g.
             ``max_len=256, compile=True``).
