@@ -92,6 +92,7 @@ class Answer:
     server_first_chunk_ms: float | None = None
     done: bool = False
     expected_samples: int | None = None
+    error: str | None = None
 
 
 def ask(host: str, port: int, question: str, mode: str, timeout: float = 120.0) -> Answer:
@@ -131,6 +132,9 @@ def ask(host: str, port: int, question: str, mode: str, timeout: float = 120.0) 
                 ans.done = True
                 break
             msg = json.loads(data)
+            if "error" in msg:  # the server's error event: the request failed
+                ans.error = str(msg["error"].get("message", msg["error"]))
+                break
             ans.ids.add(msg["id"])
             delta = msg["choices"][0]["delta"]
             audio = delta.get("audio") or {}
@@ -168,6 +172,7 @@ class LoadReport:
     first_chunk_ms: list[float]
     server_first_chunk_ms: list[float]
     sample_rate: int
+    errors: list[str] = field(default_factory=list)
 
     def _pct(self, xs: list[float], q: float) -> float | None:
         return float(np.percentile(xs, q)) if xs else None
@@ -274,12 +279,14 @@ def run_load(
         t.join()
     wall = time.perf_counter() - t0
     ok = refused = failed = lost = mixed = 0
+    errors: list[str] = []
     audio_s = 0.0
     lat: list[float] = []
     server_lat: list[float] = []
     for k, ans in results:
-        if isinstance(ans, Exception) or ans.status not in (200, 503):
+        if isinstance(ans, Exception) or ans.status not in (200, 503) or ans.error:
             failed += 1
+            errors.append(repr(ans) if isinstance(ans, Exception) else ans.error or str(ans.status))
         elif ans.status == 503:
             refused += 1
         elif not ans.done:
@@ -314,6 +321,7 @@ def run_load(
         first_chunk_ms=lat,
         server_first_chunk_ms=server_lat,
         sample_rate=rate,
+        errors=errors,
     )
 
 
@@ -422,6 +430,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.summary() for r in reps], f, indent=2)
+    for rep in reps:
+        for err in sorted(set(rep.errors)):
+            print(f"{rep.clients} clients, failed: {err}", file=sys.stderr)
     if any(r.lost or r.mixed or r.failed for r in reps):
         sys.exit(1)
 

@@ -229,6 +229,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_audio_s=args.max_audio_s,
         max_prompt_tokens=args.max_prompt_tokens,
         max_new_tokens=args.max_new_tokens,
+        lanes=args.lanes,
+        joins=args.joins,
     )
     pipe = build_from_args(args)
     print(f"serving {pipe.name} on http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
@@ -285,6 +287,15 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--host", default="127.0.0.1", help="address to listen on")
     v.add_argument("--port", type=int, default=8000, help="port")
     v.add_argument("--max-queue", type=int, default=8, help="waiting requests before 503")
+    v.add_argument(
+        "--lanes", type=int, default=2, help="Generators of --max-batch rows (concurrent batches)"
+    )
+    v.add_argument(
+        "--joins",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="let a waiting request join a running batch at its next join point",
+    )
     v.add_argument("--max-body-mb", type=int, default=16, help="largest request body (MiB)")
     v.add_argument("--max-audio-s", type=float, default=60.0, help="longest input audio (s)")
     v.add_argument(

@@ -34,7 +34,7 @@ from .segmenter import StreamEvent
 __all__ = ["BatchScheduler", "Cohort", "JoinTicket", "RowRequest", "left_pad"]
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (tensors have no truth value)
 class RowRequest:
     """One request's part of a cohort.
 
@@ -91,6 +91,22 @@ def left_pad(
     return ids, (mask if padded else None), embeds
 
 
+class _Seat:
+    """One request's place in a row: the events routed to it, and whether it is read.
+
+    A row holds several requests one after another (a request joins a row once the previous
+    occupant's ``"end"`` was produced), so events are queued per seat, never per row: the
+    next occupant never sees its predecessor's unread events.
+    """
+
+    __slots__ = ("abandoned", "ended", "queue")
+
+    def __init__(self) -> None:
+        self.queue: deque[StreamEvent] = deque()
+        self.ended = False  # its "end" was produced (the row is free for the next occupant)
+        self.abandoned = False  # its reader left before the end: its events are dropped
+
+
 class Cohort:
     """Rows generated together on one Generator; each row is read on its own, and waiting
     requests may join the running rows (:meth:`offer`).
@@ -129,24 +145,47 @@ class Cohort:
             config=requests[0].config,
             audio_chunk=audio_chunk,
         )
-        self._queues: list[deque[StreamEvent]] = [deque() for _ in range(generator.max_batch)]
-        self._readers: set[int] = set(range(len(requests)))  # rows someone reads (or will)
-        self._abandoned: set[int] = set()  # rows whose reader left before their end
-        self._tickets: list[JoinTicket] = []
+        # the seat each row's events go to now (None: the row has no occupant)
+        self._rows: list[_Seat | None] = [None] * generator.max_batch
+        self._initial = [_Seat() for _ in requests]
+        self._rows[: len(requests)] = self._initial
+        self._reading = len(requests)  # seats that are read, or will be (not released yet)
+        self._tickets: list[JoinTicket] = []  # offered, not claimed yet
+        self._joined: dict[int, _Seat] = {}  # id(ticket) -> its seat (joined, not claimed)
+        self._successor: dict[int, _Seat] = {}  # row -> claimed seat whose turn comes next
         self.rows = len(requests)
         self.finished = False
 
+    def _seat_of_next(self, row: int) -> _Seat:
+        """The seat of the request that joined ``row`` after its occupant ended."""
+        if row in self._successor:
+            return self._successor.pop(row)
+        for ticket in self._tickets:
+            if ticket.row == row and id(ticket) not in self._joined:
+                seat = self._joined[id(ticket)] = _Seat()
+                return seat
+        raise RuntimeError(f"an event for row {row}, which no request occupies")
+
     def _advance(self) -> None:
-        """One event of the shared stream (the generator computes when its queue is empty)."""
+        """One event of the shared stream, routed to its row's current seat (the generator
+        computes when its queue is empty)."""
         ev = next(self._stream, None)
         if ev is None:
             self.finished = True
             return
-        if ev.row in self._abandoned:  # nobody reads it; its end frees the row for a join
-            if ev.kind == "end":
-                self._abandoned.discard(ev.row)
-            return
-        self._queues[ev.row].append(ev)
+        seat = self._rows[ev.row]
+        if seat is None or seat.ended:  # the row's next occupant speaks
+            seat = self._rows[ev.row] = self._seat_of_next(ev.row)
+        if ev.kind == "end":
+            seat.ended = True
+        if not seat.abandoned:
+            seat.queue.append(ev)
+
+    @property
+    def load(self) -> int:
+        """Rows taken or promised: occupants still generating plus requests waiting to join."""
+        busy = sum(1 for s in self._rows if s is not None and not s.ended)
+        return busy + sum(1 for t in self._tickets if id(t) not in self._joined)
 
     def offer(self, request: RowRequest) -> JoinTicket | None:
         """Let ``request`` join this running cohort at its next join point (a free row, the
@@ -154,14 +193,14 @@ class Cohort:
 
         Returns:
             A ticket (its ``row`` is set once joined, -1 if the cohort ended first), or None
-            when it cannot join (other settings, ended, or every row taken).
+            when it cannot join (other settings, ended, not started yet, or every row taken).
         """
-        taken = len(self._readers) + len(self._abandoned) + len(self._tickets)
         if (
             self.finished
+            or not self.generator.accepts_joins  # not started yet, or past its last step
             or not request.fits_with(self.first)
             or request.prompt_embeds is not None
-            or taken >= self.generator.max_batch
+            or self.load >= self.generator.max_batch
         ):
             return None
         ticket = JoinTicket(request)
@@ -170,21 +209,29 @@ class Cohort:
         return ticket
 
     def claim(self, ticket: JoinTicket) -> Iterator[StreamEvent]:
-        """The events of a ticket's row once it joined.
+        """The events of a ticket's request once it joined.
 
         Raises:
             ValueError: If the ticket has not joined (yet).
         """
-        if ticket.row is None or ticket.row < 0:
+        if ticket.row is None or ticket.row < 0 or ticket not in self._tickets:
             raise ValueError("the ticket has not joined this cohort")
+        seat = self._joined.pop(id(ticket), None)
+        if seat is None:  # joined, but no event of its row was read yet
+            seat = _Seat()
+            prev = self._rows[ticket.row]
+            if prev is None or prev.ended:
+                self._rows[ticket.row] = seat
+            else:  # its predecessor's end is still to come out of the stream
+                self._successor[ticket.row] = seat
         self._tickets.remove(ticket)
-        self._readers.add(ticket.row)
-        return self.events(ticket.row)
+        self._reading += 1
+        return _RowEvents(self, seat)
 
     def pump(self) -> None:
         """Advance one event when no row is being read (requests waiting to join need the
         generation to reach its next join point)."""
-        if not self.finished and not self._readers:
+        if not self.finished and not self._reading:
             self._advance()
 
     def settle(self) -> None:
@@ -192,19 +239,20 @@ class Cohort:
         self._tickets = [t for t in self._tickets if t.row != -1]
 
     def events(self, row: int) -> Iterator[StreamEvent]:
-        """Row ``row``'s events (as ``row=0``), ending with its ``"end"``; reading them drives
-        the cohort. Closing this iterator early abandons the row; the cohort stops when no
-        row is read any more and no request waits to join.
+        """The events of the request the cohort started in row ``row`` (as ``row=0``),
+        ending with its ``"end"``; reading them drives the cohort. Closing this iterator
+        early abandons the row; the cohort stops when no row is read any more and no
+        request waits to join.
 
         Raises:
             IndexError: On a row out of range.
         """
-        if not 0 <= row < len(self._queues):
-            raise IndexError(f"row {row} out of range for a cohort of {len(self._queues)}")
-        return _RowEvents(self, row)
+        if not 0 <= row < len(self._initial):
+            raise IndexError(f"row {row} out of range for a cohort of {len(self._initial)}")
+        return _RowEvents(self, self._initial[row])
 
-    def _row_events(self, row: int) -> Iterator[StreamEvent]:
-        queue = self._queues[row]
+    def _seat_events(self, seat: _Seat) -> Iterator[StreamEvent]:
+        queue = seat.queue
         ended = False
         try:
             while True:
@@ -218,24 +266,16 @@ class Cohort:
                     ended = True
                     return
         finally:
-            self._release(row, ended)
+            self._release(seat, ended)
 
-    def _release(self, row: int, ended: bool) -> None:
-        """The reader of ``row`` is gone. Events already queued past its ``"end"`` belong to
-        the request that took the row next (a row is free once its end was produced, maybe
-        before its reader read it), so only the old occupant's events are dropped."""
-        self._readers.discard(row)
-        queue = self._queues[row]
+    def _release(self, seat: _Seat, ended: bool) -> None:
+        """The reader of ``seat`` is gone: drop what it did not read, and drop its events to
+        come (its row's next occupant has a seat of its own)."""
+        self._reading -= 1
         if not ended:
-            ends = [i for i, ev in enumerate(queue) if ev.kind == "end"]
-            if ends:  # its end is queued already: drop up to it, keep the next occupant's
-                for _ in range(ends[0] + 1):
-                    queue.popleft()
-            else:
-                queue.clear()
-                if not self.finished:
-                    self._abandoned.add(row)
-        if not self._readers and not self._tickets:
+            seat.queue.clear()
+            seat.abandoned = True
+        if not self._reading and not self._tickets:
             self.close()
 
     def close(self) -> None:
@@ -247,17 +287,17 @@ class Cohort:
     @property
     def busy(self) -> bool:
         """Whether the lane is still in use by this cohort."""
-        if not self.finished and not self._readers and not self._tickets:
+        if not self.finished and not self._reading and not self._tickets:
             self.close()
         return not self.finished
 
 
 class _RowEvents:
-    """A row's event iterator; closing it releases the row even before its first event."""
+    """A seat's event iterator; closing it releases the seat even before its first event."""
 
-    def __init__(self, cohort: Cohort, row: int) -> None:
-        self.cohort, self.row = cohort, row
-        self._events = cohort._row_events(row)
+    def __init__(self, cohort: Cohort, seat: _Seat) -> None:
+        self.cohort, self.seat = cohort, seat
+        self._events = cohort._seat_events(seat)
         self._started = False
 
     def __iter__(self) -> _RowEvents:
@@ -274,7 +314,7 @@ class _RowEvents:
         else:
             self._started = True
             self._events.close()
-            self.cohort._release(self.row, False)
+            self.cohort._release(self.seat, False)
 
 
 class BatchScheduler:
@@ -334,7 +374,7 @@ class BatchScheduler:
             ``(cohort, ticket)`` when a cohort took the offer, else None.
         """
         running = [c for c in self._cohorts.values() if c.busy]
-        running.sort(key=lambda c: len(c._readers) + len(c._tickets))
+        running.sort(key=lambda c: c.load)
         for cohort in running:
             ticket = cohort.offer(request)
             if ticket is not None:

@@ -144,6 +144,7 @@ class Generator(_StreamLoop):
         )
         self._lock = threading.Lock()
         self._joins: list[JoinTicket] = []
+        self._join_open = False
         self.rows = b  # rows of the running (or last) call: <= max_batch
 
     # ------------------------------------------------------------------ set-up
@@ -171,6 +172,17 @@ class Generator(_StreamLoop):
     def max_len(self) -> int:
         """Slots of every buffer."""
         return self.buffer.max_len
+
+    @property
+    def streaming(self) -> bool:
+        """Whether a call is running (a stream started and not ended)."""
+        return self._lock.locked()
+
+    @property
+    def accepts_joins(self) -> bool:
+        """Whether a running stream still takes requests (:meth:`offer_join`): from its
+        first event until its last generation step."""
+        return self._join_open
 
     def _check(self, config: GenerationConfig) -> None:
         schedule, stack = config.schedule, self.stack
@@ -327,8 +339,11 @@ class Generator(_StreamLoop):
         Raises:
             RuntimeError: If no stream is running.
         """
-        if not self._lock.locked():
-            raise RuntimeError("no stream is running on this Generator")
+        if not self._join_open:
+            raise RuntimeError(
+                "no stream takes requests on this Generator now (none runs, or it is past its "
+                "last generation step)"
+            )
         self._joins.append(ticket)
 
 

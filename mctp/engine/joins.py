@@ -21,7 +21,7 @@ from .sampling import TokenPicker
 __all__ = ["JoinTicket"]
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: two tickets may carry equal requests
 class JoinTicket:
     """A request waiting to join a running stream (:meth:`Generator.offer_join`).
 

@@ -68,6 +68,7 @@ class _StreamLoop:
                         run.finished_rows.add(r)
                     yield ev
 
+            self._join_open = True
             try:
                 for produced in run.cycles():
                     now = time.perf_counter() - t0
@@ -98,6 +99,7 @@ class _StreamLoop:
                             tok0 = [int(buf.ids[r, run.row_start[r]])]
                             yield from row_events(r, seg.feed(r, tok0, now, run.forwards))
             finally:
+                self._join_open = False
                 for ticket in self._joins:  # the run ended before they could join
                     ticket.row = -1
                 self._joins.clear()

@@ -40,8 +40,8 @@ class ServerConfig:
             there) before ``/health`` reports ready.
         lanes: Generators of ``max_batch`` rows each: a request that arrives while every
             lane runs a batch waits for the first to end.
-        joins: Let a waiting request join a running batch at its next join point instead
-            (experimental: off until every joined answer equals the answer alone).
+        joins: Let a waiting request join a running batch at its next join point (a row
+            freed by an answer that ended) instead of waiting for a lane.
     """
 
     max_queue: int = 8
@@ -52,7 +52,7 @@ class ServerConfig:
     max_prompt_tokens: int = 2048
     warmup: bool = True
     lanes: int = 2
-    joins: bool = False
+    joins: bool = True
 
     def __post_init__(self) -> None:
         for name in (

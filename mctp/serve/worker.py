@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 __all__ = ["Batcher", "GenerationWorker", "Job", "QueueFull"]
+
+log = logging.getLogger(__name__)
 
 _DONE = object()
 
@@ -176,12 +179,33 @@ class GenerationWorker:
                     self._cond.wait()
                 new = list(self._queue)
                 self._queue.clear()
-            for job in new:
-                self._admit(job)
-            self._start_batches()
-            self._offer_joins()
-            self._turns()
-            self._settle_joins()
+            try:
+                for job in new:
+                    self._admit(job)
+                self._start_batches()
+                self._offer_joins()
+                self._turns()
+                self._settle_joins()
+            except Exception as e:  # a fault of the worker itself: fail its jobs, keep serving
+                log.exception("generation worker fault; failing the requests it held")
+                self._fail_all(e)
+
+    def _fail_all(self, error: Exception) -> None:
+        """Hand ``error`` to every job the worker holds and forget them (their batches are
+        closed), so that a fault never leaves a client waiting."""
+        held = [job for job, _ in self._active] + [job for job, _ in self._waiting]
+        held += [job for job, _, _ in self._joining]
+        for _, items in self._active:
+            close = getattr(items, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:  # already broken; the error is reported below
+                    log.exception("closing a failed job's items")
+        self._active, self._waiting, self._joining = [], [], []
+        for job in held:
+            self.failed += 1
+            job.sink(error)
 
     def _admit(self, job: Job) -> None:
         if job.cancelled.is_set():
@@ -232,7 +256,12 @@ class GenerationWorker:
             return
         still = []
         for job, req in self._waiting:
-            handle = b.offer(req)
+            try:
+                handle = b.offer(req)
+            except Exception as e:  # handed to the request that caused it
+                self.failed += 1
+                job.sink(e)
+                continue
             if handle is None:
                 still.append((job, req))
             else:
@@ -250,8 +279,14 @@ class GenerationWorker:
                     self.cancelled += 1
                 continue
             if handle.joined:
+                try:
+                    items = handle.start()
+                except Exception as e:  # handed to the request that caused it
+                    self.failed += 1
+                    job.sink(e)
+                    continue
                 self.joined += 1
-                self._active.append((job, handle.start()))
+                self._active.append((job, items))
             elif handle.refused:
                 back.append((job, req))
             else:

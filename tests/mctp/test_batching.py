@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mctp import EngineConfig, GenerationConfig, Generator, generate
-from mctp.engine.batching import BatchScheduler, Cohort, RowRequest, left_pad
+from mctp.engine.batching import BatchScheduler, Cohort, JoinTicket, RowRequest, left_pad
 
 
 @pytest.mark.parametrize("mode", ["boost", "vanilla"])
@@ -125,3 +125,73 @@ def test_a_request_joins_a_running_cohort_and_gets_its_lone_answer(mode, verify)
     assert seen[-1].row_result.tokens[0].tolist() == lone[0]
     assert joined[-1].row_result.tokens[0].tolist() == lone[1]
     assert cohort.offer(RowRequest(b, gcfg.replace(max_new_tokens=5))) is None  # other settings
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "boost"])
+def test_a_request_joining_a_row_does_not_read_its_predecessors_unread_events(toy, mode):
+    # Row 0 (the taught answer) ends early; a waiting request takes that row while row 0's
+    # reader has not read its events yet. The newcomer reads first: it must get its own
+    # events only, and row 0's reader still gets row 0's whole answer.
+    cfg = GenerationConfig(mode=mode, max_new_tokens=60, eos_token_id=2)
+    g = torch.Generator().manual_seed(11)
+    prompts = [toy.prompt, toy.prompt[:, 2:], *(torch.randint(3, 60, (1, 9), generator=g)
+                                                for _ in range(3))]  # fmt: skip
+    answers = [
+        generate(toy.backbone, toy.stack, p, config=cfg, vocab=toy.vocab).tokens[0].tolist()
+        for p in prompts
+    ]
+    by_length = sorted(range(len(prompts)), key=lambda i: len(answers[i]))
+    first_row, long_row = by_length[0], by_length[-1]
+    late_row = next(i for i in by_length[1:-1] if answers[i] != answers[first_row])
+    early, long, late = (prompts[i] for i in (first_row, long_row, late_row))
+    lone = [answers[i] for i in (first_row, long_row, late_row)]
+    assert len(lone[0]) < len(lone[1])  # row 0 ends first: its row is taken while row 1 runs
+    gen = Generator(toy.backbone, toy.stack, cfg, engine=EngineConfig(max_batch=2, max_len=128),
+                    vocab=toy.vocab)  # fmt: skip
+    cohort = Cohort(gen, [RowRequest(early, cfg), RowRequest(long, cfg)])
+    short, other = cohort.events(0), cohort.events(1)
+    assert cohort.offer(RowRequest(late, cfg)) is None  # both rows taken
+    seen_other = []
+    while cohort.load == 2:  # only row 1 is read: row 0's events pile up unread
+        seen_other.append(next(other))
+    ticket = cohort.offer(RowRequest(late, cfg))
+    assert ticket is not None
+    while ticket.row is None:  # only row 1 is read: row 0's events pile up unread
+        seen_other.append(next(other))
+    assert ticket.row == 0
+    joined = list(cohort.claim(ticket))  # read before row 0's reader reads anything
+    assert joined[-1].row_result.tokens[0].tolist() == lone[2]
+    assert [ev.kind for ev in joined].count("end") == 1
+    first = list(short)
+    assert first[-1].row_result.tokens[0].tolist() == lone[0]
+    seen_other += list(other)
+    assert seen_other[-1].row_result.tokens[0].tolist() == lone[1]
+    assert cohort.finished
+
+
+def test_no_request_joins_a_stream_past_its_last_step(toy):
+    # A request offered while a stream hands out its final events (its last generation step
+    # done) must be refused at once: a ticket left behind would join the lane's next stream,
+    # whose rows it does not belong to.
+    cfg = GenerationConfig(mode="vanilla", max_new_tokens=60, eos_token_id=2)
+    gen = Generator(toy.backbone, toy.stack, cfg, engine=EngineConfig(max_batch=2, max_len=128),
+                    vocab=toy.vocab)  # fmt: skip
+    assert not gen.accepts_joins
+    with pytest.raises(RuntimeError, match="no stream takes requests"):
+        gen.offer_join(JoinTicket(RowRequest(toy.prompt, cfg)))
+    cohort = Cohort(gen, [RowRequest(toy.prompt, cfg)])
+    assert cohort.offer(RowRequest(toy.prompt, cfg)) is None  # not started yet
+    stream = gen.stream(toy.prompt, config=cfg)
+    seen = [next(stream)]
+    assert gen.accepts_joins
+    for ev in stream:
+        seen.append(ev)
+        if ev.result is not None:  # the very last event: the stream is suspended in it
+            assert gen.streaming and not gen.accepts_joins
+            with pytest.raises(RuntimeError, match="no stream takes requests"):
+                gen.offer_join(JoinTicket(RowRequest(toy.prompt, cfg)))
+    assert seen[-1].result is not None and seen[-1].result.tokens[0].tolist() == toy.answer
+    assert not gen.streaming
+    # the lane's next stream runs its own rows only
+    again = Cohort(gen, [RowRequest(toy.prompt, cfg)])
+    assert list(again.events(0))[-1].row_result.tokens[0].tolist() == toy.answer
