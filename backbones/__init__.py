@@ -16,7 +16,8 @@ from mctp.speech_vocab import (
     audio_token,
 )
 
-from .hf import BackboneOutput, HFBackbone
+from .generic import GenericHFBackbone
+from .hf import BackboneOutput, FastHFBackbone, HFBackbone
 from .lora import add_lora, trainable_parameter_count
 from .vocab import extend_vocab
 
@@ -28,6 +29,8 @@ __all__ = [
     "SPECIAL_TOKENS",
     "SPECIAL_TOKENS_PLUS",
     "BackboneOutput",
+    "FastHFBackbone",
+    "GenericHFBackbone",
     "HFBackbone",
     "SpeechVocab",
     "add_lora",

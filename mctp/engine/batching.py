@@ -181,11 +181,17 @@ class Cohort:
         if not seat.abandoned:
             seat.queue.append(ev)
 
+    def _prune(self) -> None:
+        """Forget tickets the stream refused (it ended before they could join)."""
+        if any(t.row == -1 for t in self._tickets):
+            self._tickets = [t for t in self._tickets if t.row != -1]
+
     @property
     def load(self) -> int:
         """Rows taken or promised: occupants still generating plus requests waiting to join."""
+        self._prune()
         busy = sum(1 for s in self._rows if s is not None and not s.ended)
-        return busy + sum(1 for t in self._tickets if id(t) not in self._joined)
+        return busy + sum(1 for t in self._tickets if t.row is None)
 
     def offer(self, request: RowRequest) -> JoinTicket | None:
         """Let ``request`` join this running cohort at its next join point (a free row, the
@@ -234,10 +240,6 @@ class Cohort:
         if not self.finished and not self._reading:
             self._advance()
 
-    def settle(self) -> None:
-        """Forget tickets that were refused (the cohort ended before they could join)."""
-        self._tickets = [t for t in self._tickets if t.row != -1]
-
     def events(self, row: int) -> Iterator[StreamEvent]:
         """The events of the request the cohort started in row ``row`` (as ``row=0``),
         ending with its ``"end"``; reading them drives the cohort. Closing this iterator
@@ -275,6 +277,7 @@ class Cohort:
         if not ended:
             seat.queue.clear()
             seat.abandoned = True
+        self._prune()
         if not self._reading and not self._tickets:
             self.close()
 
@@ -287,6 +290,7 @@ class Cohort:
     @property
     def busy(self) -> bool:
         """Whether the lane is still in use by this cohort."""
+        self._prune()
         if not self.finished and not self._reading and not self._tickets:
             self.close()
         return not self.finished

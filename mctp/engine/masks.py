@@ -6,6 +6,8 @@ so a sample boundary is wherever a position id is not its predecessor's plus one
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 __all__ = [
@@ -16,6 +18,7 @@ __all__ = [
     "segment_mask",
     "shift_targets",
     "valid_positions",
+    "warn_unmasked_padding",
 ]
 
 
@@ -155,3 +158,29 @@ def shift_targets(
         same = same & m[:, 1:] & m[:, :-1]
     out[:, :-1] = torch.where(same, labels[:, 1:], -100)
     return out
+
+
+def warn_unmasked_padding(input_ids: torch.Tensor, pad_id: int | None, what: str) -> None:
+    """Warn (``UserWarning``) when rows of a batch given without an attention mask begin or
+    end with ``pad_id``: that padding is read as real tokens, so those rows get a different
+    answer than the same prompts alone (transformers warns for the same input). Call it only
+    when no mask was given; it reads one small tensor from the device.
+
+    Args:
+        input_ids: ``[B, T]``.
+        pad_id: The padding id, or None (nothing to check).
+        what: Who reads the batch and names its padding id (e.g. ``"generate (pad_id)"``).
+    """
+    if not isinstance(pad_id, int) or input_ids.shape[0] < 2 or input_ids.shape[1] == 0:
+        return
+    edges = input_ids[:, [0, -1]] == pad_id  # [B, 2]: first and last token
+    rows = edges.any(dim=1).nonzero().flatten().tolist()
+    if rows:
+        warnings.warn(
+            f"{what}: rows {rows} of a {input_ids.shape[0]}-row batch begin or end with padding "
+            f"id {pad_id} and no attention_mask was given, so the padding is read as real "
+            "tokens and those rows get a different answer than alone; pass attention_mask "
+            "(1 = real token, padding on the left)",
+            UserWarning,
+            stacklevel=3,
+        )

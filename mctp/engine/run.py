@@ -19,6 +19,7 @@ from mctp.interleave import BACKBONE, Source
 from .decoding import MCTPDecoder
 from .generation_config import GenerationConfig, slots_needed
 from .joins import _Joins
+from .masks import warn_unmasked_padding
 from .result import GenerationResult
 from .sampling import TokenPicker
 
@@ -67,6 +68,8 @@ class _Run(_Joins):
                 raise ValueError(
                     "pad prompts on the left: attention_mask[:, -1] must be 1 for every row"
                 )
+        else:  # padding without a mask is read as real tokens: say so, as transformers does
+            warn_unmasked_padding(input_ids, cfg.pad_id, "generate (GenerationConfig.pad_id)")
         vocab_size = gen.backbone.vocab_size
         lo, hi = int(input_ids.min()), int(input_ids.max())  # one read per call, not per token
         if lo < 0 or hi >= vocab_size:

@@ -67,7 +67,7 @@ class SpeechBatcher:
             RuntimeError: If no Generator is free.
         """
         events = self.scheduler.start([r.row for r in requests])
-        return [self.pipeline.answer(r, ev) for r, ev in zip(requests, events)]
+        return [_Answer(self.pipeline, r, ev) for r, ev in zip(requests, events)]
 
 
 class _Joining:
@@ -92,4 +92,25 @@ class _Joining:
 
     def start(self) -> Iterator[Any]:
         """Its chunk iterator (once joined)."""
-        return self.pipeline.answer(self.request, self.cohort.claim(self.ticket))
+        return _Answer(self.pipeline, self.request, self.cohort.claim(self.ticket))
+
+
+class _Answer:
+    """A request's chunk iterator whose :meth:`close` also gives its row back, even when no
+    chunk was asked for yet (closing a generator that never started runs none of its code,
+    so the row would stay taken and its cohort would never end)."""
+
+    def __init__(self, pipeline: SpeechPipeline, request: SpeechRequest, events: Any) -> None:
+        self._events = events
+        self._chunks = pipeline.answer(request, events)
+
+    def __iter__(self) -> _Answer:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        """Stop the answer and release its row."""
+        self._chunks.close()
+        self._events.close()

@@ -190,3 +190,51 @@ def test_cached_decode_runs_sdpa_for_a_flash_configured_model(tiny_hf):
     _, logits = bb.forward_cached(buf, bb.new_cache(1, 12), 0, all_logits=True)
     torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
     assert model.config._attn_implementation == "flash_attention_2"
+
+
+def test_the_path_is_a_class_chosen_at_construction(tiny_hf):
+    import transformers as tf
+
+    from mctp.backbones import FastHFBackbone, GenericHFBackbone
+
+    llama = tiny_hf("llama")
+    bb = HFBackbone(llama)
+    assert type(bb) is FastHFBackbone and isinstance(bb, HFBackbone)
+    assert bb.path == "fast" and bb.fast_path_blockers == []
+    gpt2 = tf.GPT2LMHeadModel(
+        tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, bos_token_id=1, eos_token_id=2)
+    ).eval()
+    bb = HFBackbone(gpt2)
+    assert type(bb) is GenericHFBackbone and isinstance(bb, HFBackbone)
+    assert bb.path == "generic" and bb.windows == []
+    # forced: a Llama-layout model on the generic path, and the fast path by its own class
+    forced = HFBackbone(llama, path="generic")
+    assert type(forced) is GenericHFBackbone
+    assert forced.fast_path_blockers == ["the generic path was asked for"]
+    assert type(HFBackbone(llama, path="fast", verify=False)) is FastHFBackbone
+    assert type(FastHFBackbone(llama)) is FastHFBackbone
+    with pytest.raises(NotImplementedError, match="GPT2LMHeadModel cannot run on the fast path"):
+        FastHFBackbone(gpt2)
+    with pytest.raises(AttributeError):
+        bb.path = "fast"  # read-only: the class is the path
+    ids = torch.randint(0, 64, (1, 5))
+    torch.testing.assert_close(
+        forced(ids, return_logits=True).logits, llama(input_ids=ids).logits, atol=1e-4, rtol=1e-4
+    )
+
+
+def test_a_fast_loop_that_fails_the_self_check_falls_back_with_a_warning(
+    tiny_hf, caplog, monkeypatch
+):
+    from mctp.backbones import FastHFBackbone, GenericHFBackbone
+
+    model = tiny_hf("llama")
+    orig = FastHFBackbone._decode
+    monkeypatch.setattr(FastHFBackbone, "_decode", lambda self, x, *a: orig(self, x, *a) + 1.0)
+    with caplog.at_level("WARNING", logger="mctp.backbones.hf"):
+        bb = HFBackbone(model)
+    assert type(bb) is GenericHFBackbone
+    assert bb.fast_path_blockers[0].startswith("self-check: cached decode")
+    assert "fast loop differs" in caplog.text and "using the generic path" in caplog.text
+    with pytest.raises(NotImplementedError, match="the fast path does not reproduce"):
+        HFBackbone(model, path="fast")
