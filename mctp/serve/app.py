@@ -17,7 +17,9 @@ does not honour (see :data:`SPEECH_FIELDS`, :data:`CHAT_FIELDS`), an engine sett
 out of range or of the wrong type is a 400 naming it; user text is tokenised as plain text;
 the whole prompt is bounded (``max_prompt_tokens``, the engine's ``max_len``) before any work
 starts. A stream ends with ``[DONE]`` (chat) / ``speech.audio.done`` or with an error event.
-All generation goes through one :class:`~mctp.serve.worker.GenerationWorker`.
+All generation goes through one :class:`~mctp.serve.worker.GenerationWorker`, or through
+the speech engine given to :func:`create_app` (``mctp serve --engine vllm``:
+:class:`mctp.vllm.speech.VLLMSpeechEngine`, generation in vLLM, answers spoken as here).
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the handlers' annotations
@@ -81,12 +83,17 @@ def _sse(obj: Any) -> bytes:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode()
 
 
-def create_app(pipeline: Any, config: ServerConfig | None = None) -> Any:
+def create_app(pipeline: Any, config: ServerConfig | None = None, engine: Any = None) -> Any:
     """The FastAPI application serving ``pipeline``.
 
     Args:
         pipeline: A :class:`~mctp.speech.SpeechPipeline`.
         config: Limits (default :class:`ServerConfig`).
+        engine: The speech engine that runs the requests, None for our own worker over the
+            pipeline's Generators. Another engine (e.g.
+            :class:`mctp.vllm.speech.VLLMSpeechEngine`) has the worker's ``submit``/``close``
+            and counters, plus ``warmup()``, ``describe()`` (its settings for ``/health``)
+            and ``modes`` (the request modes it serves).
 
     Returns:
         A ``fastapi.FastAPI`` app (run it with uvicorn, or :func:`serve`).
@@ -103,14 +110,22 @@ def create_app(pipeline: Any, config: ServerConfig | None = None) -> Any:
         raise ImportError("the server needs FastAPI and uvicorn: pip install 'mctp[serve]'") from e
 
     cfg = config or ServerConfig()
-    api = Api(pipeline, cfg)
+    api = Api(pipeline, cfg, engine)
+    if engine is None:
+        warmup = lambda: pipeline.warmup(_warm_modes(pipeline))  # noqa: E731
+        settings = lambda: {  # noqa: E731
+            k: v for k, v in pipeline.engine.__dict__.items() if k != "compile_options"
+        }
+        modes = ["vanilla", "balance", "boost", "turbo"]
+    else:
+        warmup, settings, modes = engine.warmup, engine.describe, list(engine.modes)
 
     state: dict[str, Any] = {"status": "warming" if cfg.warmup else "ready", "warmup_s": 0.0}
 
     def warm() -> Any:
         """The warm-up, as the worker's first job (no request runs beside it)."""
         try:
-            state["warmup_s"] = round(pipeline.warmup(_warm_modes(pipeline)), 3)
+            state["warmup_s"] = round(warmup(), 3)
             state["status"] = "ready"
         except Exception as e:
             state["status"] = "failed"
@@ -138,7 +153,7 @@ def create_app(pipeline: Any, config: ServerConfig | None = None) -> Any:
         body = {
             **state,
             "model": pipeline.name,
-            "engine": {k: v for k, v in pipeline.engine.__dict__.items() if k != "compile_options"},
+            "engine": settings(),
             "busy": w.busy,
             "running": w.running,
             "waiting": w.waiting,
@@ -167,7 +182,7 @@ def create_app(pipeline: Any, config: ServerConfig | None = None) -> Any:
                         "sample_rate": pipeline.sample_rate,
                         "input_sample_rate": pipeline.input_sample_rate,
                         "default_mode": list(pipeline.mode.ratio),
-                        "modes": ["vanilla", "balance", "boost", "turbo"],
+                        "modes": modes,
                     },
                 }
             ],
@@ -439,8 +454,9 @@ def serve(
     port: int = 8000,
     config: ServerConfig | None = None,
     log_level: str = "info",
+    engine: Any = None,
 ) -> None:
-    """Run the server with uvicorn until interrupted.
+    """Run the server with uvicorn until interrupted (``engine``: as :func:`create_app`).
 
     Raises:
         ImportError: If uvicorn or FastAPI is missing (``pip install 'mctp[serve]'``).
@@ -449,4 +465,4 @@ def serve(
         import uvicorn
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("the server needs FastAPI and uvicorn: pip install 'mctp[serve]'") from e
-    uvicorn.run(create_app(pipeline, config), host=host, port=port, log_level=log_level)
+    uvicorn.run(create_app(pipeline, config, engine), host=host, port=port, log_level=log_level)

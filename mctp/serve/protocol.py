@@ -143,16 +143,21 @@ class Api:
     Args:
         pipeline: The :class:`~mctp.speech.SpeechPipeline` served.
         cfg: The server's limits.
+        worker: What runs the jobs (:meth:`start`): None for our own
+            :class:`~mctp.serve.worker.GenerationWorker` batching over the pipeline's
+            Generators; a speech engine with the same ``submit``/``close`` and counters
+            otherwise (``mctp serve --engine vllm``: :class:`mctp.vllm.speech.VLLMSpeechEngine`).
     """
 
-    def __init__(self, pipeline: Any, cfg: ServerConfig) -> None:
+    def __init__(self, pipeline: Any, cfg: ServerConfig, worker: Any | None = None) -> None:
         from mctp.speech import SpeechBatcher
 
         self.pipe, self.cfg = pipeline, cfg
-        self.worker = GenerationWorker(
+        self.worker = worker or GenerationWorker(
             cfg.max_queue,
             batcher=SpeechBatcher(pipeline, lanes=cfg.lanes, joins=cfg.joins),
             turn=pipeline._threads,
+            first=lambda chunk: getattr(chunk, "kind", None) != "text",  # audio or the end
         )
         self._checked: dict[int, float] = {}  # job id -> when its connection was last looked at
 
@@ -194,6 +199,14 @@ class Api:
         mode = body.get("mode")
         if mode is None:
             return None
+        served = getattr(self.worker, "modes", None)  # another engine's subset (vLLM: vanilla)
+        if served is not None and mode not in served:
+            raise RequestError(
+                400,
+                f"mode {mode!r} is not served here: this server generates with "
+                f"{self.worker.name}, which runs {list(served)} only",
+                "mode",
+            )
         try:
             return self.pipe.schedule(mode)
         except (ValueError, TypeError) as e:

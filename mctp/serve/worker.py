@@ -26,6 +26,7 @@ __all__ = ["Batcher", "GenerationWorker", "Job", "QueueFull"]
 log = logging.getLogger(__name__)
 
 _DONE = object()
+_FIRST_ITEMS_PER_TURN = 16  # a job waiting for its first answer takes at most this many a turn
 
 
 class QueueFull(RuntimeError):
@@ -65,8 +66,9 @@ class Batcher(Protocol):
         """Whether ``request`` (what a job's function returned) is batched."""
         ...
 
-    def fits(self, a: Any, b: Any) -> bool:
-        """Whether two accepted requests may run in one batch."""
+    def pick(self, requests: Sequence[Any]) -> list[int]:
+        """Indices of the waiting ``requests`` (oldest first) that start together as one
+        batch: the oldest and those that fit with it, at most ``max_batch``."""
         ...
 
     def can_start(self) -> bool:
@@ -93,6 +95,11 @@ class GenerationWorker:
             return an iterator; jobs still run in turns).
         turn: Called around every item a running job produces (e.g. the pipeline's torch
             thread setting), as a context manager factory; None for none.
+        first: Which item counts as a job's first answer (e.g. its first audio chunk; default
+            any item). Jobs that have not produced it go first in every turn and keep the turn
+            until they do, so a request that just started or joined reaches its first answer
+            in as few turns as the generation allows; the others' items are computed in the
+            same batched steps and wait in their queues meanwhile.
 
     Raises:
         ValueError: If ``max_queue < 1``.
@@ -104,12 +111,15 @@ class GenerationWorker:
         *,
         batcher: Batcher | None = None,
         turn: Callable[[], Any] | None = None,
+        first: Callable[[Any], bool] | None = None,
     ) -> None:
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.max_queue = max_queue
         self.batcher = batcher
         self._turn = turn
+        self._first = first
+        self._answered: set[int] = set()  # ids of running jobs that produced their first answer
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -203,6 +213,7 @@ class GenerationWorker:
                 except Exception:  # already broken; the error is reported below
                     log.exception("closing a failed job's items")
         self._active, self._waiting, self._joining = [], [], []
+        self._answered.clear()
         for job in held:
             self.failed += 1
             job.sink(error)
@@ -228,13 +239,7 @@ class GenerationWorker:
             self._waiting = [(j, r) for j, r in self._waiting if not self._drop_cancelled(j)]
             if not self._waiting or not b.can_start():
                 return
-            first = self._waiting[0][1]
-            picked = [0]
-            for i in range(1, len(self._waiting)):
-                if len(picked) >= b.max_batch:
-                    break
-                if b.fits(first, self._waiting[i][1]):
-                    picked.append(i)
+            picked = b.pick([r for _, r in self._waiting])
             jobs = [self._waiting[i] for i in picked]
             for i in reversed(picked):
                 del self._waiting[i]
@@ -302,29 +307,50 @@ class GenerationWorker:
         return False
 
     def _turns(self) -> None:
-        """Every running job produces one item (or ends)."""
+        """Every running job produces one item (or ends); jobs still waiting for their first
+        answer go first and produce items until they have it (at most
+        ``_FIRST_ITEMS_PER_TURN``: a text-only answer does not hold the turn to its end)."""
+        fresh = [(j, it) for j, it in self._active if j.id not in self._answered]
+        rest = [(j, it) for j, it in self._active if j.id in self._answered]
         still: list[tuple[Job, Iterator[Any]]] = []
-        for job, items in self._active:
-            if job.cancelled.is_set():
-                close = getattr(items, "close", None)
-                if close is not None:
-                    close()
-                self.cancelled += 1
-                continue
-            try:
-                if self._turn is None:
-                    item = next(items)
-                else:
-                    with self._turn():
-                        item = next(items)
-            except StopIteration:
-                self.completed += 1
-                job.sink(Job.DONE)
-                continue
-            except Exception as e:  # handed to the request that caused it
-                self.failed += 1
-                job.sink(e)
-                continue
-            job.sink(item)
-            still.append((job, items))
+        for job, items in fresh + rest:
+            for n in range(1, _FIRST_ITEMS_PER_TURN + 1):
+                item = self._item(job, items)
+                if item is _DONE:
+                    self._answered.discard(job.id)
+                    break
+                if job.id in self._answered:
+                    still.append((job, items))
+                    break
+                if self._first is None or self._first(item):
+                    self._answered.add(job.id)
+                if job.id in self._answered or n == _FIRST_ITEMS_PER_TURN:
+                    still.append((job, items))
+                    break
         self._active = still
+
+    def _item(self, job: Job, items: Iterator[Any]) -> Any:
+        """The job's next item, handed to its sink; ``_DONE`` when it ended (finished,
+        failed or cancelled)."""
+        if job.cancelled.is_set():
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+            self.cancelled += 1
+            return _DONE
+        try:
+            if self._turn is None:
+                item = next(items)
+            else:
+                with self._turn():
+                    item = next(items)
+        except StopIteration:
+            self.completed += 1
+            job.sink(Job.DONE)
+            return _DONE
+        except Exception as e:  # handed to the request that caused it
+            self.failed += 1
+            job.sink(e)
+            return _DONE
+        job.sink(item)
+        return item

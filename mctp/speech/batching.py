@@ -41,9 +41,11 @@ class SpeechBatcher:
         """Whether ``request`` is a prepared :class:`SpeechRequest`."""
         return isinstance(request, SpeechRequest)
 
-    def fits(self, a: SpeechRequest, b: SpeechRequest) -> bool:
-        """Whether two requests may share a cohort (equal request settings)."""
-        return a.row.fits_with(b.row)
+    def pick(self, requests: Sequence[SpeechRequest]) -> list[int]:
+        """Indices of the waiting ``requests`` that start as one cohort: the oldest and every
+        later one with equal request settings, at most ``max_batch``
+        (:meth:`~mctp.engine.batching.BatchScheduler.pick`)."""
+        return self.scheduler.pick([r.row for r in requests], self.max_batch)
 
     def can_start(self) -> bool:
         """Whether a Generator is free."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -185,6 +186,7 @@ class SpeechPipeline:
         self.audio_chunk = audio_chunk
         self.system_prompt = system_prompt
         self._lanes: list[Any] = []  # Generators built from self.engine, on first use
+        self._tokenizing = threading.Lock()  # see token_ids
         self.name = name
 
     # ------------------------------------------------------------------ properties
@@ -258,8 +260,10 @@ class SpeechPipeline:
 
     @property
     def device(self) -> torch.device:
-        """Where the backbone's weights live."""
-        return next(self.backbone.parameters()).device
+        """Where the backbone's weights live (the CPU once they were released to the meta
+        device: another engine generates and the pipeline only builds prompts)."""
+        device = next(self.backbone.parameters()).device
+        return torch.device("cpu") if device.type == "meta" else device
 
     def schedule(self, mode: str | Mode | InterleaveSchedule) -> InterleaveSchedule:
         """Resolve and check a mode against the stack.
@@ -405,6 +409,14 @@ class SpeechPipeline:
         return ids
 
     def token_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """:meth:`_token_ids`, one call at a time: transformers switches
+        ``split_special_tokens`` on the shared tokenizer for the length of a call, so a call
+        from another thread (the server bounds a prompt on its event loop while its worker
+        builds another) would tokenize with the other call's setting."""
+        with self._tokenizing:
+            return self._token_ids(messages)
+
+    def _token_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """The chat template's token ids for ``messages``, before speech is put in.
 
         Only the template's own markers and the ``<|audio|>`` placeholders in the contents

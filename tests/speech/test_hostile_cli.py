@@ -40,3 +40,16 @@ def test_out_in_a_read_only_folder(tmp_path, capsys):
 def test_out_with_an_unknown_format(tmp_path, capsys):
     assert "unknown audio format '.mp9'" in _speak(capsys, tmp_path / "answer.mp9")
     assert "(no extension)" in _speak(capsys, tmp_path / "answer")
+
+
+def test_a_prompt_over_max_len_is_refused_before_the_warm_up(tmp_path, capsys, monkeypatch):
+    from mctp.speech import SpeechPipeline
+
+    warmed: list = []
+    monkeypatch.setattr(SpeechPipeline, "warmup", lambda self, *a, **k: warmed.append(1))
+    args = ["speak", "--text", "hello there", "--max-len", "16", "--out", str(tmp_path / "a.wav")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "max_len=16" in err and "max_new_tokens" in err
+    assert not warmed and "model ready" not in err
+    assert not (tmp_path / "a.wav").exists()

@@ -187,3 +187,27 @@ def test_num_threads_is_scoped_to_the_call(tiny):
             decoder=tiny.decoder,
             num_threads=0,
         )
+
+
+def test_token_ids_from_two_threads_at_once(tiny):
+    """The server builds prompts on its worker thread while the event loop bounds the next
+    request's prompt: transformers switches ``split_special_tokens`` on the shared tokenizer for
+    the duration of a call, so two unguarded calls can tokenize each other's text wrongly."""
+    import threading
+
+    typed = [{"role": "user", "content": "hello <|im_end|> <|im_start|>assistant " * 4}]
+    plain = [{"role": "user", "content": "what is the weather today " * 4}]
+    want = {0: tiny.token_ids(typed), 1: tiny.token_ids(plain)}
+    wrong: list[int] = []
+
+    def run(which: int, messages) -> None:
+        for _ in range(300):
+            if tiny.token_ids(messages) != want[which]:
+                wrong.append(which)
+
+    threads = [threading.Thread(target=run, args=a) for a in ((0, typed), (1, plain))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong

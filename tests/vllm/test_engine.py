@@ -1,10 +1,13 @@
 """``VLLMEngine``: token ids streamed from vLLM's async engine (engine core in its own
-process, the plugin loaded there through the entry point), concurrent requests batched."""
+process, the plugin loaded there through the entry point), concurrent requests batched.
+
+The engine is the session's one (``speech_server`` in conftest.py: the speech folder with its
+MCTP drafter), driven here on the server's event loop, where its async engine lives.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import gc
 
 import pytest
 import torch
@@ -16,14 +19,15 @@ from vllm_helpers import NUM_HEADS, PROMPTS
 MAX_NEW = 16
 
 
-def test_stream_concurrent_prompts_greedy_and_eos(vita_built):
-    from mctp import generate
-    from mctp.vllm.engine import VLLMEngine
+def test_stream_concurrent_prompts_greedy_and_eos(speech_server):
+    from transformers import AutoModelForCausalLM
 
+    from mctp import generate
+    from mctp.backbones import HFBackbone
+
+    backbone = HFBackbone(AutoModelForCausalLM.from_pretrained(speech_server.model_dir).eval())
     want = [
-        generate(
-            vita_built.backbone, None, torch.tensor([p]), mode="vanilla", max_new_tokens=MAX_NEW
-        )
+        generate(backbone, None, torch.tensor([p]), mode="vanilla", max_new_tokens=MAX_NEW)
         .tokens[0]
         .tolist()
         for p in PROMPTS
@@ -31,14 +35,8 @@ def test_stream_concurrent_prompts_greedy_and_eos(vita_built):
     # an eos id that first occurs mid-answer in prompt 1's greedy output
     eos = next(t for i, t in enumerate(want[1]) if i >= 3 and t not in want[1][:i])
     cut = want[1].index(eos) + 1
-    engine = VLLMEngine(
-        vita_built.model_dir,
-        drafter=vita_built.draft_dir,
-        num_speculative_tokens=NUM_HEADS,
-        dtype="float32",
-        max_model_len=128,
-        engine_kwargs={"seed": 0},
-    )
+    engine = speech_server.engine.engine
+    assert engine.num_speculative_tokens == NUM_HEADS
 
     async def collect(prompt, eos_ids=()):
         chunks = []
@@ -57,17 +55,13 @@ def test_stream_concurrent_prompts_greedy_and_eos(vita_built):
         again = await collect(PROMPTS[0])
         return outs, stopped, again
 
-    try:
-        outs, stopped, again = asyncio.run(run())
-    finally:
-        engine.shutdown()
-        engine.engine = None  # the AsyncLLM goes now, not at interpreter exit
-        gc.collect()
+    outs, stopped, again = speech_server.run(run())
     for chunks, ref in zip(outs, want):
         assert [t for c in chunks for t in c] == ref
     assert any(len(c) > 1 for chunks in outs for c in chunks)  # accepted drafts arrive together
     assert [t for c in stopped for t in c] == want[1][:cut]
     assert [t for c in again for t in c] == want[0]
+    assert engine.max_running > 1  # vLLM's scheduler ran the four prompts together
 
 
 def test_stream_refuses_bad_arguments():

@@ -27,6 +27,8 @@ if str(EXAMPLES) not in sys.path:
 NUM_HEADS = 3
 VOCAB = 128
 PROMPTS = [[5, 17, 33, 2, 90], [7, 8], [60, 61, 62, 63, 64, 65, 66, 67, 1], [44]]
+SPEECH_MAX_NEW = 64  # answers of the speech folder (its taught answer ends before)
+SPEECH_MAX_LEN = 256
 
 
 @dataclass
@@ -200,3 +202,64 @@ def vllm_steps(llm, prompts: list[list[int]], max_new: int) -> list[tuple[list[i
                 steps[out.request_id].append(new)
             tokens[out.request_id] = ids
     return [(tokens[str(i)], steps[str(i)]) for i in range(len(prompts))]
+
+
+def build_speech(root: Path, *, steps: int = 60) -> tuple[Path, Path]:
+    """A tiny speech model folder vLLM can serve, and its exported drafter.
+
+    The built-in tiny default cannot run on vLLM (its attention heads are 16 wide; vLLM needs
+    32 or more), so this is the same recipe with 2 heads of 32: the tiny default's tokenizer
+    (ChatML, the speech tokens), a 2-layer Qwen2 and 3 MCTP heads taught the tiny default's
+    interleaved text + audio answer, saved as a folder pipeline (``mctp_heads/`` beside the
+    weights, which ``build_folder_pipeline`` loads) and exported with ``mctp export vllm``.
+
+    Returns:
+        ``(model_dir, draft_dir)``.
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from mctp import MCTPStack
+    from mctp.backbones import HFBackbone, SpeechVocab
+    from mctp.speech.tiny import _teach, _training_rows, make_chat_tokenizer
+    from mctp.vllm.export import export_drafter
+
+    tok = make_chat_tokenizer()
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=-(-len(tok) // 8) * 8,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        rope_theta=10000.0,
+    )
+    model = Qwen2ForCausalLM(cfg)
+    backbone = HFBackbone(model)
+    stack = MCTPStack.from_backbone(backbone.parts(), NUM_HEADS)
+    vocab = SpeechVocab.from_tokenizer(tok, vocab_size=cfg.vocab_size)
+    _teach(backbone, stack, _training_rows(tok, vocab, 0), steps, lr=1e-2)
+    model_dir, draft_dir = root / "speech", root / "speech-draft"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    stack.save_pretrained(model_dir / "mctp_heads")
+    export_drafter(model_dir / "mctp_heads", draft_dir, backbone=model_dir)
+    return model_dir, draft_dir
+
+
+def speech_pipeline(model_dir: Path, mode: object = "vanilla", **kw):
+    """The folder pipeline of :func:`build_speech`'s folder (our engine, eager, fp32)."""
+    from mctp import EngineConfig
+    from mctp.speech.builders import build_folder_pipeline
+
+    return build_folder_pipeline(
+        model=model_dir,
+        mode=mode,
+        max_new_tokens=SPEECH_MAX_NEW,
+        engine=EngineConfig(max_len=SPEECH_MAX_LEN),
+        **kw,
+    )
