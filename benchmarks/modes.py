@@ -57,7 +57,8 @@ def build(
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from mctp import MCTPStack
-    from mctp.backbones import AUDIO_PLACEHOLDER, BOA, EOA, HFBackbone, SpeechVocab
+    from mctp.backbones import HFBackbone
+    from mctp.speech_vocab import AUDIO_PLACEHOLDER, BOA, EOA, SpeechVocab
 
     hidden, n_layers, heads, kv, inter, vocab, tie = CONFIGS[name]
     layers = layers or n_layers

@@ -48,6 +48,7 @@ _EXPORTS: dict[str, str] = {
     "RMSNorm": "layers",
     "RotaryEmbedding": "layers",
     "SamplingConfig": "engine.sampling",
+    "SpeechVocab": "speech_vocab",
     "StreamEvent": "engine.segmenter",
     "StreamSegmenter": "engine.segmenter",
     "TokenBuffer": "engine.buffer",

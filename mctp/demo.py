@@ -106,10 +106,11 @@ def build_demo_model(
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from mctp import MCTPStack
-    from mctp.backbones import AUDIO_CONTEXT, AUDIO_PLACEHOLDER, HFBackbone, SpeechVocab
-    from mctp.backbones import BOA as BOA_S
-    from mctp.backbones import EOA as EOA_S
+    from mctp.backbones import HFBackbone
     from mctp.interleave import InterleaveSchedule
+    from mctp.speech_vocab import AUDIO_CONTEXT, AUDIO_PLACEHOLDER, SpeechVocab
+    from mctp.speech_vocab import BOA as BOA_S
+    from mctp.speech_vocab import EOA as EOA_S
 
     torch.manual_seed(seed)
     cfg = Qwen2Config(

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mctp.backbones import AUDIO_PLACEHOLDER, SpeechVocab
 from mctp.codecs import AudioTokenizer, load_audio
 from mctp.interleave import InterleaveSchedule
+from mctp.speech_vocab import AUDIO_PLACEHOLDER, SpeechVocab
 from mctp.training import DataError, ErrorLog, PackedDataset, greedy_packs
 
 if TYPE_CHECKING:

@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 
-from mctp.backbones import HFBackbone, SpeechVocab
+from mctp.backbones import HFBackbone
 from mctp.engine.generation import GenerationResult, generate
 from mctp.engine.streaming import StreamEvent, generate_stream
 from mctp.interleave import InterleaveSchedule, Mode
+from mctp.speech_vocab import SpeechVocab
 from mctp.stack import MCTPStack
 
 from .checkpoint import load_vita_audio, save_vita_audio

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mctp.backbones import AUDIO_PLACEHOLDER
+from mctp.speech_vocab import AUDIO_PLACEHOLDER
 
 from .data import ASR_PROMPT, TTS_PROMPT
 

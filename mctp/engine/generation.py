@@ -15,8 +15,8 @@ from mctp.interleave import InterleaveSchedule, Mode
 
 from ..backbone import Backbone
 from ..stack import MCTPStack
-from .generation_config import EngineConfig, GenerationConfig, split_options
-from .generator import GenerationResult, Generator, slots_needed
+from .generation_config import EngineConfig, GenerationConfig, slots_needed, split_options
+from .generator import GenerationResult, Generator
 from .sampling import SpeechIds
 
 __all__ = ["GenerationResult", "Generator", "generate", "one_shot_generator"]
@@ -89,7 +89,7 @@ def generate(
         attention_mask: ``[B, P]`` (1 = real token) for left-padded batches.
         prompt_embeds: ``[B, P, H]`` prompt embeddings for the backbone's prefill.
         heads_read_prompt_embeds: The MCTP heads read ``prompt_embeds`` too (opt-in).
-        vocab: Speech ids (:class:`mctp.backbones.SpeechVocab`).
+        vocab: Speech ids (:class:`mctp.SpeechVocab`).
         generator: Random source for sampling.
         sync_timings: Synchronise the device after every cycle (exact timings).
         streamer: A transformers streamer for the text tokens (batch size 1).

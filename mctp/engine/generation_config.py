@@ -25,7 +25,7 @@ from mctp.interleave import InterleaveSchedule, Mode
 
 from .sampling import SamplingConfig
 
-__all__ = ["EngineConfig", "GenerationConfig", "split_options"]
+__all__ = ["EngineConfig", "GenerationConfig", "slots_needed", "split_options"]
 
 
 def _is_int(x: object) -> bool:
@@ -371,3 +371,22 @@ def _stop_ids(ids: object) -> tuple[int, ...]:
         if v < 0:
             raise ValueError(f"eos_token_id must be >= 0, got {ids!r}")
     return tuple(values)
+
+
+def slots_needed(
+    config: GenerationConfig,
+    prompt_len: int,
+    max_new_tokens: int,
+    num_heads: int,
+    engine: EngineConfig | None = None,
+) -> int:
+    """Cache slots a call needs: prompt + new tokens + what a chain or draft may overshoot
+    (``num_heads``: the stack's, the default draft of verified Vanilla; fixed chains of the
+    compiled path run whole MCTP runs)."""
+    over = 0
+    if config.verify:
+        sched = config.schedule
+        over = sched.max_heads if sched.uses_mctp else config.draft_len or num_heads
+    if engine is not None and engine.compile:
+        over = max(over, config.schedule.max_heads)
+    return prompt_len + max_new_tokens + over + 1

@@ -127,7 +127,7 @@ def sample_logits(
 
 
 class SpeechIds(Protocol):
-    """Ids of the speech tokens (e.g. :class:`mctp.backbones.SpeechVocab`)."""
+    """Ids of the speech tokens (e.g. :class:`mctp.SpeechVocab`)."""
 
     boa: int
     eoa: int

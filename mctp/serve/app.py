@@ -436,7 +436,7 @@ def create_app(pipeline: Any, config: ServerConfig | None = None, engine: Any = 
 def _warm_modes(pipeline: Any) -> list[Any]:
     """The modes the warm-up runs: every named mode the stack can run (each compiles its own
     shapes on the fast path), the default first."""
-    from mctp.interleave import InterleaveSchedule, Mode
+    from mctp.speech import InterleaveSchedule, Mode
 
     heads = 0 if pipeline.stack is None else pipeline.stack.num_heads
     out = [pipeline.mode]

@@ -150,7 +150,7 @@ class Api:
     """
 
     def __init__(self, pipeline: Any, cfg: ServerConfig, worker: Any | None = None) -> None:
-        from mctp.speech.batching import SpeechBatcher
+        from mctp.speech import SpeechBatcher
 
         self.pipe, self.cfg = pipeline, cfg
         self.worker = worker or GenerationWorker(
@@ -221,7 +221,7 @@ class Api:
         """
         from dataclasses import fields as dc_fields
 
-        from mctp.engine.generation_config import EngineConfig
+        from mctp.speech import EngineConfig
 
         engine = {f.name for f in dc_fields(EngineConfig)} | {"lanes", "num_threads"}
         for name in body:
@@ -285,7 +285,7 @@ class Api:
             RequestError: 400 for values out of range, or sampling asked of a server that
                 verifies (lossless verified decoding is greedy only).
         """
-        from mctp.engine.sampling import SamplingConfig
+        from mctp.speech import SamplingConfig
 
         t = self.number(body, "temperature", 0.0, 2.0)
         top_p = self.number(body, "top_p", 0.0, 1.0)
@@ -398,7 +398,7 @@ class Api:
             RequestError: 400 for malformed messages or parts, unreadable or too long audio,
                 audio sent to a model without speech input, or no user content.
         """
-        from mctp.backbones import AUDIO_PLACEHOLDER
+        from mctp.speech import AUDIO_PLACEHOLDER
 
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs:

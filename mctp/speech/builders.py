@@ -147,8 +147,9 @@ def build_folder_pipeline(
 
     from transformers import AutoModelForCausalLM
 
-    from mctp.backbones import HFBackbone, SpeechVocab
+    from mctp.backbones import HFBackbone
     from mctp.codecs import DummyCodec, load_codec
+    from mctp.speech_vocab import SpeechVocab
     from mctp.stack import MCTPStack
 
     folder = Path(model)

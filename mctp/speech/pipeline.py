@@ -70,7 +70,7 @@ class SpeechPipeline:
         backbone: A cached backbone (e.g. :class:`mctp.backbones.HFBackbone`).
         stack: Its MCTP heads, or None (Vanilla only).
         tokenizer: The text tokenizer (transformers; needs a chat template).
-        vocab: Speech ids (:class:`mctp.backbones.SpeechVocab`).
+        vocab: Speech ids (:class:`mctp.SpeechVocab`).
         decoder: The :class:`~mctp.codecs.AudioDecoder` that speaks the audio tokens.
         audio_tokenizer: Speech input as discrete tokens (``<|audio|>`` becomes
             ``BOA audio... EOA``), or None.
@@ -329,7 +329,7 @@ class SpeechPipeline:
             ValueError: On an unknown task, a task without its input, or text holding the
                 reserved ``<|audio|>`` (the pipeline's own audio placeholder).
         """
-        from mctp.backbones import AUDIO_PLACEHOLDER
+        from mctp.speech_vocab import AUDIO_PLACEHOLDER
 
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}: use one of {TASKS}")
@@ -432,7 +432,7 @@ class SpeechPipeline:
         import re
         import uuid
 
-        from mctp.backbones import AUDIO_PLACEHOLDER
+        from mctp.speech_vocab import AUDIO_PLACEHOLDER
 
         nonce = uuid.uuid4().hex
         marked = []
@@ -565,7 +565,7 @@ class SpeechPipeline:
             else:
                 wavs = list(audios or [])
             prompt = self.prepare(messages, wavs)
-        from mctp.engine.generator import slots_needed
+        from mctp.engine.generation_config import slots_needed
 
         heads = 0 if self.stack is None else self.stack.num_heads
         p = prompt.input_ids.shape[1]

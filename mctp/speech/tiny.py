@@ -205,7 +205,8 @@ def _tiny_speech_lm(*, seed: int, steps: int, use_cache: bool) -> tuple[Any, Any
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from mctp import MCTPStack
-    from mctp.backbones import HFBackbone, SpeechVocab
+    from mctp.backbones import HFBackbone
+    from mctp.speech_vocab import SpeechVocab
 
     tok = make_chat_tokenizer()
     torch.manual_seed(seed)

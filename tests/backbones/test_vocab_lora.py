@@ -6,15 +6,8 @@ import pytest
 import torch
 
 from mctp import MCTPStack, mctp_loss
-from mctp.backbones import (
-    AUDIO_CONTEXT,
-    HFBackbone,
-    SpeechVocab,
-    add_lora,
-    audio_token,
-    extend_vocab,
-    trainable_parameter_count,
-)
+from mctp.backbones import HFBackbone, add_lora, extend_vocab, trainable_parameter_count
+from mctp.speech_vocab import AUDIO_CONTEXT, SpeechVocab, audio_token
 
 
 def _word_tokenizer(n: int):

@@ -34,7 +34,8 @@ from vita_audio.train import (
     run_stage,
 )
 
-from mctp.backbones import AUDIO_PLACEHOLDER, extend_vocab
+from mctp.backbones import extend_vocab
+from mctp.speech_vocab import AUDIO_PLACEHOLDER
 from mctp.training import DataError, ErrorLog
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -26,10 +26,11 @@ class Toy:
 def toy(request) -> Toy:
     """Backbone + 10 MCTP heads that reproduce one Boost-layout answer (greedy)."""
     from mctp import MCTPStack
-    from mctp.backbones import AUDIO_PLACEHOLDER, HFBackbone, SpeechVocab
-    from mctp.backbones import BOA as BOA_S
-    from mctp.backbones import EOA as EOA_S
+    from mctp.backbones import HFBackbone
     from mctp.demo import teach_answer
+    from mctp.speech_vocab import AUDIO_PLACEHOLDER, SpeechVocab
+    from mctp.speech_vocab import BOA as BOA_S
+    from mctp.speech_vocab import EOA as EOA_S
 
     make = request.getfixturevalue("tiny_hf")
     g = torch.Generator().manual_seed(5)

@@ -96,7 +96,8 @@ def test_a_request_joins_a_running_cohort_and_gets_its_lone_answer(mode, verify)
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from mctp import MCTPStack
-    from mctp.backbones import AUDIO_PLACEHOLDER, BOA, EOA, HFBackbone, SpeechVocab
+    from mctp.backbones import HFBackbone
+    from mctp.speech_vocab import AUDIO_PLACEHOLDER, BOA, EOA, SpeechVocab
 
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -11,8 +11,8 @@ import logging
 import pytest
 import torch
 
-from mctp.backbones import AUDIO_PLACEHOLDER
 from mctp.engine.batching import Cohort
+from mctp.speech_vocab import AUDIO_PLACEHOLDER
 
 
 def _control_in(ids: list[int], control: frozenset[int]) -> list[int]:
