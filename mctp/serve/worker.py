@@ -273,9 +273,16 @@ class GenerationWorker:
                 self._joining.append((job, req, handle))
         self._waiting = still
 
-    def _settle_joins(self) -> None:
-        """Joined requests start producing; refused ones wait again (first in line)."""
-        pending, back = [], []
+    def _settle_joins(self, poll: bool = True) -> list[tuple[Job, Iterator[Any]]]:
+        """Joined requests start producing; refused ones wait again (first in line).
+
+        Args:
+            poll: Drive the batches of requests still waiting to join when nobody reads them.
+
+        Returns:
+            The jobs that joined now (also added to the running jobs).
+        """
+        pending, back, joined = [], [], []
         for job, req, handle in self._joining:
             if job.cancelled.is_set() and not handle.joined:
                 pending.append((job, req, handle))  # left in the ticket; dropped when settled
@@ -291,14 +298,17 @@ class GenerationWorker:
                     job.sink(e)
                     continue
                 self.joined += 1
-                self._active.append((job, items))
+                joined.append((job, items))
             elif handle.refused:
                 back.append((job, req))
             else:
-                handle.poll()
+                if poll:
+                    handle.poll()
                 pending.append((job, req, handle))
         self._joining = pending
         self._waiting = back + self._waiting
+        self._active.extend(joined)
+        return joined
 
     def _drop_cancelled(self, job: Job) -> bool:
         if job.cancelled.is_set():
@@ -312,8 +322,17 @@ class GenerationWorker:
         ``_FIRST_ITEMS_PER_TURN``: a text-only answer does not hold the turn to its end)."""
         fresh = [(j, it) for j, it in self._active if j.id not in self._answered]
         rest = [(j, it) for j, it in self._active if j.id in self._answered]
+        turn = collections.deque(fresh + rest)
         still: list[tuple[Job, Iterator[Any]]] = []
-        for job, items in fresh + rest:
+        while turn:
+            job, items = turn.popleft()
+            if self._queue:  # arrived during the turn: offered to a running batch at once
+                with self._cond:
+                    new = list(self._queue)
+                    self._queue.clear()
+                for j in new:
+                    self._admit(j)
+                self._offer_joins()
             for n in range(1, _FIRST_ITEMS_PER_TURN + 1):
                 item = self._item(job, items)
                 if item is _DONE:
@@ -327,6 +346,8 @@ class GenerationWorker:
                 if job.id in self._answered or n == _FIRST_ITEMS_PER_TURN:
                     still.append((job, items))
                     break
+            if self._joining:  # joined during that item: its first answer comes next
+                turn.extendleft(reversed(self._settle_joins(poll=False)))
         self._active = still
 
     def _item(self, job: Job, items: Iterator[Any]) -> Any:

@@ -232,3 +232,69 @@ def test_a_batcher_fault_fails_that_request_and_the_worker_goes_on():
     errors = [s for s in seen if isinstance(s, Exception)]
     assert len(errors) == 1 and "offer broke" in str(errors[0])
     assert "plain" in seen and w.failed == 1 and w.completed == 1
+
+
+class _JoiningBatcher:
+    """One lane; a request offered while it runs joins at once (like a free row at a join
+    point)."""
+
+    max_batch = 2
+
+    def __init__(self, items):
+        self.items, self.started = items, False
+
+    def accepts(self, request):
+        return isinstance(request, str)
+
+    def pick(self, requests):
+        return list(range(min(len(requests), self.max_batch)))
+
+    def can_start(self):
+        return not self.started
+
+    def start(self, requests):
+        self.started = True
+        return [iter(self.items[r]) for r in requests]
+
+    def offer(self, request):
+        if not self.started:
+            return None
+        items = self.items[request]
+
+        class Handle:
+            joined, refused = True, False
+
+            def start(self):
+                return iter(items)
+
+        return Handle()
+
+
+def test_a_request_arriving_during_a_turn_joins_and_answers_within_it():
+    # A and C run together; while A makes its second item, B arrives. B is offered to the
+    # running batch before C's next item and, once joined, gives its first answer right
+    # after, before A's third item (not a whole turn later).
+    seen: list = []
+    holder: dict = {}
+
+    def a_items():
+        yield "a-1"
+        holder["worker"].submit(lambda: "B", seen.append)  # B arrives now
+        yield "a-2"
+        yield "a-3"
+
+    items = {"A": a_items(), "C": iter(["c-1", "c-2", "c-3"]), "B": iter(["b-1", "b-2"])}
+    w = GenerationWorker(max_queue=4, batcher=_JoiningBatcher(items))
+    holder["worker"] = w
+    gate = threading.Event()
+    w.submit(lambda: (gate.wait(10), "A")[1], seen.append)
+    w.submit(lambda: "C", seen.append)
+    gate.set()
+    end = time.monotonic() + 10
+    while w.completed < 3 and time.monotonic() < end:
+        time.sleep(0.01)
+    w.close()
+    order = [x for x in seen if isinstance(x, str)]
+    assert sorted(order) == ["a-1", "a-2", "a-3", "b-1", "b-2", "c-1", "c-2", "c-3"]
+    assert order.index("b-1") < order.index("a-3"), order
+    assert w.joined == 1 and w.completed == 3
