@@ -104,9 +104,10 @@ class GLM4VoicePipeline(SpeechPipeline):
             ValueError: If placeholders and audios differ in number, or speech comes without
                 an input codec.
         """
-        text = self.tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=True, tokenize=False
-        )
+        with self._tokenizing:  # the pipeline's tokenizer lock (one tokenizer call at a time)
+            text = self.tokenizer.apply_chat_template(
+                list(messages), add_generation_prompt=True, tokenize=False
+            )
         parts = text.split(_AUDIO)
         if len(parts) - 1 != len(audios):
             raise ValueError(
@@ -122,7 +123,8 @@ class GLM4VoicePipeline(SpeechPipeline):
         )
         ids: list[int] = []
         for j, part in enumerate(parts):
-            ids += self.tokenizer(part, add_special_tokens=False)["input_ids"]
+            with self._tokenizing:
+                ids += self.tokenizer(part, add_special_tokens=False)["input_ids"]
             if j < len(codes):
                 audio = (codes[j].cpu() + self.vocab.audio_start).tolist()
                 ids += [self.vocab.boa, *audio, self.vocab.eoa]
