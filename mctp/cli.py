@@ -232,8 +232,23 @@ def _speak(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server_config(args: argparse.Namespace, **engine: Any) -> Any:
+    """The :class:`mctp.serve.ServerConfig` of the server's limit flags (both engines), plus
+    the settings of our own engine's worker given in ``engine``."""
+    from mctp.serve import ServerConfig
+
+    return ServerConfig(
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body_mb * 1024 * 1024,
+        max_audio_s=args.max_audio_s,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_new_tokens=args.max_new_tokens,
+        **engine,
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
-    from mctp.serve import ServerConfig, serve
+    from mctp.serve import serve
 
     if args.mode is None:  # vLLM runs the backbone's own tokens only
         args.mode = "vanilla" if args.engine == "vllm" else "boost"
@@ -241,15 +256,7 @@ def _serve(args: argparse.Namespace) -> int:
         return _serve_vllm(args)
     if args.draft is not None:
         raise ValueError("--draft is the vLLM drafter folder: it needs --engine vllm")
-    cfg = ServerConfig(
-        max_queue=args.max_queue,
-        max_body_bytes=args.max_body_mb * 1024 * 1024,
-        max_audio_s=args.max_audio_s,
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_new_tokens=args.max_new_tokens,
-        lanes=args.lanes,
-        joins=args.joins,
-    )
+    cfg = _server_config(args, lanes=args.lanes, joins=args.joins)
     pipe = build_from_args(args)
     print(f"serving {pipe.name} on http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
     serve(pipe, host=args.host, port=args.port, config=cfg, log_level=args.log_level)
@@ -263,7 +270,7 @@ def _serve_vllm(args: argparse.Namespace) -> int:
         ImportError: Without vLLM installed.
         ValueError: On a flag vLLM does not take, or one that does not fit the others.
     """
-    from mctp.serve import ServerConfig, serve
+    from mctp.serve import serve
 
     try:
         import vllm  # noqa: F401
@@ -310,13 +317,7 @@ def _serve_vllm(args: argparse.Namespace) -> int:
     dtype = args.dtype
     if dtype == "auto":  # as our engine: bfloat16 on CUDA, the model's own elsewhere
         dtype = "bfloat16" if device == "cuda" else model_dtype(args.model)
-    cfg = ServerConfig(
-        max_queue=args.max_queue,
-        max_body_bytes=args.max_body_mb * 1024 * 1024,
-        max_audio_s=args.max_audio_s,
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_new_tokens=args.max_new_tokens,
-    )
+    cfg = _server_config(args)
     pipe = build_from_args(args)
     release_weights(pipe)  # vLLM loads its own copy; the pipeline builds prompts and speaks
     gen = VLLMEngine(
