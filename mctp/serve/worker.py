@@ -215,8 +215,7 @@ class GenerationWorker:
         self._active, self._waiting, self._joining = [], [], []
         self._answered.clear()
         for job in held:
-            self.failed += 1
-            job.sink(error)
+            self._fail(job, error)
 
     def _admit(self, job: Job) -> None:
         if job.cancelled.is_set():
@@ -225,8 +224,7 @@ class GenerationWorker:
         try:
             out = job.run()
         except Exception as e:  # handed to the request that caused it
-            self.failed += 1
-            job.sink(e)
+            self._fail(job, e)
             return
         if self.batcher is not None and self.batcher.accepts(out):
             self._waiting.append((job, out))
@@ -247,8 +245,7 @@ class GenerationWorker:
                 iterators = b.start([r for _, r in jobs])
             except Exception as e:
                 for job, _ in jobs:
-                    self.failed += 1
-                    job.sink(e)
+                    self._fail(job, e)
                 continue
             self.batches += 1
             self.max_rows_seen = max(self.max_rows_seen, len(jobs))
@@ -264,8 +261,7 @@ class GenerationWorker:
             try:
                 handle = b.offer(req)
             except Exception as e:  # handed to the request that caused it
-                self.failed += 1
-                job.sink(e)
+                self._fail(job, e)
                 continue
             if handle is None:
                 still.append((job, req))
@@ -294,8 +290,7 @@ class GenerationWorker:
                 try:
                     items = handle.start()
                 except Exception as e:  # handed to the request that caused it
-                    self.failed += 1
-                    job.sink(e)
+                    self._fail(job, e)
                     continue
                 self.joined += 1
                 joined.append((job, items))
@@ -309,6 +304,11 @@ class GenerationWorker:
         self._waiting = back + self._waiting
         self._active.extend(joined)
         return joined
+
+    def _fail(self, job: Job, error: Exception) -> None:
+        """Hand ``error`` to the job it belongs to (its request answers with it), counted."""
+        self.failed += 1
+        job.sink(error)
 
     def _drop_cancelled(self, job: Job) -> bool:
         if job.cancelled.is_set():
@@ -370,8 +370,7 @@ class GenerationWorker:
             job.sink(Job.DONE)
             return _DONE
         except Exception as e:  # handed to the request that caused it
-            self.failed += 1
-            job.sink(e)
+            self._fail(job, e)
             return _DONE
         job.sink(item)
         return item
