@@ -31,6 +31,7 @@ from .selfcheck import PROBE_WINDOW, Mismatch, compare_with_model
 
 if TYPE_CHECKING:
     from mctp.engine.buffer import TokenBuffer
+    from mctp.engine.regions import BlockRegions
 
 __all__ = ["DEFAULT_PREFILL_CHUNK", "BackboneOutput", "HFBackbone", "structural_blockers"]
 
@@ -125,6 +126,8 @@ class HFBackbone(nn.Module, metaclass=_ChoosesPath):
 
     #: The path a subclass runs (``"fast"`` or ``"generic"``).
     PATH: ClassVar[str]
+    #: Whether :meth:`decode` can run the layers as compiled regions (``regions=``).
+    supports_regions: ClassVar[bool] = False
 
     def __init__(
         self, model: nn.Module, *, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
@@ -365,6 +368,8 @@ class HFBackbone(nn.Module, metaclass=_ChoosesPath):
         slots: torch.Tensor,
         valid: torch.Tensor,
         cache: Any,
+        *,
+        regions: BlockRegions | None = None,
     ) -> torch.Tensor:
         """One cached decode step over tensors: embeddings ``[B, T, H]`` at cache slots
         ``slots [T]`` (ascending, contiguous) with position ids ``positions [B, T]``; ``valid
@@ -378,16 +383,27 @@ class HFBackbone(nn.Module, metaclass=_ChoosesPath):
         (and no activation larger than ``prefill_chunk`` rows) exists at once, and the result
         equals the unchunked step.
 
+        ``regions`` (the fast path's regional compilation, :class:`~mctp.engine.regions.
+        BlockRegions`; only where :attr:`supports_regions`) runs every layer through the
+        compiled graph shared by layers of its kind; same result.
+
         Returns:
             Final-normed hidden states ``[B, T, H]``.
+
+        Raises:
+            ValueError: If ``regions`` is given to a backbone that cannot use them.
         """
+        if regions is not None and not self.supports_regions:
+            raise ValueError(f"{type(self).__name__} cannot run its layers as compiled regions")
         t, chunk = embeds.shape[1], self.prefill_chunk
         if chunk is None or t <= chunk:
-            return self._decode(embeds, positions, slots, valid, cache)
+            return self._decode(embeds, positions, slots, valid, cache, regions)
         out: torch.Tensor | None = None
         for i in range(0, t, chunk):
             part = slice(i, i + chunk)
-            h = self._decode(embeds[:, part], positions[:, part], slots[part], valid, cache)
+            h = self._decode(
+                embeds[:, part], positions[:, part], slots[part], valid, cache, regions
+            )
             if out is None:
                 out = h.new_empty(h.shape[0], t, h.shape[2])  # [B, T, H]
             out[:, part] = h
@@ -401,6 +417,7 @@ class HFBackbone(nn.Module, metaclass=_ChoosesPath):
         idx: torch.Tensor,
         valid: torch.Tensor,
         cache: Any,
+        regions: BlockRegions | None = None,
     ) -> torch.Tensor:
         """Cached forward of embeddings ``x [B, T, H]`` at slots ``idx`` -> ``[B, T, H]``."""
         raise NotImplementedError(_subclass_only(self, "_decode"))

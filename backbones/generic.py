@@ -243,6 +243,7 @@ class GenericHFBackbone(HFBackbone):
         idx: torch.Tensor,
         valid: torch.Tensor,
         cache: Any,
+        regions: Any = None,
     ) -> torch.Tensor:
         start, stop = int(idx[0]), int(idx[-1]) + 1
         return self._runner.decode(x, pos, valid[:, :stop], cache, start)

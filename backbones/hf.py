@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -44,6 +44,9 @@ from .base import (
     structural_blockers,
 )
 from .generic import GenericHFBackbone
+
+if TYPE_CHECKING:
+    from mctp.engine.regions import BlockRegions
 
 __all__ = [
     "DEFAULT_PREFILL_CHUNK",
@@ -149,6 +152,7 @@ class FastHFBackbone(HFBackbone):
     """
 
     PATH = "fast"
+    supports_regions = True
 
     def __init__(
         self,
@@ -228,8 +232,10 @@ class FastHFBackbone(HFBackbone):
         masks: Callable[[int | None], Any],
         position_ids: torch.Tensor,
         cache: KVCache | None,
+        regions: BlockRegions | None = None,
     ) -> torch.Tensor:
-        """Every layer with the mask of its window and the rotary of its type, then the norm."""
+        """Every layer with the mask of its window and the rotary of its type, then the norm;
+        through ``regions`` (compiled graphs shared by equal layers) where the cache allows."""
         built: dict[int | None, Any] = {}
         ropes: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, layer in enumerate(self.base.layers):
@@ -240,6 +246,21 @@ class FastHFBackbone(HFBackbone):
             if key not in ropes:
                 args = (key,) if self._typed_rotary else ()
                 ropes[key] = self.base.rotary_emb(x, position_ids, *args)
+            buffers = None if regions is None or cache is None else cache.layer(i)
+            if buffers is not None:
+                assert regions is not None
+                keys, values, slots = buffers
+                x = regions.block(
+                    layer,
+                    x,
+                    attention_mask=built[w],
+                    position_ids=position_ids,
+                    position_embeddings=ropes[key],
+                    keys=keys,
+                    values=values,
+                    slots=slots,
+                )
+                continue
             x = call_block(
                 layer,
                 x,
@@ -326,16 +347,17 @@ class FastHFBackbone(HFBackbone):
         idx: torch.Tensor,
         valid: torch.Tensor,
         cache: Any,
+        regions: BlockRegions | None = None,
     ) -> torch.Tensor:
         cache.set_positions(idx, visible=valid.shape[1])
         impl = self.attn_implementation
         if impl in ("sdpa", "eager"):
             return self._layers(
-                x, lambda w: self._mask(decode_mask(idx, valid, w), x.dtype), pos, cache
+                x, lambda w: self._mask(decode_mask(idx, valid, w), x.dtype), pos, cache, regions
             )
         # flash-attention kernels take no dense mask: cached decoding runs SDPA (same math)
         self.config._attn_implementation = "sdpa"
         try:
-            return self._layers(x, lambda w: decode_mask(idx, valid, w), pos, cache)
+            return self._layers(x, lambda w: decode_mask(idx, valid, w), pos, cache, regions)
         finally:
             self.config._attn_implementation = impl

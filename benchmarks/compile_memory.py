@@ -7,19 +7,23 @@ compile-cache folder (``FastPath(compile_cache_dir=...)``). Strategies:
 
 * ``frozen``: ``--max-autotune`` -- weights frozen into every graph, Inductor's GEMM
   templates autotuned (the fast path before :mod:`mctp.engine.compile_packing`).
-* ``packed``: the default -- weights stay graph inputs; one packed copy per weight shared by
-  every graph (oneDNN), one-row products with the big lm_head as a streaming reduction.
-* ``plain``: ``--no-pack`` -- weights as graph inputs, torch's own GEMMs.
+* ``regions``: the default -- one compiled graph per kind of decoder layer and of MCTP head,
+  shared by all layers and heads (:mod:`mctp.engine.regions`), with packed weights.
+* ``packed``: ``--no-regions`` -- whole graphs per decode shape and chain (every layer and
+  head unrolled); weights stay graph inputs, one packed copy per weight shared by every graph
+  (oneDNN), one-row products as streaming reductions.
+* ``plain``: ``--no-pack`` -- regions with torch's own GEMMs (weights as graph inputs).
 
 Peak RSS is the child's own ``ru_maxrss``; warm-up is the time of the first call per
-variant (compiling), also as CPU seconds of the process. Speeds are medians of
+variant (compiling), also as CPU seconds of the process; "compiling" is the warm-up minus the
+steady-state time of the same calls (the warm-up calls generate their tokens too). Speeds are medians of
 ``--repeats`` runs, as tokens per wall-clock second and per CPU second (robust to other load
 with ``--threads 1``).
 
 Usage::
 
-    python benchmarks/compile_memory.py --layers 4 --strategies frozen,packed --threads 1
-    python benchmarks/compile_memory.py --strategies packed --second --threads 2
+    python benchmarks/compile_memory.py --layers 4 --strategies frozen,regions,packed --threads 1
+    python benchmarks/compile_memory.py --strategies frozen,regions --second --threads 2
 """
 
 from __future__ import annotations
@@ -33,20 +37,29 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-FLAGS = {"frozen": ["--max-autotune"], "packed": [], "plain": ["--no-pack"]}
+FLAGS = {
+    "frozen": ["--max-autotune"],
+    "regions": [],
+    "packed": ["--no-regions"],
+    "plain": ["--no-pack"],
+}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="0.5b")
     p.add_argument("--layers", type=int, default=None)
-    p.add_argument("--strategies", default="frozen,packed")
+    p.add_argument("--strategies", default="frozen,regions")
     p.add_argument("--modes", default="vanilla,balance,boost,turbo")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--window", type=int, default=11)
-    p.add_argument("--second", action="store_true", help="also time a second, cached process")
+    p.add_argument(
+        "--second",
+        action="store_true",
+        help="also time a second, cached process (not for frozen: it caches nothing)",
+    )
     p.add_argument("--timeout", type=int, default=1800, help="seconds per process")
     p.add_argument("--workdir", default=None, help="cache folders (default: a temporary one)")
     args = p.parse_args()
@@ -56,7 +69,8 @@ def main() -> None:
     for strategy in args.strategies.split(","):
         base = work / strategy
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(base / "inductor")}
-        for run in ("cold", "second") if args.second else ("cold",):
+        # frozen graphs bypass torch's caches: a second process would compile all again
+        for run in ("cold", "second") if args.second and strategy != "frozen" else ("cold",):
             out = base / f"{run}.json"
             cmd = [
                 sys.executable,
@@ -82,6 +96,7 @@ def main() -> None:
 
     variants = [(r["mode"], r["heads"]) for r in rows[0][2]["rows"]] if rows else []
     cols = ["strategy", "process", "weights GB", "peak RSS GB", "warm-up s", "warm-up CPU s"]
+    cols += ["compiling s"]
     cols += [f"{m}/{h} tok/s" for m, h in variants]
     cols += [f"{m}/{h} tok/CPU-s" for m, h in variants]
     table = []
@@ -95,6 +110,7 @@ def main() -> None:
                 f"{info['peak_rss_bytes'] / 1e9:.2f}",
                 f"{info['warm_up_s']:.1f}",
                 f"{info['warm_up_cpu_s']:.1f}",
+                f"{info['warm_up_compile_s']:.1f}",
                 *(f"{speed[v]['tokens_s']:.1f}" for v in variants),
                 *(f"{speed[v]['tokens_cpu_s']:.1f}" for v in variants),
             ]

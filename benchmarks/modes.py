@@ -155,6 +155,13 @@ def main() -> None:
         action="store_true",
         help="with --compile: no packed linear weights (mctp.engine.compile_packing) on CPU",
     )
+    p.add_argument(
+        "--no-regions",
+        action="store_true",
+        help="with --compile: whole graphs (every layer and head unrolled) instead of one "
+        "compiled graph per kind of layer and head (mctp.engine.regions); --max-autotune "
+        "implies it (frozen weights cannot be shared)",
+    )
     p.add_argument("--window", type=int, default=16, help="fast-path window (with --compile)")
     p.add_argument(
         "--compile-cache",
@@ -225,6 +232,7 @@ def main() -> None:
         compile_options=compile_options,
         window=args.window,
         pack_weights=False if args.no_pack or frozen else None,
+        compile_regions=False if args.no_regions or frozen else None,
     )
     # one Generator (caches, buffers, compiled callables) per stack and head vocabulary,
     # reused by every run (audio-only heads change compiled shapes: an engine setting)
@@ -239,7 +247,7 @@ def main() -> None:
         for use_stack, audio in ((False, False), (True, False), (True, True))
         if speech is not None or not audio
     }
-    packed = args.compile and gens[True].path.packs_weights
+    packed = args.compile and gens[(True, False)].path.packs_weights
 
     def run(mode: str, kw: dict):
         kw = dict(kw)
@@ -272,6 +280,10 @@ def main() -> None:
             decode = (n - res.cycle_times[0][0]) / after
             times.setdefault((mode, heads), []).append((res.total_s, first, res, decode, res.cpu_s))
 
+    # the warm-up calls generate too: what compiling added is the warm-up minus the same
+    # calls' steady-state time (their medians)
+    steady_s = sum(statistics.median(x[0] for x in xs) for xs in times.values())
+    compile_s = warm_s - steady_s
     base = statistics.median(x[0] for x in times[("vanilla", "-")])
     base_decode = statistics.median(x[3] for x in times[("vanilla", "-")])
     dev = (
@@ -285,12 +297,14 @@ def main() -> None:
     )
     print(
         f"prompt {args.prompt} tokens, {n} new tokens, greedy, random weights, median of {args.repeats}; "
-        f"build {build_s:.1f} s, warm-up {warm_s:.1f} s ({warm_cpu_s:.1f} CPU s)"
+        f"build {build_s:.1f} s, warm-up {warm_s:.1f} s ({warm_cpu_s:.1f} CPU s; "
+        f"{compile_s:.1f} s over the same calls' steady-state {steady_s:.1f} s)"
         + (" (compile cache loaded)" if loaded else "")
         + "; "
         f"compile {(compile_options or True) if args.compile else 'off'}"
         + (", frozen weights" if frozen else "")
         + (", packed weights" if packed else "")
+        + (", regions" if args.compile and gens[(False, False)].path.regions is not None else "")
         + (f", window {args.window}" if args.compile else "")
         + "\n"
     )
@@ -338,6 +352,7 @@ def main() -> None:
     if args.json:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         info = {"warm_up_s": warm_s, "warm_up_cpu_s": warm_cpu_s, "build_s": build_s}
+        info["warm_up_compile_s"] = compile_s
         info["peak_rss_bytes"] = peak
         info |= {"weight_bytes": weight_bytes, "cache_loaded": bool(loaded), "rows": results}
         Path(args.json).write_text(json.dumps(info, indent=1))

@@ -129,6 +129,25 @@ class KVCache:
         view.values = [v[start:stop] for v in self.values]  # type: ignore[index]
         return view
 
+    @classmethod
+    def over(cls, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> KVCache:
+        """A one-layer cache over existing buffers ``keys, values [B, kv_heads, S, D]`` whose
+        next ``update`` writes at ``slots [T]`` and returns the whole buffers (what a compiled
+        block region builds around one layer's buffers, see :mod:`mctp.engine.regions`)."""
+        view = cls(1, keys.shape[0], keys.shape[2], single_layer=True)
+        view.keys, view.values = [keys], [values]
+        view._positions = slots
+        return view
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(keys, values, slots)`` of layer ``i`` for :meth:`over`, or None when a region
+        cannot stand in for this cache now (buffers not allocated yet, positions not set, or
+        a ``visible`` prefix: the eager path's shapes)."""
+        k, v = self.keys[0 if self.single_layer else i], self.values[0 if self.single_layer else i]
+        if k is None or v is None or self._positions is None or self._visible is not None:
+            return None
+        return k, v, self._positions
+
     def set_positions(self, positions: torch.Tensor, *, visible: int | None = None) -> None:
         """Set the sequence indices ``[T]`` (long) the next ``update`` calls write to, and how
         many leading slots they return (``visible``; None: all ``max_len``). The eager path

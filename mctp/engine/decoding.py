@@ -28,13 +28,29 @@ from .sampling import greedy
 
 if TYPE_CHECKING:
     from ..stack import MCTPStack
+    from .regions import BlockRegions
 
-__all__ = ["ChainOutput", "MCTPDecoder", "TokenBuffer", "WindowChain"]
+__all__ = ["ChainOutput", "HeadToken", "MCTPDecoder", "TokenBuffer", "WindowChain", "head_token"]
 
 WindowChain = Callable[
     [torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], tuple[torch.Tensor, torch.Tensor]
 ]
 """``(n: 0-d long tensor, sampler) -> (tokens [B, K], logits [B, K, V'])``: a fixed-shape chain."""
+
+
+HeadToken = Callable[
+    [torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], tuple[torch.Tensor, torch.Tensor]
+]
+"""``(h [B, H], sampler) -> (vocabulary ids [B], logits [B, V'])``: a head's output step."""
+
+
+def head_token(
+    stack: MCTPStack, h: torch.Tensor, sampler: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A head's logits over the output vocabulary and the token ``sampler`` picks from them
+    (a vocabulary id): ``h [B, H]`` -> ``(ids [B], logits [B, V'])``."""
+    logits = stack.head_logits(h)
+    return stack.to_global_ids(sampler(logits)), logits
 
 
 @dataclass
@@ -263,27 +279,39 @@ class MCTPDecoder:
         sampler: Callable[[torch.Tensor], torch.Tensor],
         forced: torch.Tensor | None,
         visible: int | None = None,
+        regions: BlockRegions | None = None,
+        head_token: HeadToken | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Head ``k`` processes slots ``idx [T]`` and writes its token to slot ``idx[-1] + 1``.
 
         Everything is indexed by tensors (no host integers), so the same code runs eagerly,
         under ``torch.compile`` and inside a CUDA graph. ``visible``: the leading slots the
         attention reads (the eager path: the sequence's length; None on fixed shapes).
+        ``regions`` / ``head_token``: the head's block, and its logits and token, through
+        compiled graphs (regional compilation, :meth:`run_regions`).
 
         Returns:
             ``(token [B], logits [B, V'])``.
         """
         stack, buf = self.stack, self.buffer
-        h, pos = self._head_states(k, idx, visible)
-        logits = stack.head_logits(h[:, -1])  # [B, V']
-        tok = stack.to_global_ids(sampler(logits)) if forced is None else forced
+        h, pos = self._head_states(k, idx, visible, regions)
+        if head_token is not None and forced is None:
+            tok, logits = head_token(h[:, -1], sampler)
+        else:
+            logits = stack.head_logits(h[:, -1])  # [B, V']
+            tok = stack.to_global_ids(sampler(logits)) if forced is None else forced
         buf.write_next(idx[-1:] + 1, tok[:, None], pos[:, -1:] + 1)
         return tok, logits
 
     def _head_states(
-        self, k: int, idx: torch.Tensor, visible: int | None = None
+        self,
+        k: int,
+        idx: torch.Tensor,
+        visible: int | None = None,
+        regions: BlockRegions | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Head ``k``'s block over slots ``idx [T]``: writes its cache and ``h^{k+1}``.
+        """Head ``k``'s block over slots ``idx [T]``: writes its cache and ``h^{k+1}``
+        (through ``regions``' compiled head graph where given and the cache allows).
 
         Returns:
             ``(normed outputs [B, T, H], positions [B, T])``.
@@ -292,22 +320,42 @@ class MCTPDecoder:
         head = stack.heads[k]
         pos = buf.positions.index_select(1, idx)
         prev = self.hidden[k].index_select(1, idx - 1)  # h^k_{t-1}
-        z = head.fuse(buf.embed(stack.embed, idx, for_heads=True), prev)
+        embeds = buf.embed(stack.embed, idx, for_heads=True)
         cache = self.caches[k]
         cache.set_positions(idx, visible=visible)
         keys = buf.valid & (buf.positions > k)
         if visible is not None:
             keys = keys[:, :visible]
-        mask = additive(decode_mask(idx, keys), z.dtype)
-        y = call_block(
-            head.block,
-            z,
-            attention_mask=mask,
-            position_ids=pos,
-            position_embeddings=stack.position_embeddings(z, pos),
-            cache=cache,
-        )
-        h = stack.norm(y)
+        mask = decode_mask(idx, keys)
+        buffers = None if regions is None else cache.layer(0)
+        if buffers is not None:
+            assert regions is not None
+            h = regions.head(
+                head,
+                stack.norm,
+                embeds,
+                prev,
+                attention_mask=mask,
+                position_ids=pos,
+                # the tables in the dtype of the fusion's output (what the eager branch gives)
+                position_embeddings=stack.position_embeddings(
+                    prev.new_empty(0, dtype=head.proj.weight.dtype), pos
+                ),
+                keys=buffers[0],
+                values=buffers[1],
+                slots=buffers[2],
+            )
+        else:
+            z = head.fuse(embeds, prev)
+            y = call_block(
+                head.block,
+                z,
+                attention_mask=additive(mask, z.dtype),
+                position_ids=pos,
+                position_embeddings=stack.position_embeddings(z, pos),
+                cache=cache,
+            )
+            h = stack.norm(y)
         if k + 1 < stack.num_heads:
             self.hidden[k + 1].index_copy_(1, idx, h.to(self.hidden.dtype))
         return h, pos
@@ -315,9 +363,12 @@ class MCTPDecoder:
     # ------------------------------------------------------------------ fixed-shape runs
     def window_ready(self, k_run: int, window: int) -> bool:
         """Whether heads ``0..K-1`` can run on fixed windows of ``window`` slots now: every
-        backlog fits the window, the caches exist and the sequence is longer than the window."""
+        backlog fits the window, the caches exist, the sequence is longer than the window, and
+        the window reaches back to the chain's first new slot for every head (``window >=
+        K - 1``: head ``k``'s window ends at ``n + k - 1`` and must start at ``n`` or before,
+        or the slots between, whose tokens the chain itself produces, would never be read)."""
         n = self.buffer.length
-        if n - window < 1:
+        if n - window < 1 or window < k_run - 1:
             return False
         for k in range(k_run):
             if not self.caches[k].allocated or n + k - self.next_index[k] > window:
@@ -369,6 +420,44 @@ class MCTPDecoder:
         self.next_index[:k_run] = [n0 + k for k in range(k_run)]
         return ChainOutput(tokens=toks, logits=logits)
 
+    @torch.inference_mode()
+    def run_regions(
+        self,
+        k_run: int,
+        window: int,
+        regions: BlockRegions,
+        head_token: HeadToken,
+        sampler: Callable[[torch.Tensor], torch.Tensor] = greedy,
+    ) -> ChainOutput:
+        """Heads ``0..K-1`` on the fixed windows of :meth:`window_chain`, one after another,
+        each head's block through ``regions``' compiled head graph (shared by all heads) and
+        its logits and token through ``head_token`` (``(h [B, H], sampler) -> (vocabulary ids
+        [B], logits [B, V'])``, e.g. a compiled :func:`head_token`): the same tokens, with
+        compiled code whose size does not grow with the heads.
+
+        Raises:
+            ValueError: As :meth:`step`, or when :meth:`window_ready` is False.
+        """
+        self._check_chain(k_run)
+        if not self.window_ready(k_run, window):
+            raise ValueError(f"heads 0..{k_run - 1} cannot run on windows of {window} slots now")
+        n0, index = self.buffer.length, self.buffer.index
+        toks, logits = [], []
+        for k in range(k_run):
+            tok, lg = self._head(
+                k,
+                index[n0 + k - window : n0 + k],
+                sampler,
+                None,
+                regions=regions,
+                head_token=head_token,
+            )
+            toks.append(tok)
+            logits.append(lg)
+        self.buffer.advance(k_run)
+        self.next_index[:k_run] = [n0 + k for k in range(k_run)]
+        return ChainOutput(tokens=torch.stack(toks, dim=1), logits=torch.stack(logits, dim=1))
+
     def catch_up_plan(self, k_run: int, window: int, limit: int) -> list[list[int]] | None:
         """Window starts per head that bring every backlog down to ``window`` (None: not possible).
 
@@ -378,9 +467,13 @@ class MCTPDecoder:
         where that would start before slot 1, starts at slot 1 and reaches into the chain's
         window: those slots get provisional entries that the chain overwrites before any query
         reads them (a head only reads cache slots up to the one it is computing).
+
+        None also when ``window < K - 1``: head ``k``'s catch-up would then reach slots ``>=
+        n`` (tokens the chain has not produced yet) and its chain window would not cover them
+        again.
         """
         n = self.buffer.length
-        if n - window < 1:
+        if n - window < 1 or window < k_run - 1:
             return None
         plan: list[list[int]] = []
         for k in range(k_run):
@@ -396,13 +489,16 @@ class MCTPDecoder:
             plan.append(starts)
         return plan
 
-    def fill_window(self, k: int, window: int) -> Callable[[torch.Tensor], None]:
+    def fill_window(
+        self, k: int, window: int, regions: BlockRegions | None = None
+    ) -> Callable[[torch.Tensor], None]:
         """Head ``k`` over the ``window`` slots from a 0-d start tensor (no token produced);
-        a fixed-shape function to compile, run by :meth:`catch_up`."""
+        a fixed-shape function to compile, run by :meth:`catch_up` (or, with ``regions``, one
+        that runs the head through their compiled graph)."""
         offsets = torch.arange(window, device=self.buffer.device)
 
         def fill(start: torch.Tensor) -> None:
-            self._head_states(k, offsets + start)
+            self._head_states(k, offsets + start, regions=regions)
 
         return fill
 

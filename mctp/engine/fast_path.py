@@ -22,7 +22,10 @@ FX-graph cache on disk, on by default), or explicitly with :func:`save_compile_c
 
 from __future__ import annotations
 
+import functools
+import threading
 import types
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,8 @@ import torch
 from ..backbone import Backbone
 from .buffer import TokenBuffer
 from .compile_packing import PackedLinearPass, packing_available
-from .decoding import MCTPDecoder
+from .decoding import MCTPDecoder, head_token
+from .regions import BlockRegions
 
 __all__ = [
     "COMPILE_CACHE_FILE",
@@ -71,6 +75,55 @@ def backbone_step(
     valid = buffer.valid if visible is None else buffer.valid[:, :visible]
     hidden = backbone.decode(x, pos, idx, valid, cache)
     return hidden, backbone.logits(hidden if all_logits else hidden[:, -1:])
+
+
+def _logits(backbone: Backbone, hidden: torch.Tensor) -> torch.Tensor:
+    """``backbone.logits(hidden)`` (a function of its own to compile: the regional path)."""
+    return backbone.logits(hidden)
+
+
+def _compile_with(kwargs: Mapping[str, Any], fn: Callable[..., Any], tag: str) -> Any:
+    """``torch.compile`` of a copy of ``fn`` with a code object of its own (named ``tag``)."""
+    return torch.compile(_own_code(fn, tag), **kwargs)
+
+
+# backbone -> {compile options: regions}; every FastPath of a backbone with the same options
+# (the lanes of a server, the head vocabularies of a benchmark) shares one set of graphs
+_REGIONS: weakref.WeakKeyDictionary[Any, dict[str, BlockRegions]] = weakref.WeakKeyDictionary()
+_REGIONS_LOCK = threading.Lock()
+
+
+def _shared_regions(backbone: Backbone, kwargs: Mapping[str, Any]) -> BlockRegions:
+    """The :class:`BlockRegions` of ``backbone`` for these compile arguments (made once).
+
+    Keyed weakly by the backbone: the regions hold its layers and heads, never the backbone
+    object, so they go when it goes. Arguments whose ``repr`` names an object's address get
+    regions of their own (no sharing, still correct)."""
+    key = repr(sorted(kwargs.items()))
+    with _REGIONS_LOCK:
+        per_backbone = _REGIONS.setdefault(backbone, {})
+        if key not in per_backbone:
+            per_backbone[key] = BlockRegions(
+                functools.partial(_compile_with, dict(kwargs)), options=kwargs.get("options")
+            )
+        return per_backbone[key]
+
+
+def _regional_step(
+    backbone: Backbone,
+    buffer: TokenBuffer,
+    cache: Any,
+    idx: torch.Tensor,
+    all_logits: bool,
+    regions: BlockRegions | None,
+    logits: Callable[[Backbone, torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`backbone_step` on fixed shapes with every layer through ``regions`` and the
+    logits through the compiled ``logits``; embeddings, masks and rotary tables eager."""
+    x = buffer.embed(backbone.embed, idx)
+    pos = buffer.positions.index_select(1, idx)
+    hidden = backbone.decode(x, pos, idx, buffer.valid, cache, regions=regions)  # type: ignore[call-arg]
+    return hidden, logits(backbone, hidden if all_logits else hidden[:, -1:])
 
 
 class ExactPath:
@@ -136,14 +189,19 @@ class FastPath:
         compile_cache_dir: A folder for torch's compiled artifacts: loaded here when it holds
             them (:data:`COMPILE_CACHE_FILE`), written by :meth:`save_compile_cache` after the
             warm-up, so that the next process skips Inductor's code generation.
+        regions: Regional compilation (:mod:`mctp.engine.regions`): one compiled graph per
+            kind of decoder layer and one per kind of MCTP head, shared by all layers and all
+            heads, plus compiled logits, with the loops over layers and heads in Python. Far
+            less to compile than whole unrolled graphs (seconds instead of minutes on the 0.5B
+            shape), at a little per-call overhead. None: on for CPU where the backbone supports
+            it (:attr:`~mctp.backbones.HFBackbone.supports_regions`), off on CUDA (CUDA graphs
+            want whole steps).
 
     Raises:
-        ValueError: On ``window < 1`` or ``prefill_windows < 0``, or as :func:`compile_kwargs`.
+        ValueError: On ``window < 1`` or ``prefill_windows < 0``, ``regions=True`` for a
+            backbone without regions, or as :func:`compile_kwargs`.
         RuntimeError: If ``compile_cache_dir`` holds a file that is not a compile cache.
     """
-
-    #: Chains always run their full length (static shapes); extra tokens are cut at the end.
-    fixed_chains = True
 
     def __init__(
         self,
@@ -155,9 +213,18 @@ class FastPath:
         compile_options: Mapping[str, Any] | None = None,
         pack_weights: bool | None = None,
         compile_cache_dir: str | Path | None = None,
+        regions: bool | None = None,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
+        supported = bool(getattr(backbone, "supports_regions", False))
+        if regions and not supported:
+            raise ValueError(
+                f"regions=True: {type(backbone).__name__} cannot run its layers as compiled "
+                "regions (the fast HF backbone can; use regions=False)"
+            )
+        if regions is None:
+            regions = supported and torch.device(device).type == "cpu"
         if prefill_windows < 0:
             raise ValueError(f"prefill_windows must be >= 0, got {prefill_windows}")
         self.backbone = backbone
@@ -173,12 +240,23 @@ class FastPath:
         self.cache_loaded = self.compile_cache_dir is not None and load_compile_cache(
             self.compile_cache_dir / COMPILE_CACHE_FILE
         )
-        step = self._compile(backbone_step, "mctp_backbone_decode")
-        self._decode = lambda buffer, cache, idx, all_logits=False: step(
-            backbone, buffer, cache, idx, all_logits
-        )
         self._chains: dict[tuple[MCTPDecoder, int], Callable[..., Any]] = {}
         self._fills: dict[tuple[MCTPDecoder, int], Callable[[torch.Tensor], None]] = {}
+        #: The regional graphs (None: whole graphs per shape and chain).
+        self.regions = _shared_regions(backbone, self.compile_kwargs) if regions else None
+        #: Whole graphs need every chain at its full length (static shapes); regions run
+        #: only the heads a chain needs (each head's graph has the same shape anyway).
+        self.fixed_chains = not regions
+        if self.regions is not None:
+            logits = self.regions.function(_logits, "mctp_backbone_logits")
+            self._decode = lambda buffer, cache, idx, all_logits=False: _regional_step(
+                backbone, buffer, cache, idx, all_logits, self.regions, logits
+            )
+        else:
+            step = self._compile(backbone_step, "mctp_backbone_decode")
+            self._decode = lambda buffer, cache, idx, all_logits=False: step(
+                backbone, buffer, cache, idx, all_logits
+            )
 
     @property
     def packs_weights(self) -> bool:
@@ -186,7 +264,7 @@ class FastPath:
         return "post_grad_custom_post_pass" in self.compile_kwargs.get("options", {})
 
     def _compile(self, fn: Callable[..., Any], tag: str) -> Callable[..., Any]:
-        return torch.compile(_own_code(fn, tag), **self.compile_kwargs)
+        return _compile_with(self.compile_kwargs, fn, tag)
 
     def save_compile_cache(self) -> Path:
         """Write this process's compiled artifacts to ``compile_cache_dir`` (after a warm-up).
@@ -243,6 +321,8 @@ class FastPath:
     # ------------------------------------------------------------------ heads
     def _fill(self, decoder: MCTPDecoder, k: int) -> Callable[[torch.Tensor], None]:
         key = (decoder, k)
+        if key not in self._fills and self.regions is not None:
+            self._fills[key] = decoder.fill_window(k, self.window, self.regions)
         if key not in self._fills:
             self._fills[key] = self._compile(
                 decoder.fill_window(k, self.window), f"mctp_head{k}_fill_w{self.window}"
@@ -261,6 +341,11 @@ class FastPath:
             decoder.catch_up(count, w, self.prefill_windows, lambda k: self._fill(decoder, k))
         if not decoder.window_ready(count, w):
             return decoder.step(count, sampler=sampler).tokens
+        if self.regions is not None:
+            stack, step = decoder.stack, self.regions.function(head_token, "mctp_head_token")
+            return decoder.run_regions(
+                count, w, self.regions, lambda h, pick: step(stack, h, pick), sampler
+            ).tokens
         key = (decoder, count)
         if key not in self._chains:
             self._chains[key] = self._compile(

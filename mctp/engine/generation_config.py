@@ -62,6 +62,11 @@ class EngineConfig:
         pack_weights: Fast path, Inductor on CPU: matrix products read one packed copy of each
             weight shared by every compiled graph (no frozen copies per graph); None = on for
             bf16 on CPU, False = off, True = required (an error where it cannot apply).
+        compile_regions: Fast path: regional compilation, one compiled graph per kind of
+            decoder layer and of MCTP head shared by all of them (plus compiled logits), instead
+            of whole graphs with every layer and head unrolled: seconds of warm-up instead of
+            minutes, the packed weights shared as before; None = on on CPU where the backbone
+            supports it, off on CUDA (CUDA graphs want whole steps), True = required.
         audio_heads: MCTP heads score BOA, EOA and the audio tokens only (exact when the heads
             only emit those, as in Boost/Balance/Turbo; needs speech ids). It changes the
             heads' output shape, so it is fixed per engine.
@@ -84,6 +89,7 @@ class EngineConfig:
     window: int = 16
     prefill_windows: int = 4
     pack_weights: bool | None = None
+    compile_regions: bool | None = None
     audio_heads: bool = False
     stop_check_every: int = 8
 
@@ -96,8 +102,10 @@ class EngineConfig:
         for name in ("compile", "audio_heads"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.pack_weights is not None and not isinstance(self.pack_weights, bool):
-            raise TypeError(f"pack_weights must be a bool or None, got {self.pack_weights!r}")
+        for name in ("pack_weights", "compile_regions"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool or None, got {value!r}")
         if not isinstance(self.compile_options, Mapping):
             raise TypeError(f"compile_options must be a mapping, got {self.compile_options!r}")
         set_(self, "compile_options", MappingProxyType(dict(self.compile_options)))

@@ -138,6 +138,7 @@ class Generator(_StreamLoop):
                 compile_options=engine.compile_options,
                 pack_weights=engine.pack_weights,
                 compile_cache_dir=engine.compile_cache,
+                regions=engine.compile_regions,
             )
             if engine.compile
             else ExactPath(backbone)

@@ -171,3 +171,29 @@ def test_the_generic_path_refuses_compile_by_name():
     ids = torch.randint(3, VOCAB, (1, 6))
     with pytest.raises(ValueError, match="GPT2LMHeadModel runs on the backbone's generic path"):
         generate(bb, None, ids, "vanilla", 4, compile=True)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if expected_path(f) == "fast"])
+def test_regional_fast_path_equals_transformers_past_the_window(family):
+    """The fast path with regions (one graph per kind of layer and head, shared by all of them;
+    Dynamo traces and guards with the eager backend) gives transformers' greedy tokens past the
+    window for a left-padded batch, and Boost's tokens equal the eager path's: the per-layer
+    graphs read each layer's own weights, windows and cache."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.zeros(2, 6, dtype=torch.long)
+    mask = torch.zeros(2, 6, dtype=torch.long)
+    ids[0] = torch.randint(3, VOCAB, (6,), generator=g)
+    ids[1, 2:] = torch.randint(3, VOCAB, (4,), generator=g)
+    mask[0], mask[1, 2:] = 1, 1
+    model = lively(family, prompt=ids[:1])
+    bb = HFBackbone(model)
+    fast = dict(compile=True, compile_options={"backend": "eager"}, window=4, compile_regions=True)
+    ref = _reference(model, ids, mask)
+    res = generate(bb, None, ids, "vanilla", NEW, attention_mask=mask, **fast)
+    assert res.sequences[:, 6:].tolist() == ref[:, 6:].tolist()
+    torch.manual_seed(0)
+    ten = MCTPStack.from_backbone(bb.parts(), 10).eval()
+    eager = generate(bb, ten, ids, "boost", 30, attention_mask=mask)
+    # a window that holds a chain of 10 heads: the heads run through their shared graph too
+    regional = generate(bb, ten, ids, "boost", 30, attention_mask=mask, **{**fast, "window": 9})
+    assert torch.equal(regional.sequences, eager.sequences)
