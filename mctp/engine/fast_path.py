@@ -7,10 +7,13 @@ compiles each of those functions once with ``torch.compile(dynamic=False)`` (CUD
 CUDA through ``mode="reduce-overhead"``). A Generator picks one at construction; the
 generation loop calls the same three methods on either.
 
-On CPU the linear layers of every compiled graph read one packed copy of each weight
-(:mod:`mctp.engine.compile_packing`, a post-grad pass given per compile call): the GEMM speed of
-Inductor's frozen weights without a frozen copy of the weights per graph, and without
-max-autotune's benchmarking at compile time (see docs/compile.md for what each costs).
+On CPU (by default) the compiled unit is a block, not a whole step: one graph per kind of
+decoder layer and of MCTP head, shared by all layers, heads and chain lengths
+(:mod:`mctp.engine.regions`), with the loops in Python; on CUDA whole steps and chains are
+compiled (CUDA graphs). On CPU the linear layers of every compiled graph read one packed copy
+of each weight (:mod:`mctp.engine.compile_packing`, a post-grad pass given per compile call):
+no frozen copy of the weights per graph, and no max-autotune benchmarking at compile time (see
+docs/compile.md for what each costs).
 
 No global torch setting is changed: options go to each ``torch.compile`` call, and every
 compiled function is a fresh function object with its own code object, so each has its own
@@ -175,7 +178,8 @@ class FastPath:
     again with the same values). Prompts of ``window .. prefill_windows * window`` slots are
     prefilled as window decodes. Heads run in fixed windows (:meth:`MCTPDecoder.window_chain`)
     after their backlogs caught up in at most ``prefill_windows`` extra windows; where a
-    backlog cannot (a short sequence, a long prompt) the exact head path runs instead.
+    backlog cannot (a short sequence, a long prompt, a chain of more than ``window + 1``
+    heads) the exact head path runs instead.
 
     Args:
         backbone: The backbone.
