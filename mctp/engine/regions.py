@@ -21,7 +21,10 @@ static inputs and packs them as in the whole graphs.
 Blocks share a graph when they agree on their class, every parameter's and buffer's name,
 shape, dtype and device, and every plain setting (ints, floats, strings, bools, None) of every
 submodule except ``layer_idx``, which the engine's caches make irrelevant: a sliding-window
-layer and a full layer of a hybrid model get graphs of their own.
+layer and a full layer of a hybrid model get graphs of their own. A block's kind is read at
+its first call: its parameters are read anew on every call, but a plain setting changed later
+(say a layer's ``sliding_window``) keeps the graph of the old one; build a new Generator after
+such a change.
 """
 
 from __future__ import annotations
