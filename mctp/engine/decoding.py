@@ -280,26 +280,27 @@ class MCTPDecoder:
         forced: torch.Tensor | None,
         visible: int | None = None,
         regions: BlockRegions | None = None,
-        head_token: HeadToken | None = None,
+        token_step: HeadToken | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Head ``k`` processes slots ``idx [T]`` and writes its token to slot ``idx[-1] + 1``.
 
         Everything is indexed by tensors (no host integers), so the same code runs eagerly,
         under ``torch.compile`` and inside a CUDA graph. ``visible``: the leading slots the
         attention reads (the eager path: the sequence's length; None on fixed shapes).
-        ``regions`` / ``head_token``: the head's block, and its logits and token, through
-        compiled graphs (regional compilation, :meth:`run_regions`).
+        ``regions`` / ``token_step``: the head's block, and its logits and token (default
+        :func:`head_token`), through compiled graphs (regional compilation).
 
         Returns:
             ``(token [B], logits [B, V'])``.
         """
         stack, buf = self.stack, self.buffer
         h, pos = self._head_states(k, idx, visible, regions)
-        if head_token is not None and forced is None:
-            tok, logits = head_token(h[:, -1], sampler)
+        if forced is not None:
+            tok, logits = forced, stack.head_logits(h[:, -1])  # [B, V']
+        elif token_step is not None:
+            tok, logits = token_step(h[:, -1], sampler)
         else:
-            logits = stack.head_logits(h[:, -1])  # [B, V']
-            tok = stack.to_global_ids(sampler(logits)) if forced is None else forced
+            tok, logits = head_token(stack, h[:, -1], sampler)
         buf.write_next(idx[-1:] + 1, tok[:, None], pos[:, -1:] + 1)
         return tok, logits
 
@@ -361,6 +362,12 @@ class MCTPDecoder:
         return h, pos
 
     # ------------------------------------------------------------------ fixed-shape runs
+    def _windows_fit(self, k_run: int, window: int) -> bool:
+        """Whether a chain of ``k_run`` heads can run on windows of ``window`` slots at all:
+        the sequence is longer than the window and ``window >= K - 1`` (see
+        :meth:`window_ready`)."""
+        return self.buffer.length - window >= 1 and window >= k_run - 1
+
     def window_ready(self, k_run: int, window: int) -> bool:
         """Whether heads ``0..K-1`` can run on fixed windows of ``window`` slots now: every
         backlog fits the window, the caches exist, the sequence is longer than the window, and
@@ -368,15 +375,24 @@ class MCTPDecoder:
         K - 1``: head ``k``'s window ends at ``n + k - 1`` and must start at ``n`` or before,
         or the slots between, whose tokens the chain itself produces, would never be read)."""
         n = self.buffer.length
-        if n - window < 1 or window < k_run - 1:
+        if not self._windows_fit(k_run, window):
             return False
         for k in range(k_run):
             if not self.caches[k].allocated or n + k - self.next_index[k] > window:
                 return False
         return True
 
-    def window_chain(self, k_run: int, window: int) -> WindowChain:
-        """The chain of heads ``0..K-1`` on fixed windows (static shapes: compile/graph it).
+    def window_chain(
+        self,
+        k_run: int,
+        window: int,
+        regions: BlockRegions | None = None,
+        token_step: HeadToken | None = None,
+    ) -> WindowChain:
+        """The chain of heads ``0..K-1`` on fixed windows (static shapes: compile/graph it,
+        or give ``regions`` and a compiled ``token_step`` (``(h [B, H], sampler) ->
+        (vocabulary ids [B], logits [B, V'])``, e.g. a compiled :func:`head_token`) to run
+        each head's block and output through compiled graphs shared by all heads).
 
         Head ``k`` processes the ``window`` slots ending at ``n + k - 1`` (``n`` = length
         before the chain, a 0-d tensor), re-computing slots it has already seen: their inputs
@@ -390,7 +406,7 @@ class MCTPDecoder:
         ) -> tuple[torch.Tensor, torch.Tensor]:
             toks, logits = [], []
             for k in range(k_run):
-                tok, lg = self._head(k, offsets + (n + k), sampler, None)
+                tok, lg = self._head(k, offsets + (n + k), sampler, None, None, regions, token_step)
                 toks.append(tok)
                 logits.append(lg)
             return torch.stack(toks, dim=1), torch.stack(logits, dim=1)
@@ -420,44 +436,6 @@ class MCTPDecoder:
         self.next_index[:k_run] = [n0 + k for k in range(k_run)]
         return ChainOutput(tokens=toks, logits=logits)
 
-    @torch.inference_mode()
-    def run_regions(
-        self,
-        k_run: int,
-        window: int,
-        regions: BlockRegions,
-        head_token: HeadToken,
-        sampler: Callable[[torch.Tensor], torch.Tensor] = greedy,
-    ) -> ChainOutput:
-        """Heads ``0..K-1`` on the fixed windows of :meth:`window_chain`, one after another,
-        each head's block through ``regions``' compiled head graph (shared by all heads) and
-        its logits and token through ``head_token`` (``(h [B, H], sampler) -> (vocabulary ids
-        [B], logits [B, V'])``, e.g. a compiled :func:`head_token`): the same tokens, with
-        compiled code whose size does not grow with the heads.
-
-        Raises:
-            ValueError: As :meth:`step`, or when :meth:`window_ready` is False.
-        """
-        self._check_chain(k_run)
-        if not self.window_ready(k_run, window):
-            raise ValueError(f"heads 0..{k_run - 1} cannot run on windows of {window} slots now")
-        n0, index = self.buffer.length, self.buffer.index
-        toks, logits = [], []
-        for k in range(k_run):
-            tok, lg = self._head(
-                k,
-                index[n0 + k - window : n0 + k],
-                sampler,
-                None,
-                regions=regions,
-                head_token=head_token,
-            )
-            toks.append(tok)
-            logits.append(lg)
-        self.buffer.advance(k_run)
-        self.next_index[:k_run] = [n0 + k for k in range(k_run)]
-        return ChainOutput(tokens=torch.stack(toks, dim=1), logits=torch.stack(logits, dim=1))
-
     def catch_up_plan(self, k_run: int, window: int, limit: int) -> list[list[int]] | None:
         """Window starts per head that bring every backlog down to ``window`` (None: not possible).
 
@@ -473,7 +451,7 @@ class MCTPDecoder:
         again.
         """
         n = self.buffer.length
-        if n - window < 1 or window < k_run - 1:
+        if not self._windows_fit(k_run, window):
             return None
         plan: list[list[int]] = []
         for k in range(k_run):

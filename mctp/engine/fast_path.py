@@ -325,11 +325,12 @@ class FastPath:
     # ------------------------------------------------------------------ heads
     def _fill(self, decoder: MCTPDecoder, k: int) -> Callable[[torch.Tensor], None]:
         key = (decoder, k)
-        if key not in self._fills and self.regions is not None:
-            self._fills[key] = decoder.fill_window(k, self.window, self.regions)
         if key not in self._fills:
-            self._fills[key] = self._compile(
-                decoder.fill_window(k, self.window), f"mctp_head{k}_fill_w{self.window}"
+            fill = decoder.fill_window(k, self.window, self.regions)
+            self._fills[key] = (
+                fill
+                if self.regions is not None  # the head's graph inside is compiled already
+                else self._compile(fill, f"mctp_head{k}_fill_w{self.window}")
             )
         return self._fills[key]
 
@@ -347,9 +348,10 @@ class FastPath:
             return decoder.step(count, sampler=sampler).tokens
         if self.regions is not None:
             stack, step = decoder.stack, self.regions.function(head_token, "mctp_head_token")
-            return decoder.run_regions(
-                count, w, self.regions, lambda h, pick: step(stack, h, pick), sampler
-            ).tokens
+            chain = decoder.window_chain(
+                count, w, self.regions, lambda h, pick: step(stack, h, pick)
+            )
+            return decoder.run_window(chain, count, w, sampler).tokens
         key = (decoder, count)
         if key not in self._chains:
             self._chains[key] = self._compile(

@@ -92,6 +92,28 @@ def _functional(template: nn.Module, weights: dict[str, torch.Tensor], *args: An
     return torch.func.functional_call(template, weights, args)
 
 
+def _call(
+    block: nn.Module,
+    x: torch.Tensor,
+    mask: Any,
+    position_ids: torch.Tensor,
+    rope: Any,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slots: torch.Tensor,
+) -> torch.Tensor:
+    """``block`` over ``x [B, T, H]`` with a one-layer cache over ``keys, values`` that it
+    writes at ``slots [T]``."""
+    return call_block(
+        block,
+        x,
+        attention_mask=mask,
+        position_ids=position_ids,
+        position_embeddings=rope,
+        cache=KVCache.over(keys, values, slots),
+    )
+
+
 class _Block(nn.Module):
     """A backbone decoder layer called the engine's way over a one-layer cache view."""
 
@@ -109,14 +131,7 @@ class _Block(nn.Module):
         values: torch.Tensor,
         slots: torch.Tensor,
     ) -> torch.Tensor:
-        return call_block(
-            self.block,
-            x,
-            attention_mask=mask,
-            position_ids=position_ids,
-            position_embeddings=rope,
-            cache=KVCache.over(keys, values, slots),
-        )
+        return _call(self.block, x, mask, position_ids, rope, keys, values, slots)
 
 
 class _Head(nn.Module):
@@ -139,15 +154,8 @@ class _Head(nn.Module):
         slots: torch.Tensor,
     ) -> torch.Tensor:
         z = self.head.fuse(embeds, prev)
-        y = call_block(
-            self.head.block,
-            z,
-            attention_mask=additive(mask, z.dtype),
-            position_ids=position_ids,
-            position_embeddings=rope,
-            cache=KVCache.over(keys, values, slots),
-        )
-        return self.norm(y)
+        mask = additive(mask, z.dtype)
+        return self.norm(_call(self.head.block, z, mask, position_ids, rope, keys, values, slots))
 
 
 class BlockRegions:
@@ -175,9 +183,9 @@ class BlockRegions:
         self._compile = compile
         # block key -> (meta template, compiled function)
         self._graphs: dict[tuple[Any, ...], tuple[nn.Module, Callable[..., Any]]] = {}
-        # id(block) -> (the block, its wrapper, the wrapper's graph); the block is kept so
-        # that its id cannot be reused while the entry exists
-        self._wrappers: dict[tuple[int, ...], tuple[Any, nn.Module, Callable[..., Any]]] = {}
+        # id(block) -> (the block, its wrapper's graph call); the block is kept so that its
+        # id cannot be reused while the entry exists
+        self._wrappers: dict[tuple[int, ...], tuple[Any, Callable[..., Any]]] = {}
         self._functions: dict[str, Callable[..., Any]] = {}
 
     def function(self, fn: Callable[..., Any], tag: str) -> Callable[..., Any]:
@@ -191,10 +199,14 @@ class BlockRegions:
         """Distinct compiled functions so far (one per kind of block)."""
         return len(self._graphs)
 
-    def _entry(self, ident: tuple[int, ...], keep: Any, make: Callable[[], nn.Module]):
+    def _graph(
+        self, ident: tuple[int, ...], keep: Any, make: Callable[[], nn.Module]
+    ) -> Callable[..., Any]:
+        """The compiled call of the block(s) ``keep`` (identified by ``ident``), made on first
+        use: ``make()`` wraps them, the wrapper's kind picks (or makes) the graph."""
         hit = self._wrappers.get(ident)
         if hit is not None:
-            return hit[1], hit[2]
+            return hit[1]
         if _freezing():
             raise RuntimeError(
                 "regional compilation cannot run with Inductor's freezing on (torch._inductor."
@@ -209,8 +221,8 @@ class BlockRegions:
             self._graphs[key] = (_meta_template(wrapper), self._compile(_functional, tag))
         template, fn = self._graphs[key]
         graph = lambda *args: fn(template, _weights(wrapper), *args)  # noqa: E731
-        self._wrappers[ident] = (keep, wrapper, graph)
-        return wrapper, graph
+        self._wrappers[ident] = (keep, graph)
+        return graph
 
     def block(
         self,
@@ -230,7 +242,7 @@ class BlockRegions:
         Returns:
             ``[B, T, H]``.
         """
-        _, graph = self._entry((id(block),), block, lambda: _Block(block))
+        graph = self._graph((id(block),), block, lambda: _Block(block))
         return graph(x, attention_mask, position_ids, position_embeddings, keys, values, slots)
 
     def head(
@@ -253,7 +265,7 @@ class BlockRegions:
         Returns:
             The normed outputs ``[B, T, H]``.
         """
-        _, graph = self._entry((id(head), id(norm)), (head, norm), lambda: _Head(head, norm))
+        graph = self._graph((id(head), id(norm)), (head, norm), lambda: _Head(head, norm))
         return graph(
             embeds, prev, attention_mask, position_ids, position_embeddings, keys, values, slots
         )
