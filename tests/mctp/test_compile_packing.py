@@ -7,9 +7,12 @@ import shutil
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mctp.engine.compile_packing import (
     PackedLinearPass,
+    gemv_chunks,
     packed_linear,
     packed_weight_bytes,
     packing_available,
@@ -104,3 +107,60 @@ def test_pass_leaves_activations_alone():
         torch.ops.aten.permute.default,
         torch.ops.aten.mm.default,
     ]
+
+
+@given(k=st.integers(1, 20000), chunk=st.integers(1, 4096))
+def test_gemv_chunks_split_a_long_reduction_into_equal_parts(k, chunk):
+    parts = gemv_chunks(k, chunk)
+    assert k % parts == 0
+    lanes = 16 if k % 16 == 0 else 1
+    fits = [p for p in range(-(-k // chunk), k + 1) if k % p == 0 and (k // p) % lanes == 0]
+    if k <= chunk or not fits:
+        assert parts == 1
+    else:  # the fewest equal parts of at most `chunk` (in 16s when k is in 16s)
+        assert parts == fits[0] and k // parts <= chunk
+    assert gemv_chunks(4864, 1024) == 8  # the 0.5B shape's down_proj: 8 parts of 608
+
+
+def test_gemv_chunks_refuses_a_chunk_below_one():
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        gemv_chunks(64, 0)
+
+
+def _one_row_product(k: int, n: int) -> tuple[torch.fx.Graph, torch.fx.Node, torch.fx.Node]:
+    graph = torch.fx.Graph()
+    x, w = graph.placeholder("x"), graph.placeholder("w")
+    x.meta["val"], w.meta["val"] = torch.empty(1, k), torch.empty(n, k)
+    t = graph.call_function(torch.ops.aten.permute.default, (w, [1, 0]))
+    t.meta["val"] = torch.empty(k, n)
+    mm = graph.call_function(torch.ops.aten.mm.default, (x, t))
+    mm.meta["val"] = torch.empty(1, n)
+    graph.output(mm)
+    return graph, x, w
+
+
+@pytest.mark.parametrize("chunk, sums", [(4096, 1), (32, 2)])
+def test_one_row_product_becomes_a_reduction_summed_in_parts(chunk, sums):
+    """A one-row product over a long ``K`` is summed over ``K / chunk`` slices, then over
+    their partial sums, and still equals the product."""
+    graph, _, _ = _one_row_product(96, 8)
+    gemv = PackedLinearPass()
+    gemv.gemv_elements, gemv.gemv_chunk = 1, chunk
+    gemv(graph)
+    targets = [n.target for n in graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.mm.default not in targets
+    assert targets.count(torch.ops.aten.sum.dim_IntList) == sums
+    if sums == 2:
+        views = [n.args[1] for n in graph.nodes if n.target == torch.ops.aten.view.default]
+        assert [1, 3, 32] in views and [8, 3, 32] in views
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(1, 96, generator=g), torch.randn(8, 96, generator=g)
+    out = torch.fx.GraphModule(torch.nn.Module(), graph)(x, w)
+    torch.testing.assert_close(out, x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_settings_of_the_pass_change_its_cache_key():
+    a, b = PackedLinearPass(), PackedLinearPass()
+    assert a.uuid() == b.uuid()
+    b.gemv_chunk = 64
+    assert a.uuid() != b.uuid()
