@@ -87,7 +87,31 @@ def _logits(backbone: Backbone, hidden: torch.Tensor) -> torch.Tensor:
 
 def _compile_with(kwargs: Mapping[str, Any], fn: Callable[..., Any], tag: str) -> Any:
     """``torch.compile`` of a copy of ``fn`` with a code object of its own (named ``tag``)."""
-    return torch.compile(_own_code(fn, tag), **kwargs)
+    kw = dict(kwargs)
+    if "options" in kw:  # torch.compile pops keys from the dict it is given: a copy each time
+        kw["options"] = dict(kw["options"])
+    return torch.compile(_own_code(fn, tag), **kw)
+
+
+def _compile_region(kwargs: Mapping[str, Any], fn: Callable[..., Any], tag: str) -> Any:
+    """:func:`_compile_with` for a regional graph, whose Dynamo guards skip global names.
+
+    A region is called once per layer and head (24 + 10 times a token on the 0.5B shape), and
+    Dynamo checks every guard of a compiled function on every call: for a decoder layer
+    several hundred, nearly all on module-level names (``torch``, transformers' functions,
+    builtins), about 66 us a call. ``torch.compiler.skip_guard_on_globals_unsafe`` keeps the
+    guards on the call's own arguments (tensor shapes, dtypes and strides, the template
+    block and its settings) and drops those on globals, which the engine never rebinds: a
+    library function replaced after the first compiled call (monkeypatching transformers)
+    would not be seen. Not with a compile ``mode`` (torch takes a mode or options).
+    """
+    kw = dict(kwargs)
+    if "mode" not in kw:
+        kw["options"] = {
+            "guard_filter_fn": torch.compiler.skip_guard_on_globals_unsafe,
+            **(kw.get("options") or {}),
+        }
+    return _compile_with(kw, fn, tag)
 
 
 # backbone -> {compile options: regions}; every FastPath of a backbone with the same options
@@ -107,7 +131,7 @@ def _shared_regions(backbone: Backbone, kwargs: Mapping[str, Any]) -> BlockRegio
         per_backbone = _REGIONS.setdefault(backbone, {})
         if key not in per_backbone:
             per_backbone[key] = BlockRegions(
-                functools.partial(_compile_with, dict(kwargs)), options=kwargs.get("options")
+                functools.partial(_compile_region, dict(kwargs)), options=kwargs.get("options")
             )
         return per_backbone[key]
 

@@ -164,3 +164,22 @@ def test_defaults_on_for_cpu_off_for_cuda():
     assert FastPath(bb, device=torch.device("cpu"), compile_options=EAGER).regions is not None
     cuda = FastPath(bb, device=torch.device("cuda"), compile_options=EAGER)
     assert cuda.regions is None and cuda.fixed_chains
+
+
+def test_regional_graphs_skip_guards_on_globals_only(monkeypatch):
+    """Regions compile with Dynamo's guards on globals dropped (a layer call checks its own
+    arguments only); the caller's options are neither lost nor changed, and a compile mode
+    (torch takes a mode or options) gets no filter."""
+    from mctp.engine import fast_path
+
+    seen: list[dict] = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    options = {"max_autotune": False}
+    fast_path._compile_region({"dynamic": False, "options": options}, lambda x: x, "t")
+    fast_path._compile_region({"dynamic": False, "mode": "default"}, lambda x: x, "t")
+    assert seen[0]["options"] == {
+        "guard_filter_fn": torch.compiler.skip_guard_on_globals_unsafe,
+        "max_autotune": False,
+    }
+    assert options == {"max_autotune": False}
+    assert "options" not in seen[1] and seen[1]["mode"] == "default"
