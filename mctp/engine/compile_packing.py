@@ -272,5 +272,5 @@ class PackedLinearPass(CustomGraphPass):
         settings = repr((self.gemv_elements, self.gemv_chunk)).encode()
         return get_hash_for_files((__file__,)) + settings
 
-    def __repr__(self) -> str:
-        return "PackedLinearPass()"
+    def __repr__(self) -> str:  # part of the key under which FastPaths share regions
+        return f"PackedLinearPass(gemv_elements={self.gemv_elements}, gemv_chunk={self.gemv_chunk})"

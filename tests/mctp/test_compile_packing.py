@@ -159,8 +159,10 @@ def test_one_row_product_becomes_a_reduction_summed_in_parts(chunk, sums):
     torch.testing.assert_close(out, x @ w.T, rtol=1e-5, atol=1e-5)
 
 
-def test_settings_of_the_pass_change_its_cache_key():
+def test_settings_of_the_pass_change_its_cache_key_and_repr():
+    """Inductor's caches key on ``uuid``, FastPaths share regions by ``repr``: passes with
+    other settings must not hit each other's graphs."""
     a, b = PackedLinearPass(), PackedLinearPass()
-    assert a.uuid() == b.uuid()
+    assert a.uuid() == b.uuid() and repr(a) == repr(b)
     b.gemv_chunk = 64
-    assert a.uuid() != b.uuid()
+    assert a.uuid() != b.uuid() and repr(a) != repr(b)
