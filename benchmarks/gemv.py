@@ -91,7 +91,9 @@ def main() -> None:
             with ctx:
                 out = fn(x).float()
             err = (out - ref).abs().max().item()
-            print(f"{name}: compiled in {time.perf_counter() - t:.1f} s, max |diff| to eager {err:.3g}")
+            print(
+                f"{name}: compiled in {time.perf_counter() - t:.1f} s, max |diff| to eager {err:.3g}"
+            )
         times: dict[str, list[float]] = {name: [] for name in forms}
         for _ in range(args.calls):
             for name, (fn, _) in forms.items():
