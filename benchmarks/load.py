@@ -6,7 +6,8 @@ the load, every question's answer is fetched once alone; under load every answer
 own question's reference (same text, same audio samples), so a request that is lost, cut or
 mixed up with another one is counted. Reported: requests ok / refused (503) / failed, lost,
 mixed, throughput, and p50/p95 first-audio-chunk latency as the client sees it (request sent ->
-first audio delta) and as the server measures it.
+first audio delta) and as the server measures it, with the waiting part of the server's figure
+(arrival -> the request's generation began: queued, or waiting for a row of a running batch).
 
     python benchmarks/load.py --clients 4 --seconds 20            # starts a tiny server itself
     python benchmarks/load.py --clients 1,4,8 --seconds 20        # side by side, with ratios
@@ -90,6 +91,7 @@ class Answer:
     first_chunk_s: float | None = None
     total_s: float = 0.0
     server_first_chunk_ms: float | None = None
+    server_started_ms: float | None = None
     done: bool = False
     expected_samples: int | None = None
     error: str | None = None
@@ -148,6 +150,7 @@ def ask(host: str, port: int, question: str, mode: str, timeout: float = 120.0) 
                 ans.samples += len(pcm) // 2
             if "mctp" in msg:
                 ans.server_first_chunk_ms = msg["mctp"]["first_chunk_ms"]
+                ans.server_started_ms = msg["mctp"].get("started_ms")
         ans.audio_sha = sha.hexdigest()
         ans.total_s = time.perf_counter() - t0
         return ans
@@ -172,6 +175,7 @@ class LoadReport:
     first_chunk_ms: list[float]
     server_first_chunk_ms: list[float]
     sample_rate: int
+    server_started_ms: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     def _pct(self, xs: list[float], q: float) -> float | None:
@@ -194,6 +198,8 @@ class LoadReport:
             "first_chunk_p95_ms": self._pct(self.first_chunk_ms, 95),
             "server_first_chunk_p50_ms": self._pct(self.server_first_chunk_ms, 50),
             "server_first_chunk_p95_ms": self._pct(self.server_first_chunk_ms, 95),
+            "server_started_p50_ms": self._pct(self.server_started_ms, 50),
+            "server_started_p95_ms": self._pct(self.server_started_ms, 95),
         }
 
     def table(self) -> str:
@@ -205,11 +211,13 @@ class LoadReport:
 
         head = ["clients", "seconds", "ok", "503", "failed", "lost", "mixed", "req/s"]
         head += ["audio s/s", "first chunk p50 / p95 (ms)", "server p50 / p95 (ms)"]
+        head += ["of it waiting p50 / p95 (ms)"]
         row = [s["clients"], s["seconds"], s["ok"], s["refused_503"], s["failed"], s["lost"]]
         row += [s["mixed"], s["requests_per_s"], s["audio_s_per_s"]]
         row += [
             f"{f(s['first_chunk_p50_ms'])} / {f(s['first_chunk_p95_ms'])}",
             f"{f(s['server_first_chunk_p50_ms'])} / {f(s['server_first_chunk_p95_ms'])}",
+            f"{f(s['server_started_p50_ms'])} / {f(s['server_started_p95_ms'])}",
         ]
         return "\n".join(
             [
@@ -283,6 +291,7 @@ def run_load(
     audio_s = 0.0
     lat: list[float] = []
     server_lat: list[float] = []
+    server_wait: list[float] = []
     for k, ans in results:
         if isinstance(ans, Exception) or ans.status not in (200, 503) or ans.error:
             failed += 1
@@ -305,6 +314,8 @@ def run_load(
                 lat.append(1000 * ans.first_chunk_s)
             if ans.server_first_chunk_ms is not None:
                 server_lat.append(ans.server_first_chunk_ms)
+            if ans.server_started_ms is not None:
+                server_wait.append(ans.server_started_ms)
     ids = [next(iter(a.ids)) for _, a in results if isinstance(a, Answer) and len(a.ids) == 1]
     mixed += len(ids) - len(set(ids))  # two requests answered under one id
     return LoadReport(
@@ -320,6 +331,7 @@ def run_load(
         audio_s=audio_s,
         first_chunk_ms=lat,
         server_first_chunk_ms=server_lat,
+        server_started_ms=server_wait,
         sample_rate=rate,
         errors=errors,
     )

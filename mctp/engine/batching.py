@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +115,10 @@ class Cohort:
         generator: The lane (free: no call running on it).
         requests: One to ``generator.max_batch`` compatible requests (rows ``0 .. n - 1``).
         audio_chunk: Audio pieces of this many tokens inside long segments (None: segments).
+        between: Called after every event the stream produces, while it is suspended (the
+            server's worker admits requests that arrived meanwhile and offers them to the
+            running cohorts there, so that they need not wait for the answer being read to
+            reach its next chunk); it may call :meth:`offer`, never read rows.
 
     Raises:
         ValueError: On no requests, more than the lane's ``max_batch``, or incompatible ones.
@@ -126,6 +130,7 @@ class Cohort:
         requests: Sequence[RowRequest],
         *,
         audio_chunk: int | None = None,
+        between: Callable[[], None] | None = None,
     ) -> None:
         if not requests:
             raise ValueError("a cohort needs at least one request")
@@ -137,6 +142,7 @@ class Cohort:
             raise ValueError("the requests of a cohort must have equal request settings")
         self.generator = generator
         self.first = requests[0]
+        self.between = between
         ids, mask, embeds = left_pad(requests)
         self._stream = generator.stream(
             ids.to(generator.device),
@@ -180,6 +186,8 @@ class Cohort:
             seat.ended = True
         if not seat.abandoned:
             seat.queue.append(ev)
+        if self.between is not None:
+            self.between()
 
     def _prune(self) -> None:
         """Forget tickets the stream refused (it ended before they could join)."""
@@ -342,6 +350,8 @@ class BatchScheduler:
             raise ValueError("a scheduler needs at least one Generator")
         self.lanes = list(lanes)
         self.audio_chunk = audio_chunk
+        #: given to every cohort started from now on (see :class:`Cohort`)
+        self.between: Callable[[], None] | None = None
         self._cohorts: dict[int, Cohort] = {}
 
     @property
@@ -371,7 +381,7 @@ class BatchScheduler:
         lane = self.free_lane()
         if lane is None:
             raise RuntimeError("no free lane: wait until a cohort ends")
-        cohort = Cohort(lane, requests, audio_chunk=self.audio_chunk)
+        cohort = Cohort(lane, requests, audio_chunk=self.audio_chunk, between=self.between)
         self._cohorts[self.lanes.index(lane)] = cohort
         return [cohort.events(r) for r in range(cohort.rows)]
 

@@ -28,10 +28,13 @@ class JoinTicket:
     Attributes:
         request: A :class:`~mctp.engine.batching.RowRequest`.
         row: None while waiting, the row once joined, -1 when the stream ended first.
+        joined_at: ``time.perf_counter()`` when its row was given (its prefill began), once
+            joined.
     """
 
     request: Any
     row: int | None = None
+    joined_at: float | None = None
 
 
 class _Joins:

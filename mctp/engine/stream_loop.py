@@ -87,11 +87,12 @@ class _StreamLoop:
                         yield from row_events(r, evs)
                     if run.joinable:
                         for ticket in list(self._joins):
+                            given = time.perf_counter()
                             r = run.try_join(ticket.request)
                             if r is None:
                                 continue
                             self._joins.remove(ticket)
-                            ticket.row = r
+                            ticket.row, ticket.joined_at = r, given
                             held = seg.take_held()  # not the last row to end after all
                             if held is not None:
                                 yield from row_events(held.row, [held])

@@ -11,8 +11,10 @@ Routes:
     * ``GET /``: the web page (record or upload a question, pick the mode, hear the answer).
 
 Extensions to the OpenAI request bodies: ``mode`` (``vanilla|balance|boost|turbo``). Every
-answer carries an ``mctp`` object with ``first_chunk_ms``, ``tokens_per_s``, ``mode`` and
-``stray_tokens`` (ids the model put in the wrong kind of segment, skipped). A field the server
+answer carries an ``mctp`` object with ``first_chunk_ms`` (from the request's arrival),
+``started_ms`` (the waiting part of it: in the queue or for a row of a running batch),
+``tokens_per_s``, ``mode`` and ``stray_tokens`` (ids the model put in the wrong kind of
+segment, skipped). A field the server
 does not honour (see :data:`SPEECH_FIELDS`, :data:`CHAT_FIELDS`), an engine setting, a value
 out of range or of the wrong type is a 400 naming it; user text is tokenised as plain text;
 the whole prompt is bounded (``max_prompt_tokens``, the engine's ``max_len``) before any work
@@ -50,6 +52,7 @@ def _stats(result: Any) -> dict[str, Any]:
         "first_text_ms": None
         if result.first_text_s is None
         else round(1000 * result.first_text_s, 2),
+        "started_ms": None if result.started_s is None else round(1000 * result.started_s, 2),
         "total_ms": round(1000 * result.total_s, 2),
         "tokens_per_s": round(result.tokens_per_s, 2),
         "num_tokens": result.num_tokens,

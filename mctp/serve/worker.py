@@ -133,6 +133,9 @@ class GenerationWorker:
         self.failed = 0
         self.batches = 0
         self.max_rows_seen = 0
+        self._in_between = False
+        if batcher is not None and hasattr(batcher, "between"):
+            batcher.between = self._between_events  # type: ignore[attr-defined]
         self._thread = threading.Thread(target=self._loop, name="mctp-generation", daemon=True)
         self._thread.start()
 
@@ -199,6 +202,24 @@ class GenerationWorker:
             except Exception as e:  # a fault of the worker itself: fail its jobs, keep serving
                 log.exception("generation worker fault; failing the requests it held")
                 self._fail_all(e)
+
+    def _between_events(self) -> None:
+        """Called by a running batch between two of its events (on this thread, the batch
+        suspended): jobs that arrived meanwhile are admitted and offered to the running
+        batches now, not after the item being produced, so that they reach the next join
+        point. Batches are not started here (that happens between turns)."""
+        if self._in_between or not self._queue:
+            return
+        self._in_between = True
+        try:
+            with self._cond:
+                new = list(self._queue)
+                self._queue.clear()
+            for job in new:
+                self._admit(job)
+            self._offer_joins()
+        finally:
+            self._in_between = False
 
     def _fail_all(self, error: Exception) -> None:
         """Hand ``error`` to every job the worker holds and forget them (their batches are

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .pipeline import SpeechPipeline, SpeechRequest
@@ -37,6 +38,16 @@ class SpeechBatcher:
         self.max_batch = self.scheduler.max_batch
         self.joins = joins
 
+    @property
+    def between(self) -> Callable[[], None] | None:
+        """Called by running cohorts between their events (the server's worker admits and
+        offers new requests there; see :class:`mctp.engine.batching.Cohort`)."""
+        return self.scheduler.between
+
+    @between.setter
+    def between(self, fn: Callable[[], None] | None) -> None:
+        self.scheduler.between = fn
+
     def accepts(self, request: Any) -> bool:
         """Whether ``request`` is a prepared :class:`SpeechRequest`."""
         return isinstance(request, SpeechRequest)
@@ -68,7 +79,10 @@ class SpeechBatcher:
         Raises:
             RuntimeError: If no Generator is free.
         """
+        began = time.perf_counter()
         events = self.scheduler.start([r.row for r in requests])
+        for r in requests:
+            r.began = began
         return [_Answer(self.pipeline, r, ev) for r, ev in zip(requests, events)]
 
 
@@ -94,6 +108,7 @@ class _Joining:
 
     def start(self) -> Iterator[Any]:
         """Its chunk iterator (once joined)."""
+        self.request.began = self.ticket.joined_at
         return _Answer(self.pipeline, self.request, self.cohort.claim(self.ticket))
 
 

@@ -39,11 +39,15 @@ class SpeechRequest:
             stop ids, verification).
         t0: ``time.perf_counter()`` when the request arrived (its timings count from here,
             waiting included).
+        began: ``time.perf_counter()`` when its generation began: set by the server's
+            batcher when a batch starts with it or it joins one (None: when its answer is
+            first read).
     """
 
     prompt: Prompt
     config: Any
     t0: float
+    began: float | None = None
 
     @property
     def row(self) -> Any:
@@ -417,6 +421,8 @@ class SpeechPipeline(PromptBuilder):
             :class:`SpeechChunk`; the last one is ``"end"`` with the :class:`SpeechResult`.
         """
         t0 = request.t0
+        began = time.perf_counter() if request.began is None else request.began
+        started = began - t0  # the waiting part of its timings
         session = self.decoder.stream()
         session.reset()
         text_ids: list[int] = []
@@ -485,7 +491,7 @@ class SpeechPipeline(PromptBuilder):
             if close is not None:
                 close()
         yield self._finish(
-            request, gen, said, wav, first_chunk, first_text, n_audio, last_token, stray
+            request, gen, said, wav, first_chunk, first_text, n_audio, last_token, stray, started
         )
 
     def _finish(
@@ -499,6 +505,7 @@ class SpeechPipeline(PromptBuilder):
         num_audio: int,
         last_token: int | None = None,
         stray: int = 0,
+        started: float | None = None,
     ) -> SpeechChunk:
         """The ``"end"`` chunk of an answer: its :class:`SpeechResult` from what was said
         (``wav``: the waveform pieces) and the row's :class:`mctp.GenerationResult` ``gen``."""
@@ -523,6 +530,7 @@ class SpeechPipeline(PromptBuilder):
             generation=gen,
             prompt_ids=request.prompt.input_ids[0].cpu(),
             stray_tokens=stray,
+            started_s=started,
         )
         return SpeechChunk("end", total, result=result)
 

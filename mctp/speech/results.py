@@ -31,6 +31,9 @@ class SpeechResult:
         prompt_ids: ``[P]`` the prompt the model read.
         stray_tokens: Ids the model put in the wrong kind of segment (not audio inside an
             audio segment, audio among the text); skipped, logged, counted here.
+        started_s: Seconds from the request's arrival until its generation began (the
+            waiting part of ``first_chunk_s``: in the server's queue, or for a row of a
+            running batch); None where not measured.
     """
 
     text: str
@@ -47,6 +50,7 @@ class SpeechResult:
     generation: Any = field(default=None, repr=False)
     prompt_ids: torch.Tensor | None = field(default=None, repr=False)
     stray_tokens: int = 0
+    started_s: float | None = None
 
     @property
     def duration_s(self) -> float:

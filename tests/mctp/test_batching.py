@@ -210,3 +210,47 @@ def test_a_prompt_longer_than_the_running_sequence_is_not_taken(toy):
     assert cohort.offer(RowRequest(longer, cfg)) is None
     assert cohort.offer(RowRequest(toy.prompt[:, :3], cfg)) is not None
     list(events)
+
+
+def test_a_request_offered_between_events_joins_and_gets_its_lone_answer():
+    """``between`` runs after every event while the stream is suspended; a request offered
+    from there (the server admits arrivals so) joins at the next join point and still gets
+    exactly its lone answer, as does the row being read."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from mctp import MCTPStack
+    from mctp.backbones import HFBackbone
+    from mctp.speech_vocab import AUDIO_PLACEHOLDER, BOA, EOA, SpeechVocab
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    bb = HFBackbone(Qwen2ForCausalLM(cfg).eval())
+    stack = MCTPStack.from_backbone(bb.parts(), 10).eval()
+    vocab = SpeechVocab(special={BOA: 100, EOA: 101, AUDIO_PLACEHOLDER: 99}, audio_start=102,
+                        num_audio=26, vocab_size=128)  # fmt: skip
+    gcfg = GenerationConfig(mode="boost", max_new_tokens=30)
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randint(3, 90, (1, 7), generator=g), torch.randint(3, 90, (1, 5), generator=g)
+    lone = [generate(bb, stack, x, config=gcfg, vocab=vocab).tokens[0].tolist() for x in (a, b)]
+    assert lone[0] != lone[1] and len(set(lone[1])) > 3
+    gen = Generator(bb, stack, gcfg, engine=EngineConfig(max_batch=2, max_len=128), vocab=vocab)
+    calls: list[int] = []
+    tickets: list[JoinTicket] = []
+
+    def between() -> None:
+        calls.append(len(calls))
+        if len(calls) == 2:  # an arrival while row 0's second event is being read
+            tickets.append(cohort.offer(RowRequest(b, gcfg)))
+
+    cohort = Cohort(gen, [RowRequest(a, gcfg)], between=between)
+    first = cohort.events(0)
+    seen = [next(first) for _ in range(2)]
+    assert len(calls) >= 2 and tickets and tickets[0] is not None
+    while tickets[0].row is None:
+        seen.append(next(first))
+    assert tickets[0].row == 1 and tickets[0].joined_at is not None
+    joined = list(cohort.claim(tickets[0]))
+    seen += list(first)
+    assert seen[-1].row_result.tokens[0].tolist() == lone[0]
+    assert joined[-1].row_result.tokens[0].tolist() == lone[1]

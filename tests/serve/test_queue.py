@@ -298,3 +298,46 @@ def test_a_request_arriving_during_a_turn_joins_and_answers_within_it():
     assert sorted(order) == ["a-1", "a-2", "a-3", "b-1", "b-2", "c-1", "c-2", "c-3"]
     assert order.index("b-1") < order.index("a-3"), order
     assert w.joined == 1 and w.completed == 3
+
+
+class _BetweenBatcher(_JoiningBatcher):
+    """Records offers; its running batch calls ``between`` between events, as cohorts do."""
+
+    def __init__(self, items):
+        super().__init__(items)
+        self.between = None
+        self.offers: list = []
+
+    def offer(self, request):
+        self.offers.append(request)
+        return super().offer(request)
+
+
+def test_an_arrival_is_offered_between_the_events_of_the_item_being_made():
+    # While A makes its second item, B arrives and the batch reaches an event boundary: the
+    # worker admits B and offers it to the running batch there, inside A's item, not after.
+    seen: list = []
+    holder: dict = {}
+
+    def a_items():
+        yield "a-1"
+        holder["worker"].submit(lambda: "B", seen.append)
+        holder["batcher"].between()  # the running batch between two of its events
+        holder["offered_inside_item"] = list(holder["batcher"].offers)
+        yield "a-2"
+        yield "a-3"
+
+    items = {"A": a_items(), "B": iter(["b-1", "b-2"])}
+    batcher = _BetweenBatcher(items)
+    w = GenerationWorker(max_queue=4, batcher=batcher)
+    assert batcher.between == w._between_events  # the worker installed its hook
+    holder.update(worker=w, batcher=batcher)
+    w.submit(lambda: "A", seen.append)
+    end = time.monotonic() + 10
+    while w.completed < 2 and time.monotonic() < end:
+        time.sleep(0.01)
+    w.close()
+    # A was offered first (no batch ran yet: refused, then started); B inside A's item
+    assert holder["offered_inside_item"] == ["A", "B"]
+    assert [x for x in seen if isinstance(x, str) and x.startswith("b")] == ["b-1", "b-2"]
+    assert w.joined == 1 and w.completed == 2

@@ -86,6 +86,7 @@ def test_chat_text_and_audio(server):
     wav, sr = sf.read(io.BytesIO(base64.b64decode(msg["audio"]["data"])))
     assert sr == 16000 and wav.shape == (24 * 1280,)
     assert out["mctp"]["first_chunk_ms"] > 0 and out["mctp"]["tokens_per_s"] > 0
+    assert 0 <= out["mctp"]["started_ms"] < out["mctp"]["first_chunk_ms"]  # its waiting part
     # text only: no audio in the answer
     status, out = post_json(server, "/v1/chat/completions", {**body, "modalities": ["text"]})
     assert status == 200 and "audio" not in out["choices"][0]["message"]
