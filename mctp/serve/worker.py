@@ -134,6 +134,7 @@ class GenerationWorker:
         self.batches = 0
         self.max_rows_seen = 0
         self._in_between = False
+        self._admitted: list[tuple[Job, Iterator[Any]]] = []  # unbatched jobs admitted in a turn
         if batcher is not None and hasattr(batcher, "between"):
             batcher.between = self._between_events  # type: ignore[attr-defined]
         self._thread = threading.Thread(target=self._loop, name="mctp-generation", daemon=True)
@@ -250,7 +251,9 @@ class GenerationWorker:
         if self.batcher is not None and self.batcher.accepts(out):
             self._waiting.append((job, out))
         else:
-            self._active.append((job, iter(out)))
+            entry = (job, iter(out))
+            self._active.append(entry)
+            self._admitted.append(entry)  # kept by a turn running now (see _turns)
 
     def _start_batches(self) -> None:
         b = self.batcher
@@ -345,6 +348,7 @@ class GenerationWorker:
         rest = [(j, it) for j, it in self._active if j.id in self._answered]
         turn = collections.deque(fresh + rest)
         still: list[tuple[Job, Iterator[Any]]] = []
+        self._admitted = []
         while turn:
             job, items = turn.popleft()
             if self._queue:  # arrived during the turn: offered to a running batch at once
@@ -369,7 +373,10 @@ class GenerationWorker:
                     break
             if self._joining:  # joined during that item: its first answer comes next
                 turn.extendleft(reversed(self._settle_joins(poll=False)))
-        self._active = still
+        # unbatched jobs admitted during the turn (between items or a batch's events) run
+        # from the next turn on
+        self._active = still + self._admitted
+        self._admitted = []
 
     def _item(self, job: Job, items: Iterator[Any]) -> Any:
         """The job's next item, handed to its sink; ``_DONE`` when it ended (finished,

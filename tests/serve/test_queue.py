@@ -341,3 +341,31 @@ def test_an_arrival_is_offered_between_the_events_of_the_item_being_made():
     assert holder["offered_inside_item"] == ["A", "B"]
     assert [x for x in seen if isinstance(x, str) and x.startswith("b")] == ["b-1", "b-2"]
     assert w.joined == 1 and w.completed == 2
+
+
+def test_an_unbatched_job_arriving_during_a_turn_is_not_lost():
+    # A and C take turns; B (a plain item iterator, not a batched request) arrives during A's
+    # second item and is admitted before C's item: it must run from the next turn on (it
+    # was dropped when the turn ended, and its client waited forever).
+    seen: list = []
+    holder: dict = {}
+
+    def a_items():
+        yield "a-1"
+        holder["worker"].submit(lambda: iter(["b-1", "b-2"]), seen.append)
+        yield "a-2"
+        yield "a-3"
+
+    w = GenerationWorker(max_queue=4)
+    holder["worker"] = w
+    gate = threading.Event()
+    w.submit(lambda: (gate.wait(10), a_items())[1], seen.append)
+    w.submit(lambda: iter(["c-1", "c-2", "c-3"]), seen.append)
+    gate.set()
+    end = time.monotonic() + 10
+    while w.completed < 3 and time.monotonic() < end:
+        time.sleep(0.01)
+    w.close()
+    order = [x for x in seen if isinstance(x, str)]
+    assert sorted(order) == ["a-1", "a-2", "a-3", "b-1", "b-2", "c-1", "c-2", "c-3"], order
+    assert w.completed == 3
