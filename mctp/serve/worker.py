@@ -213,14 +213,18 @@ class GenerationWorker:
             return
         self._in_between = True
         try:
-            with self._cond:
-                new = list(self._queue)
-                self._queue.clear()
-            for job in new:
-                self._admit(job)
-            self._offer_joins()
+            self._admit_arrivals()
         finally:
             self._in_between = False
+
+    def _admit_arrivals(self) -> None:
+        """Admit the jobs queued now and offer them to the running batches."""
+        with self._cond:
+            new = list(self._queue)
+            self._queue.clear()
+        for job in new:
+            self._admit(job)
+        self._offer_joins()
 
     def _fail_all(self, error: Exception) -> None:
         """Hand ``error`` to every job the worker holds and forget them (their batches are
@@ -352,12 +356,7 @@ class GenerationWorker:
         while turn:
             job, items = turn.popleft()
             if self._queue:  # arrived during the turn: offered to a running batch at once
-                with self._cond:
-                    new = list(self._queue)
-                    self._queue.clear()
-                for j in new:
-                    self._admit(j)
-                self._offer_joins()
+                self._admit_arrivals()
             for n in range(1, _FIRST_ITEMS_PER_TURN + 1):
                 item = self._item(job, items)
                 if item is _DONE:

@@ -9,6 +9,25 @@ from mctp import EngineConfig, GenerationConfig, Generator, generate
 from mctp.engine.batching import BatchScheduler, Cohort, JoinTicket, RowRequest, left_pad
 
 
+def _joinable_model():
+    """A 2-layer Qwen2 backbone, 10 heads and a speech vocabulary whose greedy answers tell
+    rows apart (the join tests)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from mctp import MCTPStack
+    from mctp.backbones import HFBackbone
+    from mctp.speech_vocab import AUDIO_PLACEHOLDER, BOA, EOA, SpeechVocab
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    bb = HFBackbone(Qwen2ForCausalLM(cfg).eval())
+    stack = MCTPStack.from_backbone(bb.parts(), 10).eval()
+    vocab = SpeechVocab(special={BOA: 100, EOA: 101, AUDIO_PLACEHOLDER: 99}, audio_start=102,
+                        num_audio=26, vocab_size=128)  # fmt: skip
+    return bb, stack, vocab
+
+
 @pytest.mark.parametrize("mode", ["boost", "vanilla"])
 def test_cohort_rows_equal_their_lone_answers_and_stop_on_their_own(toy, mode):
     cfg = GenerationConfig(mode=mode, max_new_tokens=60, eos_token_id=2)
@@ -93,19 +112,7 @@ def test_left_pad_marks_only_padding():
     ("mode", "verify"), [("vanilla", False), ("turbo", False), ("boost", False), ("vanilla", True)]
 )
 def test_a_request_joins_a_running_cohort_and_gets_its_lone_answer(mode, verify):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from mctp import MCTPStack
-    from mctp.backbones import HFBackbone
-    from mctp.speech_vocab import AUDIO_PLACEHOLDER, BOA, EOA, SpeechVocab
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    bb = HFBackbone(Qwen2ForCausalLM(cfg).eval())
-    stack = MCTPStack.from_backbone(bb.parts(), 10).eval()
-    vocab = SpeechVocab(special={BOA: 100, EOA: 101, AUDIO_PLACEHOLDER: 99}, audio_start=102,
-                        num_audio=26, vocab_size=128)  # fmt: skip
+    bb, stack, vocab = _joinable_model()
     gcfg = GenerationConfig(mode=mode, max_new_tokens=30, verify=verify)
     g = torch.Generator().manual_seed(3)
     a, b = torch.randint(3, 90, (1, 7), generator=g), torch.randint(3, 90, (1, 5), generator=g)
@@ -216,19 +223,7 @@ def test_a_request_offered_between_events_joins_and_gets_its_lone_answer():
     """``between`` runs after every event while the stream is suspended; a request offered
     from there (the server admits arrivals so) joins at the next join point and still gets
     exactly its lone answer, as does the row being read."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from mctp import MCTPStack
-    from mctp.backbones import HFBackbone
-    from mctp.speech_vocab import AUDIO_PLACEHOLDER, BOA, EOA, SpeechVocab
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    bb = HFBackbone(Qwen2ForCausalLM(cfg).eval())
-    stack = MCTPStack.from_backbone(bb.parts(), 10).eval()
-    vocab = SpeechVocab(special={BOA: 100, EOA: 101, AUDIO_PLACEHOLDER: 99}, audio_start=102,
-                        num_audio=26, vocab_size=128)  # fmt: skip
+    bb, stack, vocab = _joinable_model()
     gcfg = GenerationConfig(mode="boost", max_new_tokens=30)
     g = torch.Generator().manual_seed(3)
     a, b = torch.randint(3, 90, (1, 7), generator=g), torch.randint(3, 90, (1, 5), generator=g)
