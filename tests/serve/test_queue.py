@@ -143,7 +143,10 @@ def test_full_queue_answers_503_and_disconnect_frees_the_slot(slow):
         t.join(60)
         status, out = results["b"]
         assert status == 200 and out["choices"][0]["message"]["content"]
-        health = _health(srv.url)
+        # B's answer is sent from inside the worker's turn, which ends a moment later
+        end = time.monotonic() + 10
+        while (health := _health(srv.url))["busy"] and time.monotonic() < end:
+            time.sleep(0.02)
         assert health["cancelled"] == 1 and health["completed"] == 1
         assert not health["busy"] and health["waiting"] == 0
 
