@@ -64,11 +64,16 @@ def backbone_step(
     idx: torch.Tensor,
     all_logits: bool = False,
     visible: int | None = None,
+    regions: BlockRegions | None = None,
+    logits: Callable[[Backbone, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The engine's backbone step: the buffer's slots ``idx [T]`` as tensors (embeddings,
     positions, validity) through :meth:`Backbone.decode`, then the logits. ``visible``: the
     leading slots attention reads (the eager path passes the sequence's length, so a step
     costs what the sequence holds, not what the cache could hold; None on fixed shapes).
+    The regional path gives ``regions`` (every layer through its compiled graph) and
+    ``logits`` (a compiled ``(backbone, hidden) -> logits``); embeddings, masks and rotary
+    tables stay eager then.
 
     Returns:
         ``(hidden [B, T, H], logits [B, T, V] with all_logits else [B, 1, V])``.
@@ -76,8 +81,12 @@ def backbone_step(
     x = buffer.embed(backbone.embed, idx)
     pos = buffer.positions.index_select(1, idx)
     valid = buffer.valid if visible is None else buffer.valid[:, :visible]
-    hidden = backbone.decode(x, pos, idx, valid, cache)
-    return hidden, backbone.logits(hidden if all_logits else hidden[:, -1:])
+    if regions is None:
+        hidden = backbone.decode(x, pos, idx, valid, cache)
+    else:
+        hidden = backbone.decode(x, pos, idx, valid, cache, regions=regions)  # type: ignore[call-arg]
+    last = hidden if all_logits else hidden[:, -1:]
+    return hidden, backbone.logits(last) if logits is None else logits(backbone, last)
 
 
 def _logits(backbone: Backbone, hidden: torch.Tensor) -> torch.Tensor:
@@ -135,23 +144,6 @@ def _shared_regions(backbone: Backbone, kwargs: Mapping[str, Any]) -> BlockRegio
                 functools.partial(_compile_region, dict(kwargs)), options=kwargs.get("options")
             )
         return per_backbone[key]
-
-
-def _regional_step(
-    backbone: Backbone,
-    buffer: TokenBuffer,
-    cache: Any,
-    idx: torch.Tensor,
-    all_logits: bool,
-    regions: BlockRegions | None,
-    logits: Callable[[Backbone, torch.Tensor], torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`backbone_step` on fixed shapes with every layer through ``regions`` and the
-    logits through the compiled ``logits``; embeddings, masks and rotary tables eager."""
-    x = buffer.embed(backbone.embed, idx)
-    pos = buffer.positions.index_select(1, idx)
-    hidden = backbone.decode(x, pos, idx, buffer.valid, cache, regions=regions)  # type: ignore[call-arg]
-    return hidden, logits(backbone, hidden if all_logits else hidden[:, -1:])
 
 
 class ExactPath:
@@ -278,8 +270,8 @@ class FastPath:
         self.fixed_chains = not regions
         if self.regions is not None:
             logits = self.regions.function(_logits, "mctp_backbone_logits")
-            self._decode = lambda buffer, cache, idx, all_logits=False: _regional_step(
-                backbone, buffer, cache, idx, all_logits, self.regions, logits
+            self._decode = lambda buffer, cache, idx, all_logits=False: backbone_step(
+                backbone, buffer, cache, idx, all_logits, None, self.regions, logits
             )
         else:
             step = self._compile(backbone_step, "mctp_backbone_decode")
@@ -371,18 +363,19 @@ class FastPath:
             decoder.catch_up(count, w, self.prefill_windows, lambda k: self._fill(decoder, k))
         if not decoder.window_ready(count, w):
             return decoder.step(count, sampler=sampler).tokens
-        if self.regions is not None:
-            stack, step = decoder.stack, self.regions.function(head_token, "mctp_head_token")
-            chain = decoder.window_chain(
-                count, w, self.regions, lambda h, pick: step(stack, h, pick)
-            )
-            return decoder.run_window(chain, count, w, sampler).tokens
         key = (decoder, count)
         if key not in self._chains:
-            self._chains[key] = self._compile(
-                decoder.window_chain(count, w), f"mctp_chain{count}_w{w}"
-            )
+            self._chains[key] = self._window_chain(decoder, count)
         return decoder.run_window(self._chains[key], count, w, sampler).tokens
+
+    def _window_chain(self, decoder: MCTPDecoder, count: int) -> Callable[..., Any]:
+        """The fixed-window chain of heads ``0..count-1``: compiled whole, or, with regions,
+        each head's block and its logits and token through the shared compiled graphs."""
+        w = self.window
+        if self.regions is None:
+            return self._compile(decoder.window_chain(count, w), f"mctp_chain{count}_w{w}")
+        stack, step = decoder.stack, self.regions.function(head_token, "mctp_head_token")
+        return decoder.window_chain(count, w, self.regions, lambda h, pick: step(stack, h, pick))
 
 
 def compile_kwargs(

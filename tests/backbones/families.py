@@ -185,6 +185,23 @@ def build(family: str, *, tied: bool = False, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def left_padded(
+    length: int, pad: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of two prompts of ``length`` slots: row 0 full, row 1 left-padded by ``pad``
+    (random ids in ``3..VOCAB-1``, row 0 drawn first).
+
+    Returns:
+        ``(ids [2, length], attention_mask [2, length])``.
+    """
+    ids = torch.zeros(2, length, dtype=torch.long)
+    mask = torch.zeros(2, length, dtype=torch.long)
+    ids[0] = torch.randint(3, VOCAB, (length,), generator=generator)
+    ids[1, pad:] = torch.randint(3, VOCAB, (length - pad,), generator=generator)
+    mask[0], mask[1, pad:] = 1, 1
+    return ids, mask
+
+
 def lively(family: str, *, tied: bool = False, prompt: torch.Tensor) -> torch.nn.Module:
     """The first of seeds 0..9 whose greedy continuation of ``prompt [1, P]`` has at least 5
     distinct tokens in 44 (a model stuck on one token would make equality checks vacuous).

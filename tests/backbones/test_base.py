@@ -13,7 +13,7 @@ from mctp import generate
 from mctp.backbones import HFBackbone
 
 sys.path.insert(0, str(Path(__file__).parent))
-from families import VOCAB, WINDOW, build, lively
+from families import VOCAB, WINDOW, build, left_padded, lively
 
 
 def _padded_rows(t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -72,11 +72,7 @@ def test_chunked_prefill_equals_one_step(family):
 @pytest.mark.parametrize("family", ["qwen2-sliding", "gpt2"])
 def test_chunked_prefill_gives_the_same_greedy_tokens(family):
     g = torch.Generator().manual_seed(5)
-    ids = torch.zeros(2, 21, dtype=torch.long)
-    mask = torch.zeros(2, 21, dtype=torch.long)
-    ids[0] = torch.randint(3, VOCAB, (21,), generator=g)
-    ids[1, 6:] = torch.randint(3, VOCAB, (15,), generator=g)
-    mask[0], mask[1, 6:] = 1, 1
+    ids, mask = left_padded(21, 6, g)
     model = lively(family, prompt=ids[:1])
     whole = generate(
         HFBackbone(model, prefill_chunk=None), None, ids, "vanilla", 12, attention_mask=mask

@@ -20,7 +20,7 @@ from mctp.backbones import HFBackbone
 from mctp.interleave import InterleaveSchedule
 
 sys.path.insert(0, str(Path(__file__).parent))
-from families import FAMILIES, VOCAB, build, expected_path, lively
+from families import FAMILIES, VOCAB, build, expected_path, left_padded, lively
 
 NEW = 44
 
@@ -58,11 +58,7 @@ def test_vanilla_greedy_equals_transformers_past_the_window(family, tied):
     res = generate(bb, None, ids, "vanilla", NEW)
     assert res.tokens[0].tolist() == ref[0, 6:].tolist()
     # a left-padded batch
-    ids = torch.zeros(2, 6, dtype=torch.long)
-    mask = torch.zeros(2, 6, dtype=torch.long)
-    ids[0] = torch.randint(3, VOCAB, (6,), generator=g)
-    ids[1, 3:] = torch.randint(3, VOCAB, (3,), generator=g)
-    mask[0], mask[1, 3:] = 1, 1
+    ids, mask = left_padded(6, 3, g)
     ref = _reference(model, ids, mask)
     res = generate(bb, None, ids, "vanilla", NEW, attention_mask=mask)
     assert res.sequences[:, 6:].tolist() == ref[:, 6:].tolist()
@@ -180,11 +176,7 @@ def test_regional_fast_path_equals_transformers_past_the_window(family):
     window for a left-padded batch, and Boost's tokens equal the eager path's: the per-layer
     graphs read each layer's own weights, windows and cache."""
     g = torch.Generator().manual_seed(1)
-    ids = torch.zeros(2, 6, dtype=torch.long)
-    mask = torch.zeros(2, 6, dtype=torch.long)
-    ids[0] = torch.randint(3, VOCAB, (6,), generator=g)
-    ids[1, 2:] = torch.randint(3, VOCAB, (4,), generator=g)
-    mask[0], mask[1, 2:] = 1, 1
+    ids, mask = left_padded(6, 2, g)
     model = lively(family, prompt=ids[:1])
     bb = HFBackbone(model)
     fast = dict(compile=True, compile_options={"backend": "eager"}, window=4, compile_regions=True)

@@ -61,6 +61,13 @@ def _wait_cancelled(app, timeout: float = 10.0) -> None:
     raise TimeoutError("the server did not notice that the client left")
 
 
+def _wait_completed(w: GenerationWorker, n: int, timeout: float = 10.0) -> None:
+    """Wait (at most ``timeout`` s) until the worker completed ``n`` jobs."""
+    end = time.monotonic() + timeout
+    while w.completed < n and time.monotonic() < end:
+        time.sleep(0.01)
+
+
 def _health(url: str) -> dict:
     return json.loads(request(url, "/health")[2])
 
@@ -293,9 +300,7 @@ def test_a_request_arriving_during_a_turn_joins_and_answers_within_it():
     w.submit(lambda: (gate.wait(10), "A")[1], seen.append)
     w.submit(lambda: "C", seen.append)
     gate.set()
-    end = time.monotonic() + 10
-    while w.completed < 3 and time.monotonic() < end:
-        time.sleep(0.01)
+    _wait_completed(w, 3)
     w.close()
     order = [x for x in seen if isinstance(x, str)]
     assert sorted(order) == ["a-1", "a-2", "a-3", "b-1", "b-2", "c-1", "c-2", "c-3"]
@@ -336,9 +341,7 @@ def test_an_arrival_is_offered_between_the_events_of_the_item_being_made():
     assert batcher.between == w._between_events  # the worker installed its hook
     holder.update(worker=w, batcher=batcher)
     w.submit(lambda: "A", seen.append)
-    end = time.monotonic() + 10
-    while w.completed < 2 and time.monotonic() < end:
-        time.sleep(0.01)
+    _wait_completed(w, 2)
     w.close()
     # A was offered first (no batch ran yet: refused, then started); B inside A's item
     assert holder["offered_inside_item"] == ["A", "B"]
@@ -365,9 +368,7 @@ def test_an_unbatched_job_arriving_during_a_turn_is_not_lost():
     w.submit(lambda: (gate.wait(10), a_items())[1], seen.append)
     w.submit(lambda: iter(["c-1", "c-2", "c-3"]), seen.append)
     gate.set()
-    end = time.monotonic() + 10
-    while w.completed < 3 and time.monotonic() < end:
-        time.sleep(0.01)
+    _wait_completed(w, 3)
     w.close()
     order = [x for x in seen if isinstance(x, str)]
     assert sorted(order) == ["a-1", "a-2", "a-3", "b-1", "b-2", "c-1", "c-2", "c-3"], order
