@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -25,12 +27,40 @@ TORCHRUN_COMMAND = (
 )
 
 
-def _torchrun(script: Path, *args: str) -> subprocess.CompletedProcess:
+def _torchrun(
+    script: Path, *args: str, out: Path, overrides: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    """Run ``script`` on 2 gloo processes writing to ``out`` (plus config ``overrides``).
+
+    A rank that dies of a native abort (``terminate called ...``, SIGABRT: seen once in CI in
+    about twenty runs, inside torch's C++ side with no Python error, never reproduced) gets one
+    fresh retry with a warning; a second abort, a Python error or a wrong result still fails.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    return subprocess.run(
-        [*cmd, str(script), *args], capture_output=True, text=True, timeout=400, env=env, cwd=ROOT
-    )
+    for attempt in (1, 2):
+        p = subprocess.run(
+            [
+                *cmd,
+                str(script),
+                *args,
+                "--override",
+                f"run.out_dir={out}",
+                "run.progress=false",
+                *overrides,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=400,
+            env=env,
+            cwd=ROOT,
+        )
+        aborted = p.returncode != 0 and "terminate called" in p.stderr and "SIGABRT" in p.stderr
+        if not aborted or attempt == 2:
+            return p
+        warnings.warn(f"a rank aborted natively, retrying once:\n{p.stderr[-1500:]}", stacklevel=2)
+        shutil.rmtree(out, ignore_errors=True)
+    raise AssertionError("unreachable")
 
 
 def _close(a: list[dict[str, float]], b: list[dict[str, float]], tol: float = 1e-5) -> None:
@@ -46,7 +76,7 @@ def test_two_gloo_processes_equal_one(tmp_path, tiny_reference):
     out = tmp_path / "ddp"
     # TRAINING.md's CPU command, with the output folder and no progress bars
     cli, *args = TORCHRUN_COMMAND.split()[4:]
-    p = _torchrun(ROOT / cli, *args, "--override", f"run.out_dir={out}", "run.progress=false")
+    p = _torchrun(ROOT / cli, *args, out=out)
     assert p.returncode == 0, p.stderr[-4000:]
     assert p.stdout.count("stage 1 config:") == 1  # config printed once, by rank 0
     assert p.stdout.count("stage 4: step 3") == 1
@@ -70,9 +100,7 @@ def test_fsdp_full_shard_on_cpu_equals_one_process(tmp_path, tiny_reference):
     out = tmp_path / "fsdp"
     cli, *args = TORCHRUN_COMMAND.split()[4:]
     fsdp = ["run.fsdp=true", "run.fsdp_config=examples/vita_audio/recipes/fsdp/full_shard.json"]
-    p = _torchrun(
-        ROOT / cli, *args, "--override", f"run.out_dir={out}", "run.progress=false", *fsdp
-    )
+    p = _torchrun(ROOT / cli, *args, out=out, overrides=tuple(fsdp))
     assert p.returncode == 0, p.stderr[-4000:]
     for stage in STAGES:
         _close(trajectory(out, stage), trajectory(tiny_reference, stage))
