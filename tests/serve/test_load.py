@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 
-LOAD = Path(__file__).resolve().parents[2] / "benchmarks" / "load.py"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def _load_module():
-    spec = importlib.util.spec_from_file_location("mctp_benchmark_load", LOAD)
+def _load_module(name: str = "load"):
+    spec = importlib.util.spec_from_file_location(
+        f"mctp_benchmark_{name}", BENCHMARKS / f"{name}.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
@@ -43,3 +45,27 @@ def test_only_loopback():
         load.run_load("http://10.0.0.1:8000", clients=1, seconds=1)
     with pytest.raises(ValueError, match="loopback"):
         load.run_load("http://example.org:80", clients=1, seconds=1)
+
+
+def test_the_reciting_model_says_its_chain_in_every_mode(tmp_path):
+    """benchmarks/recite_model.py (the load test's model at real shapes), at a tiny width."""
+    import torch
+
+    from mctp.speech import build_folder_pipeline
+
+    recite = _load_module("recite_model")
+    folder = recite.write_recite_model(tmp_path, "tiny", num_audio=24, dtype=torch.float32)
+    pipe = build_folder_pipeline(model=folder, num_threads=1)
+    chain = recite.recite_chain(pipe.tokenizer, pipe.vocab, 24)
+    for mode in ("vanilla", "boost", "balance", "turbo"):
+        for question in ("what is the weather", "tell me your name please"):
+            r = pipe(question, mode=mode)
+            assert r.text == recite.RECITED_TEXT, (mode, r.text)
+            assert r.generation.tokens[0].tolist() == chain[1:], mode
+            assert r.finish_reason == "stop" and r.num_audio_tokens == 24 and r.audio.numel() > 0
+            # the heads drafted (and the drafts were the chain): not a Vanilla answer in disguise
+            assert mode == "vanilla" or r.generation.num_mctp_steps > 0
+    with pytest.raises(ValueError, match="unknown shape"):
+        recite.write_recite_model(tmp_path, "1b")
+    with pytest.raises(ValueError, match="num_audio"):
+        recite.recite_chain(pipe.tokenizer, pipe.vocab, 0)
