@@ -177,6 +177,8 @@ class LoadReport:
     sample_rate: int
     server_started_ms: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    distinct_answers: int = 0
+    """Different reference answers among the questions (1: a mixed-up answer cannot be seen)."""
 
     def _pct(self, xs: list[float], q: float) -> float | None:
         return float(np.percentile(xs, q)) if xs else None
@@ -200,6 +202,7 @@ class LoadReport:
             "server_first_chunk_p95_ms": self._pct(self.server_first_chunk_ms, 95),
             "server_started_p50_ms": self._pct(self.server_started_ms, 50),
             "server_started_p95_ms": self._pct(self.server_started_ms, 95),
+            "distinct_answers": self.distinct_answers,
         }
 
     def table(self) -> str:
@@ -334,6 +337,7 @@ def run_load(
         server_started_ms=server_wait,
         sample_rate=rate,
         errors=errors,
+        distinct_answers=len({(r.text, r.audio_sha, r.samples) for r in refs}),
     )
 
 
@@ -442,6 +446,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.summary() for r in reps], f, indent=2)
+    if reps and reps[0].distinct_answers < 2:
+        print(
+            "note: every question got the same answer alone, so an answer given to the wrong "
+            "request would pass unseen (lost and failed requests are still counted)"
+        )
     for rep in reps:
         for err in sorted(set(rep.errors)):
             print(f"{rep.clients} clients, failed: {err}", file=sys.stderr)
