@@ -606,6 +606,40 @@ def check_paths(configs: Sequence[TrainConfig]) -> None:
                 )
 
 
+FSDP2_ACCELERATE = "1.6.0"
+"""The first accelerate release whose FSDP plugin takes ``fsdp_version`` (FSDP2)."""
+
+
+def check_fsdp(configs: Sequence[TrainConfig], accelerate_version: str | None = None) -> None:
+    """Refuse ``run.fsdp`` with an accelerate too old for FSDP2, before anything trains.
+
+    transformers hands ``fsdp_version`` to accelerate's plugin, which accelerate takes from
+    1.6.0 on; older ones (our DDP floor is 1.3.0) failed deep inside the Trainer with a
+    ``TypeError`` on every rank.
+
+    Args:
+        configs: The stages.
+        accelerate_version: The installed version (None: read it).
+
+    Raises:
+        ValueError: Naming the stage, the installed version and the one needed.
+    """
+    stages = [c.stage for c in configs if c.run.fsdp]
+    if not stages:
+        return
+    if accelerate_version is None:
+        import accelerate
+
+        accelerate_version = accelerate.__version__
+    from packaging.version import Version
+
+    if Version(accelerate_version) < Version(FSDP2_ACCELERATE):
+        raise ValueError(
+            f"stage {stages[0]}: run.fsdp (FSDP2) needs accelerate >= {FSDP2_ACCELERATE}, "
+            f"installed {accelerate_version} (pip install 'accelerate>={FSDP2_ACCELERATE}')"
+        )
+
+
 def _check_tiny(tiny: Any) -> None:
     """Refuse ``tiny`` settings that ``make_tiny_assets`` would ignore or fail on late."""
     from transformers import Qwen2Config
@@ -654,6 +688,7 @@ def main(cfg: Mapping[str, Any], callbacks: Sequence[Any] = ()) -> list[Path]:
             )
         )
     check_paths(configs)
+    check_fsdp(configs)
     return [run_stage(c, callbacks) for c in configs]
 
 

@@ -187,6 +187,23 @@ def test_a_typo_in_the_last_stage_fails_before_anything_runs(tmp_path):
         main(cfg)
 
 
+def test_fsdp_with_an_accelerate_too_old_for_fsdp2_is_refused_by_name():
+    """accelerate < 1.6.0 has no FSDP2 (its plugin fails with a TypeError on every rank)."""
+    from vita_audio.train import check_fsdp
+
+    fsdp = ["run.fsdp=true", "run.fsdp_config=examples/vita_audio/recipes/fsdp/full_shard.json"]
+    cfg = load_config(TINY_RECIPE, ["run.out_dir=o", *fsdp])
+    stages = plan_stages(cfg)
+    with pytest.raises(
+        ValueError,
+        match=r"stage 1: run\.fsdp \(FSDP2\) needs accelerate >= 1\.6\.0, installed 1\.3\.0",
+    ):
+        check_fsdp(stages, "1.3.0")
+    check_fsdp(stages, "1.6.0")
+    check_fsdp(stages, "1.14.0.dev0")
+    check_fsdp(plan_stages(load_config(TINY_RECIPE, ["run.out_dir=o"])), "1.3.0")  # no FSDP
+
+
 @pytest.mark.parametrize(
     ("override", "pattern"),
     [
