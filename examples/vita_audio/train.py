@@ -672,6 +672,7 @@ def main(cfg: Mapping[str, Any], callbacks: Sequence[Any] = ()) -> list[Path]:
         DiskFullError: If the disk fills up while a checkpoint or result is written.
     """
     configs = plan_stages(cfg)
+    check_fsdp(configs)  # before the tiny assets are made
     tiny = cfg.get("tiny")
     if tiny is not None:
         out = Path(cfg.get("run", {}).get("out_dir", "out/vita_audio"))
@@ -688,7 +689,6 @@ def main(cfg: Mapping[str, Any], callbacks: Sequence[Any] = ()) -> list[Path]:
             )
         )
     check_paths(configs)
-    check_fsdp(configs)
     return [run_stage(c, callbacks) for c in configs]
 
 
