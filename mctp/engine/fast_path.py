@@ -29,7 +29,7 @@ import functools
 import threading
 import types
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,21 @@ def _compile_with(kwargs: Mapping[str, Any], fn: Callable[..., Any], tag: str) -
     return torch.compile(_own_code(fn, tag), **kw)
 
 
-def _compile_region(kwargs: Mapping[str, Any], fn: Callable[..., Any], tag: str) -> Any:
+def _template_guards(entries: Sequence[Any]) -> list[bool]:
+    """Dynamo guard filter of a block's graph: neither the guards on globals nor those on
+    modules (the graph's only module is its own meta template, the same object on every call
+    and never changed); the guards on tensors (shapes, dtypes, strides) and grad mode stay."""
+    no_globals = torch.compiler.skip_guard_on_globals_unsafe(entries)
+    no_modules = torch.compiler.skip_guard_on_all_nn_modules_unsafe(entries)
+    return [a and b for a, b in zip(no_globals, no_modules, strict=True)]
+
+
+def _compile_region(
+    kwargs: Mapping[str, Any],
+    fn: Callable[..., Any],
+    tag: str,
+    guards: Callable[[Sequence[Any]], list[bool]] = torch.compiler.skip_guard_on_globals_unsafe,
+) -> Any:
     """:func:`_compile_with` for a regional graph, whose Dynamo guards skip global names.
 
     A region is called once per layer and head (24 + 10 times a token on the 0.5B shape), and
@@ -113,12 +127,13 @@ def _compile_region(kwargs: Mapping[str, Any], fn: Callable[..., Any], tag: str)
     arguments (tensor shapes, dtypes and strides, the template block and its settings) and the
     grad mode, and drops those on globals, which the engine never rebinds: a library function
     replaced after the first compiled call (monkeypatching transformers) would not be seen.
+    A block's graph also drops the guards on modules (``guards``: :func:`_template_guards`).
     Not with a compile ``mode`` (torch takes a mode or options).
     """
     kw = dict(kwargs)
     if "mode" not in kw:
         kw["options"] = {
-            "guard_filter_fn": torch.compiler.skip_guard_on_globals_unsafe,
+            "guard_filter_fn": guards,
             **(kw.get("options") or {}),
         }
     return _compile_with(kw, fn, tag)
@@ -141,7 +156,11 @@ def _shared_regions(backbone: Backbone, kwargs: Mapping[str, Any]) -> BlockRegio
         per_backbone = _REGIONS.setdefault(backbone, {})
         if key not in per_backbone:
             per_backbone[key] = BlockRegions(
-                functools.partial(_compile_region, dict(kwargs)), options=kwargs.get("options")
+                functools.partial(_compile_region, dict(kwargs)),
+                compile_template=functools.partial(
+                    _compile_region, dict(kwargs), guards=_template_guards
+                ),
+                options=kwargs.get("options"),
             )
         return per_backbone[key]
 

@@ -165,22 +165,34 @@ class BlockRegions:
     graph) is refused, in ``options`` at construction and globally at a block's first call.
 
     Args:
-        compile: ``(fn, name) -> compiled fn``; called once per distinct block (see
-            :func:`block_key`) with a function of its own, e.g. ``FastPath``'s compile with its
-            options. ``lambda fn, name: fn`` runs the same code eagerly (tests).
+        compile: ``(fn, name) -> compiled fn``, e.g. ``FastPath``'s compile with its options;
+            ``lambda fn, name: fn`` runs the same code eagerly (tests). Compiles the shared
+            functions (:meth:`function`) and, unless ``compile_template`` is given, the blocks.
+        compile_template: The same for a block's graph, called once per distinct block (see
+            :func:`block_key`) with a function of its own, which only ever sees its own meta
+            template: Dynamo's guards on the template module can be dropped there (the
+            engine's compile does), which they cannot in :meth:`function`, whose callers pass
+            different modules (a full and an audio-only head stack). None: ``compile``.
         options: The Inductor options ``compile`` uses (checked for ``freezing``).
 
     Raises:
         ValueError: If ``options`` turn freezing on.
     """
 
-    def __init__(self, compile: Compile, *, options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        compile: Compile,
+        *,
+        compile_template: Compile | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> None:
         if (options or {}).get("freezing"):
             raise ValueError(
                 "regional compilation cannot use Inductor's 'freezing' option (one graph serves "
                 "many blocks, so weights must stay inputs)"
             )
         self._compile = compile
+        self._compile_template = compile_template or compile
         # block key -> (meta template, compiled function)
         self._graphs: dict[tuple[Any, ...], tuple[nn.Module, Callable[..., Any]]] = {}
         # id(block) -> (the block, its wrapper's graph call); the block is kept so that its
@@ -218,7 +230,10 @@ class BlockRegions:
         key = (type(wrapper).__name__, block_key(wrapper))
         if key not in self._graphs:
             tag = f"mctp_region{len(self._graphs)}_{type(wrapper).__name__.strip('_').lower()}"
-            self._graphs[key] = (_meta_template(wrapper), self._compile(_functional, tag))
+            self._graphs[key] = (
+                _meta_template(wrapper),
+                self._compile_template(_functional, tag),
+            )
         template, fn = self._graphs[key]
         graph = lambda *args: fn(template, _weights(wrapper), *args)  # noqa: E731
         self._wrappers[ident] = (keep, graph)

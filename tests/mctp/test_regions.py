@@ -183,3 +183,68 @@ def test_regional_graphs_skip_guards_on_globals_only(monkeypatch):
     }
     assert options == {"max_autotune": False}
     assert "options" not in seen[1] and seen[1]["mode"] == "default"
+
+
+def test_block_graphs_also_skip_module_guards_shared_functions_do_not(monkeypatch):
+    """A block's graph (one per kind, called with its own meta template only) drops the
+    guards on modules too; the shared functions (logits, head token), called with different
+    modules, keep them."""
+    from mctp.engine import fast_path
+
+    filters: dict[str, object] = {}
+
+    def spy(fn, **kw):
+        filters[fn.__name__] = (kw.get("options") or {}).get("guard_filter_fn")
+        return fn
+
+    monkeypatch.setattr(torch, "compile", spy)
+    bb = HFBackbone(_model())
+    stack = MCTPStack.from_backbone(bb.parts(), 10).eval()
+    config = GenerationConfig(mode="turbo", max_new_tokens=40)
+    gen = Generator(bb, stack, config, max_len=96, compile=True, window=11)
+    gen.generate(torch.arange(3, 17)[None])
+    blocks = {k: v for k, v in filters.items() if k.startswith("mctp_region")}
+    shared = {k: v for k, v in filters.items() if k in ("mctp_backbone_logits", "mctp_head_token")}
+    assert len(blocks) == 2 and len(shared) == 2, filters
+    assert all(v is fast_path._template_guards for v in blocks.values())
+    assert all(v is torch.compiler.skip_guard_on_globals_unsafe for v in shared.values())
+
+
+def test_full_and_audio_only_heads_on_one_backbone_keep_their_own_graphs():
+    """Two Generators on one backbone share its regions (same options); one runs the heads
+    over the whole vocabulary, the other over the audio tokens only (a view of the same heads
+    whose token step sees another module). Run in turns, each gives its own eager tokens, and
+    the two differ (the check could see one reuse the other's graph)."""
+    from mctp.speech_vocab import AUDIO_PLACEHOLDER, BOA, EOA, SpeechVocab
+
+    bb = HFBackbone(_model(layers=2))
+    stack = MCTPStack.from_backbone(bb.parts(), 10).eval()
+    with torch.no_grad():
+        for head in stack.heads:
+            head.proj.weight.mul_(4.0)
+    vocab = SpeechVocab(
+        special={BOA: 100, EOA: 101, AUDIO_PLACEHOLDER: 99},
+        audio_start=102,
+        num_audio=26,
+        vocab_size=128,
+    )
+    ids = torch.randint(3, 99, (1, 14), generator=torch.Generator().manual_seed(5))
+    refs, gens = {}, {}
+    for audio in (False, True):
+        config = GenerationConfig(mode="turbo", max_new_tokens=40)
+        refs[audio] = Generator(bb, stack, config, vocab=vocab, audio_heads=audio).generate(ids)
+        gens[audio] = Generator(
+            bb,
+            stack,
+            config,
+            vocab=vocab,
+            audio_heads=audio,
+            max_len=96,
+            compile=True,
+            compile_options=EAGER,
+            window=11,
+        )
+    assert gens[False].path.regions is gens[True].path.regions
+    assert not torch.equal(refs[False].sequences, refs[True].sequences)
+    for audio in (False, True, False, True):
+        assert torch.equal(gens[audio].generate(ids).sequences, refs[audio].sequences), audio
