@@ -26,16 +26,21 @@ import argparse
 import contextlib
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-SHAPES = {"0.5b": (896, 4864, 24), "7b": (3584, 18944, 4)}  # hidden, intermediate, layers
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from modes import CONFIGS  # the shapes of the modes table
+
+LAYERS = {"0.5b": 24, "7b": 4}  # MLPs in the stack by default (all of 0.5B's; 4 of 7B's 28)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="0.5b")
+    ap.add_argument("--shape", choices=sorted(LAYERS), default="0.5b")
     ap.add_argument("--layers", type=int, help="MLPs in the stack (default: the shape's)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calls", type=int, default=60)
@@ -49,8 +54,8 @@ def main() -> None:
     from mctp.engine.compile_packing import PackedLinearPass
 
     torch.set_num_threads(args.threads)
-    hidden, inter, layers = SHAPES[args.shape]
-    layers = args.layers or layers
+    hidden, _, _, _, inter, _, _ = CONFIGS[args.shape]
+    layers = args.layers or LAYERS[args.shape]
     cfg = Qwen2Config(hidden_size=hidden, intermediate_size=inter)
 
     class Stack(torch.nn.Module):

@@ -40,6 +40,7 @@ import resource
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,21 +52,16 @@ CONFIGS = {
 }
 
 
-def build(
-    name: str, device: str, dtype: torch.dtype, num_heads: int = 10, layers: int | None = None
-):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from mctp import MCTPStack
-    from mctp.backbones import HFBackbone
-    from mctp.speech_vocab import AUDIO_PLACEHOLDER, BOA, EOA, SpeechVocab
+def qwen2_config(name: str, layers: int | None = None, **overrides: Any) -> Any:
+    """The ``Qwen2Config`` of the shape ``name`` (a key of :data:`CONFIGS`), with SDPA
+    attention; ``layers`` (default: the shape's) and ``overrides`` replace its fields."""
+    from transformers import Qwen2Config
 
     hidden, n_layers, heads, kv, inter, vocab, tie = CONFIGS[name]
-    layers = layers or n_layers
-    cfg = Qwen2Config(
+    fields = dict(
         vocab_size=vocab,
         hidden_size=hidden,
-        num_hidden_layers=layers,
+        num_hidden_layers=layers or n_layers,
         num_attention_heads=heads,
         num_key_value_heads=kv,
         intermediate_size=inter,
@@ -74,7 +70,22 @@ def build(
         rope_theta=1e6,
         rms_norm_eps=1e-6,
     )
+    cfg = Qwen2Config(**{**fields, **overrides})
     cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def build(
+    name: str, device: str, dtype: torch.dtype, num_heads: int = 10, layers: int | None = None
+):
+    from transformers import Qwen2ForCausalLM
+
+    from mctp import MCTPStack
+    from mctp.backbones import HFBackbone
+    from mctp.speech_vocab import AUDIO_PLACEHOLDER, BOA, EOA, SpeechVocab
+
+    cfg = qwen2_config(name, layers)
+    vocab = cfg.vocab_size
     torch.manual_seed(0)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

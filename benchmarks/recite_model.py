@@ -24,26 +24,25 @@ questions share one answer, so a load test on this model can not see two answers
     python benchmarks/load.py --clients 1,4,8 --seconds 30 \\
         --server-args "--model /tmp/recite-0.5b --dtype bfloat16 --threads 2"
 
-The folder holds the tiny default's word-level tokenizer (with its 256 audio tokens) and the
-vocabulary of the shape (168,072 rows, as VITA-Audio's); the dummy codec speaks the audio.
+The shapes are those of ``benchmarks/modes.py`` (its ``tiny``, ``0.5b`` and ``7b``, with untied
+output rows). The folder holds the tiny default's word-level tokenizer (with its 256 audio
+tokens) and the vocabulary of the shape (168,072 rows for 0.5b and 7b, as VITA-Audio's); the
+dummy codec speaks the audio.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import sys
 from pathlib import Path
 
 import torch
 
-__all__ = ["RECITED_TEXT", "SHAPES", "recite_chain", "write_recite_model"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from modes import CONFIGS, qwen2_config  # the shapes of the modes table
 
-SHAPES = {
-    # name: (hidden, layers, attention heads, kv heads, intermediate, vocab)
-    "tiny": (64, 2, 4, 2, 128, 168072),
-    "0.5b": (896, 24, 14, 2, 4864, 168072),  # Qwen2.5-0.5B's blocks, VITA-Audio's vocabulary
-    "7b": (3584, 28, 28, 4, 18944, 168072),  # Qwen2.5-7B's
-}
+__all__ = ["RECITED_TEXT", "recite_chain", "write_recite_model"]
 
 RECITED_TEXT = "hello this is the tiny mctp model speaking"
 """The text part of the recited answer (before its one audio segment)."""
@@ -94,7 +93,7 @@ def write_recite_model(
 
     Args:
         out: The folder (created; files in it are overwritten).
-        shape: A key of :data:`SHAPES`.
+        shape: A key of ``benchmarks/modes.py``'s ``CONFIGS`` (``tiny``, ``0.5b``, ``7b``).
         num_audio: Audio tokens in the answer.
         num_heads: MCTP heads.
         dtype: Dtype of the written weights.
@@ -107,33 +106,25 @@ def write_recite_model(
     Raises:
         ValueError: If the shape is unknown or ``num_audio`` out of range.
     """
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
     from mctp import MCTPStack
     from mctp.backbones import HFBackbone
     from mctp.speech.tiny import make_chat_tokenizer
     from mctp.speech_vocab import SpeechVocab
 
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; one of {sorted(SHAPES)}")
-    hidden, layers, heads, kv, inter, vocab_size = SHAPES[shape]
+    if shape not in CONFIGS:
+        raise ValueError(f"unknown shape {shape!r}; one of {sorted(CONFIGS)}")
     tok = make_chat_tokenizer()
-    vocab = SpeechVocab.from_tokenizer(tok, vocab_size=vocab_size)
-    chain = recite_chain(tok, vocab, num_audio)
-    cfg = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        intermediate_size=inter,
+    cfg = qwen2_config(
+        shape,
         tie_word_embeddings=False,  # the output rows are set apart from the embeddings
-        max_position_embeddings=32768,
-        rope_theta=1e6,
-        rms_norm_eps=1e-6,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
+    hidden = cfg.hidden_size
+    vocab = SpeechVocab.from_tokenizer(tok, vocab_size=cfg.vocab_size)
+    chain = recite_chain(tok, vocab, num_audio)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(cfg).eval()
@@ -163,7 +154,7 @@ def write_recite_model(
 def main(argv: list[str] | None = None) -> None:
     """Command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", choices=sorted(SHAPES), default="0.5b")
+    p.add_argument("--shape", choices=sorted(CONFIGS), default="0.5b")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--audio", type=int, default=96, help="audio tokens in the answer")
     p.add_argument("--heads", type=int, default=10)
