@@ -22,8 +22,13 @@ __all__ = ["TokenBuffer"]
 class TokenBuffer:
     """The sequence being decoded: ids, position ids and validity in ``[B, S]`` buffers.
 
+    The buffers are allocated for ``batch_size`` rows (:attr:`capacity`); a call with fewer
+    rows runs only the leading ones (:meth:`set_active_rows`, set by :meth:`start`): ``ids``,
+    ``positions`` and ``valid`` are then views of those rows, and :attr:`batch_size` counts
+    them. The :attr:`all_ids` keep every allocated row.
+
     Args:
-        batch_size: ``B``.
+        batch_size: ``B``, the rows allocated.
         max_len: ``S``, prompt plus everything that will be generated.
         device: Where the buffers live.
 
@@ -36,17 +41,34 @@ class TokenBuffer:
     ) -> None:
         if batch_size < 1 or max_len < 2:
             raise ValueError(f"batch_size ({batch_size}) must be >= 1 and max_len ({max_len}) >= 2")
-        self.batch_size, self.max_len = batch_size, max_len
-        self.ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
-        self.positions = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
-        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.capacity, self.max_len = batch_size, max_len
+        self.all_ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self._all_positions = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self._all_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.index = torch.arange(max_len, device=device)
-        for t in (self.ids, self.positions, self.valid, self.index):
+        for t in (self.all_ids, self._all_positions, self._all_valid, self.index):
             static_buffer(t)
+        self.set_active_rows(batch_size)
         self.length = 0
         self.prompt_len = 0
         self.prompt_embeds: torch.Tensor | None = None
         self.heads_read_prompt_embeds = False
+
+    def set_active_rows(self, rows: int) -> None:
+        """Run the leading ``rows`` rows only (``ids``, ``positions`` and ``valid`` become
+        views of them; at full capacity the allocated tensors themselves). What the other
+        rows hold is kept.
+
+        Raises:
+            ValueError: If ``rows`` is not in ``[1, capacity]``.
+        """
+        if not 1 <= rows <= self.capacity:
+            raise ValueError(f"active rows must be in [1, {self.capacity}], got {rows}")
+        self.batch_size = rows
+        full = rows == self.capacity
+        self.ids = self.all_ids if full else self.all_ids[:rows]
+        self.positions = self._all_positions if full else self._all_positions[:rows]
+        self.valid = self._all_valid if full else self._all_valid[:rows]
 
     @property
     def device(self) -> torch.device:
@@ -82,7 +104,8 @@ class TokenBuffer:
         *,
         heads_read_prompt_embeds: bool = False,
     ) -> None:
-        """Load the prompt ``[B, P]`` (left padding marked by ``attention_mask`` zeros).
+        """Load the prompt ``[B, P]`` (left padding marked by ``attention_mask`` zeros); the
+        buffer runs its leading ``B`` rows from now on (:meth:`set_active_rows`).
 
         Args:
             input_ids: ``[B, P]`` prompt ids.
@@ -96,7 +119,7 @@ class TokenBuffer:
 
         Raises:
             TypeError: If ``input_ids`` are not integers (bool and float ids are refused).
-            ValueError: On a wrong batch size, an empty prompt or one that fills the buffer,
+            ValueError: On more rows than allocated, an empty prompt or one that fills the buffer,
                 or ``heads_read_prompt_embeds`` without ``prompt_embeds``.
         """
         if input_ids.dtype == torch.bool or input_ids.is_floating_point() or input_ids.is_complex():
@@ -104,8 +127,8 @@ class TokenBuffer:
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, P], got shape {tuple(input_ids.shape)}")
         b, p = input_ids.shape
-        if b != self.batch_size:
-            raise ValueError(f"buffer batch size is {self.batch_size}, prompt has {b} rows")
+        if not 1 <= b <= self.capacity:
+            raise ValueError(f"buffer holds {self.capacity} rows, prompt has {b}")
         if p < 1:
             raise ValueError("the prompt must hold at least one token")
         if p >= self.max_len:
@@ -116,16 +139,17 @@ class TokenBuffer:
             raise ValueError(
                 f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}"
             )
-        self.ids[:, :p] = input_ids
-        self.positions[:, :p] = default_position_ids(input_ids, attention_mask)
-        self.valid[:, :p] = True if attention_mask is None else attention_mask.bool()
-        self.length = p
         if prompt_embeds is not None and prompt_embeds.shape[:2] != (b, p):
             raise ValueError(
                 f"prompt_embeds must be [B, P, H] with B, P = {(b, p)}, got {tuple(prompt_embeds.shape)}"
             )
         if heads_read_prompt_embeds and prompt_embeds is None:
             raise ValueError("heads_read_prompt_embeds=True needs prompt_embeds")
+        self.set_active_rows(b)
+        self.ids[:, :p] = input_ids
+        self.positions[:, :p] = default_position_ids(input_ids, attention_mask)
+        self.valid[:, :p] = True if attention_mask is None else attention_mask.bool()
+        self.length = p
         self.prompt_embeds = prompt_embeds
         self.heads_read_prompt_embeds = heads_read_prompt_embeds
         self.prompt_len = p

@@ -29,6 +29,8 @@ class KVCache:
 
     Buffers are allocated up front by :meth:`allocate` (what backbones' ``setup_caches``
     does), or else on the first :meth:`update` of each layer, when the head layout is known.
+    An engine that runs fewer rows than it allocated narrows the cache to its leading rows
+    with :meth:`set_active_rows` (the buffers become views; nothing is copied).
 
     Args:
         num_layers: Number of layers sharing this object (the backbone: all of them).
@@ -52,11 +54,15 @@ class KVCache:
         if single_layer and num_layers != 1:
             raise ValueError("single_layer=True needs num_layers=1")
         self.num_layers = num_layers
-        self.batch_size = batch_size
+        self.capacity = batch_size
+        self.batch_size = batch_size  # active rows (see set_active_rows)
         self.max_len = max_len
         self.single_layer = single_layer
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
+        # the allocated [capacity, ...] buffers; keys/values are their leading active rows
+        self._all_keys: list[torch.Tensor | None] = [None] * num_layers
+        self._all_values: list[torch.Tensor | None] = [None] * num_layers
         self._positions: torch.Tensor | None = None
         self._visible: int | None = None
 
@@ -107,10 +113,30 @@ class KVCache:
         if min(heads) < 1 or min(dims) < 1 or min(vdims) < 1:
             raise ValueError(f"kv heads {heads} and head dims {dims}/{vdims} must be >= 1")
         for i, (h, d, dv) in enumerate(zip(heads, dims, vdims)):
-            b, s = self.batch_size, self.max_len
-            self.keys[i] = static_buffer(torch.zeros(b, h, s, d, dtype=dtype, device=device))
-            self.values[i] = static_buffer(torch.zeros(b, h, s, dv, dtype=dtype, device=device))
+            b, s = self.capacity, self.max_len
+            self._all_keys[i] = static_buffer(torch.zeros(b, h, s, d, dtype=dtype, device=device))
+            self._all_values[i] = static_buffer(
+                torch.zeros(b, h, s, dv, dtype=dtype, device=device)
+            )
+        self.set_active_rows(self.batch_size)
         return self
+
+    def set_active_rows(self, rows: int) -> None:
+        """Run the leading ``rows`` rows only: :meth:`update` writes and returns ``[rows, ...]``
+        views of the allocated buffers (the others keep what they hold). At full capacity the
+        buffers themselves are used, so fixed-shape callers see the same tensors as before.
+
+        Raises:
+            ValueError: If ``rows`` is not in ``[1, capacity]``.
+        """
+        if not 1 <= rows <= self.capacity:
+            raise ValueError(f"active rows must be in [1, {self.capacity}], got {rows}")
+        self.batch_size = rows
+        full = rows == self.capacity
+        for i, (k, v) in enumerate(zip(self._all_keys, self._all_values)):
+            if k is not None and v is not None:
+                self.keys[i] = k if full else k[:rows]
+                self.values[i] = v if full else v[:rows]
 
     def rows(self, start: int, stop: int) -> KVCache:
         """A cache over rows ``start .. stop - 1`` of this one: its buffers are views, so what
@@ -121,12 +147,13 @@ class KVCache:
         """
         if not self.allocated:
             raise ValueError("allocate() the cache before taking row views")
-        if not 0 <= start < stop <= self.batch_size:
-            raise ValueError(f"rows {start}..{stop} out of range for batch size {self.batch_size}")
+        if not 0 <= start < stop <= self.capacity:
+            raise ValueError(f"rows {start}..{stop} out of range for batch size {self.capacity}")
         view = KVCache(self.num_layers, stop - start, self.max_len, single_layer=self.single_layer)
         view._visible = None
-        view.keys = [k[start:stop] for k in self.keys]  # type: ignore[index]
-        view.values = [v[start:stop] for v in self.values]  # type: ignore[index]
+        view._all_keys = [k[start:stop] for k in self._all_keys]  # type: ignore[index]
+        view._all_values = [v[start:stop] for v in self._all_values]  # type: ignore[index]
+        view.keys, view.values = list(view._all_keys), list(view._all_values)
         return view
 
     @classmethod
@@ -136,6 +163,7 @@ class KVCache:
         block region builds around one layer's buffers, see :mod:`mctp.engine.regions`)."""
         view = cls(1, keys.shape[0], keys.shape[2], single_layer=True)
         view.keys, view.values = [keys], [values]
+        view._all_keys, view._all_values = [keys], [values]
         view._positions = slots
         return view
 
@@ -182,10 +210,12 @@ class KVCache:
             b, h, _, d = key.shape
             if b != self.batch_size:
                 raise RuntimeError(f"cache batch size is {self.batch_size}, got keys for batch {b}")
-            self.keys[i] = static_buffer(key.new_zeros(b, h, self.max_len, d))
-            self.values[i] = static_buffer(
-                value.new_zeros(b, value.shape[1], self.max_len, value.shape[-1])
+            c = self.capacity
+            self._all_keys[i] = static_buffer(key.new_zeros(c, h, self.max_len, d))
+            self._all_values[i] = static_buffer(
+                value.new_zeros(c, value.shape[1], self.max_len, value.shape[-1])
             )
+            self.set_active_rows(self.batch_size)
         k_buf, v_buf = self.keys[i], self.values[i]
         assert k_buf is not None and v_buf is not None
         k_buf.index_copy_(2, self._positions, key.to(k_buf.dtype))
@@ -196,6 +226,6 @@ class KVCache:
 
     def reset(self) -> None:
         """Zero all buffers (not needed for correctness; masks hide stale slots)."""
-        for buf in (*self.keys, *self.values):
+        for buf in (*self._all_keys, *self._all_values):
             if buf is not None:
                 buf.zero_()

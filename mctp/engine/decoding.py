@@ -126,12 +126,13 @@ class MCTPDecoder:
         self.prefill_chunk = prefill_chunk
         self.stack = stack
         self.buffer = buffer
-        n, b, s = stack.num_heads, buffer.batch_size, buffer.max_len
+        n, b, s = stack.num_heads, buffer.capacity, buffer.max_len
         dtype = dtype or stack.heads[0].proj.weight.dtype
         # hidden[k] holds h^k: the backbone's output for k = 0, head k-1's output otherwise
-        self.hidden = static_buffer(
+        self._all_hidden = static_buffer(
             torch.zeros(n, b, s, stack.hidden_size, dtype=dtype, device=buffer.device)
         )
+        self.hidden = self._all_hidden  # its active rows (see set_active_rows)
         self.caches = []
         for head in stack.heads:
             cache = KVCache(1, b, s, single_layer=True)
@@ -143,6 +144,20 @@ class MCTPDecoder:
         self.backbone_length = 0
         self._length = static_buffer(torch.zeros((), dtype=torch.long, device=buffer.device))
         self._fill_start = static_buffer(torch.zeros((), dtype=torch.long, device=buffer.device))
+
+    def set_active_rows(self, rows: int) -> None:
+        """Run the leading ``rows`` rows only: the hidden-state buffer and every head's cache
+        become views of those rows (see :meth:`TokenBuffer.set_active_rows`).
+
+        Raises:
+            ValueError: If ``rows`` is not in ``[1, capacity]``.
+        """
+        cap = self._all_hidden.shape[1]
+        if not 1 <= rows <= cap:
+            raise ValueError(f"active rows must be in [1, {cap}], got {rows}")
+        self.hidden = self._all_hidden if rows == cap else self._all_hidden[:, :rows]
+        for cache in self.caches:
+            cache.set_active_rows(rows)
 
     def reset(self) -> None:
         """Forget all progress (the buffers stay allocated)."""

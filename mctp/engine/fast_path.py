@@ -174,6 +174,8 @@ class ExactPath:
 
     #: Chains may be shortened to the tokens still needed.
     fixed_chains = False
+    #: A call runs its own rows (no padding to ``max_batch``).
+    fixed_rows = False
 
     def __init__(self, backbone: Backbone) -> None:
         self.backbone = backbone
@@ -242,6 +244,9 @@ class FastPath:
             backbone without regions, or as :func:`compile_kwargs`.
         RuntimeError: If ``compile_cache_dir`` holds a file that is not a compile cache.
     """
+
+    #: Every call runs all ``max_batch`` rows (compiled shapes never change).
+    fixed_rows = True
 
     def __init__(
         self,

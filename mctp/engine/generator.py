@@ -166,8 +166,9 @@ class Generator(_StreamLoop):
 
     @property
     def max_batch(self) -> int:
-        """Rows the engine runs together (calls with fewer rows are padded to it)."""
-        return self.buffer.batch_size
+        """Rows the engine runs together at most (on the compiled path calls with fewer rows
+        are padded to it; the eager path runs the rows a call has)."""
+        return self.buffer.capacity
 
     @property
     def max_len(self) -> int:

@@ -72,6 +72,8 @@ class _Joins:
             or request.config != self.cfg
             or request.prompt_embeds is not None
             or not hasattr(self.cache, "rows")
+            # a prompt embedded by the caller covers the rows it came with only
+            or self.buffer.prompt_embeds is not None
         ):
             return None
         free = [r for r in range(self.gen.max_batch) if r in self.finished_rows]
@@ -83,6 +85,10 @@ class _Joins:
         if not free or start < 0 or n - 1 + need > buf.max_len:
             return None
         r = free[0]
+        if r >= self.state.active_rows:  # every active row is taken: run one more
+            # rows past the active ones are all free, so the lowest free one is the next
+            assert r == self.state.active_rows, (r, self.state.active_rows)
+            self.state.set_active_rows(r + 1)
         dev = buf.device
         ids = ids.to(dev)
         with torch.inference_mode():

@@ -88,7 +88,10 @@ class _Run(_Joins):
         device = gen.device
         input_ids = input_ids.to(device)
         self.rows = gen.rows = b
-        if b < cap:  # pad with copies of row 0 (already stopped): compiled shapes never change
+        # the eager path runs the call's own rows (a lone request costs one row); fixed
+        # shapes (compiled graphs) and caches that cannot be narrowed run all max_batch rows
+        self.narrow = not gen.path.fixed_rows and gen.state.narrowable
+        if b < cap and not self.narrow:  # pad with copies of row 0 (already stopped)
             extra = cap - b
             input_ids = torch.cat([input_ids, input_ids[:1].expand(extra, -1)])
             if attention_mask is not None:
@@ -151,11 +154,21 @@ class _Run(_Joins):
         return self.prompt_len + self.produced
 
     def _record(self, tokens: torch.Tensor, source: Sequence[int]) -> None:
-        """Record new tokens ``[B, T]`` already in the buffer."""
+        """Record new tokens ``[B', T]`` (the active rows) already in the buffer."""
         self.picker.observe(tokens)
         if self.stop_ids.numel():
-            self.done |= torch.isin(tokens, self.stop_ids).any(dim=1)
+            self.done[: tokens.shape[0]] |= torch.isin(tokens, self.stop_ids).any(dim=1)
         self.sources.extend(source)
+
+    def fit_rows(self) -> None:
+        """Stop running rows past the last one still in use (their requests ended and no
+        request took them): the eager path then costs what the live rows cost. Called by the
+        stream between cycles; a join that needs a row past them brings it back."""
+        if not self.narrow:
+            return
+        live = [r for r in range(self.state.active_rows) if r not in self.finished_rows]
+        if live and live[-1] + 1 < self.state.active_rows:
+            self.state.set_active_rows(live[-1] + 1)
 
     def _backbone_token(self) -> None:
         start = self.state.processed
@@ -270,7 +283,7 @@ class _Run(_Joins):
         out_rows, srcs, prompts = [], [], []
         src = torch.tensor(self.sources[: n - p], dtype=torch.long)
         first_audio_len = None
-        ids_cpu = buf.ids.index_select(0, torch.tensor(picked, device=buf.device)).cpu()
+        ids_cpu = buf.all_ids.index_select(0, torch.tensor(picked, device=buf.device)).cpu()
         stops = self.stop_ids.cpu()
         for i, r in enumerate(picked):
             first = self.row_start[r]

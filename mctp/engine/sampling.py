@@ -176,9 +176,10 @@ class TokenPicker:
             self.is_audio = (ids >= speech.audio_start) & (ids < speech.audio_stop)
 
     def observe(self, ids: torch.Tensor) -> None:
-        """Mark ``ids [B, T]`` as seen (for the repetition penalty)."""
+        """Mark ``ids [B', T]`` as seen (for the repetition penalty) by the leading ``B'`` rows
+        (the rows a step ran)."""
         if self.seen is not None:
-            self.seen.scatter_(1, ids, True)
+            self.seen[: ids.shape[0]].scatter_(1, ids, True)
 
     def observe_row(self, row: int, ids: torch.Tensor) -> None:
         """Mark ``ids [1, T]`` as seen by row ``row`` alone (a row that joined a batch)."""
@@ -186,8 +187,11 @@ class TokenPicker:
             self.seen[row].scatter_(0, ids[0], True)
 
     def __call__(self, logits: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-        """``logits [B, V']`` over vocabulary ids ``index`` (None = all) -> local ids ``[B]``."""
-        seen = self.seen if index is None or self.seen is None else self.seen[:, index]
+        """``logits [B', V']`` of the leading ``B'`` rows over vocabulary ids ``index`` (None =
+        all) -> local ids ``[B']``."""
+        seen = None if self.seen is None else self.seen[: logits.shape[0]]
+        if seen is not None and index is not None:
+            seen = seen[:, index]
         text_logits = logits
         if seen is not None:
             text_logits = apply_repetition_penalty(logits, seen, self.text.repetition_penalty)

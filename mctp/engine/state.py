@@ -18,6 +18,10 @@ class DecodeState:
     """Positions, validity and ids (the token buffer), the backbone's caches and the MCTP heads'
     caches of one engine, allocated together up front and moved together.
 
+    A call with fewer rows than ``max_batch`` may run only its own rows
+    (:meth:`set_active_rows`: every buffer becomes a view of its leading rows) where the
+    backbone's cache allows it (:attr:`narrowable`); fixed-shape (compiled) paths pad instead.
+
     The schedule loop reads and advances it; a rejected draft is undone with one call,
     :meth:`rollback`, which moves the buffer's cursor, the heads' progress and the count of
     slots whose backbone states are cached back together (the caches' stale entries past the
@@ -61,6 +65,36 @@ class DecodeState:
         self.processed = 0
         """Slots whose backbone states are in the backbone's cache (and given to the heads)."""
 
+    @property
+    def narrowable(self) -> bool:
+        """Whether the backbone's cache can run fewer rows than allocated (the engine's own
+        :class:`~mctp.engine.cache.KVCache` can; a model's own growing cache cannot)."""
+        return hasattr(self.cache, "set_active_rows")
+
+    @property
+    def active_rows(self) -> int:
+        """Rows every step runs now."""
+        return self.buffer.batch_size
+
+    def set_active_rows(self, rows: int) -> None:
+        """Run the leading ``rows`` rows only, in the buffer, the backbone's cache and the
+        heads' caches at once; the other rows keep what they hold.
+
+        Raises:
+            ValueError: If ``rows`` is not in ``[1, max_batch]``, or differs from
+                ``max_batch`` while the cache is not :attr:`narrowable`.
+        """
+        if rows != self.buffer.capacity and not self.narrowable:
+            raise ValueError(
+                f"this backbone's cache ({type(self.cache).__name__}) runs all "
+                f"{self.buffer.capacity} rows; it cannot run {rows}"
+            )
+        self.buffer.set_active_rows(rows)
+        if self.narrowable:
+            self.cache.set_active_rows(rows)
+        if self.heads is not None:
+            self.heads.set_active_rows(rows)
+
     def start(
         self,
         input_ids: torch.Tensor,
@@ -69,11 +103,13 @@ class DecodeState:
         *,
         heads_read_prompt_embeds: bool = False,
     ) -> None:
-        """Load a prompt ``[B, P]`` and forget everything before it.
+        """Load a prompt ``[B, P]`` and forget everything before it; steps run its ``B`` rows.
 
         Raises:
-            TypeError, ValueError: As :meth:`TokenBuffer.start`.
+            TypeError, ValueError: As :meth:`TokenBuffer.start` and :meth:`set_active_rows`.
         """
+        if input_ids.ndim == 2 and 1 <= input_ids.shape[0] <= self.buffer.capacity:
+            self.set_active_rows(input_ids.shape[0])
         self.buffer.start(
             input_ids,
             attention_mask,

@@ -74,17 +74,19 @@ class _StreamLoop:
                     now = time.perf_counter() - t0
                     cycle_times.append((produced, now))
                     lo, hi = p + read, run.end
-                    new = buf.ids[:, lo:hi].tolist()  # one read per cycle
+                    new = buf.ids[:, lo:hi].tolist()  # one read per cycle (active rows)
                     read = hi - p
                     for r in range(self.max_batch):
                         if seg.ended(r):
                             continue
+                        assert r < len(new), "a row still streaming is not being run"
                         first, stop = run.row_start[r], run.row_start[r] + run.row_budget[r]
                         ids = new[r][max(first, lo) - lo : max(min(stop, hi) - lo, 0)]
                         evs = seg.feed(r, ids, now, run.forwards)
                         if hi >= stop and not seg.ended(r):  # the row's own budget is spent
                             evs += seg.end(r, now, run.forwards)
                         yield from row_events(r, evs)
+                    run.fit_rows()
                     if run.joinable:
                         for ticket in list(self._joins):
                             given = time.perf_counter()

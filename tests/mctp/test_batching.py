@@ -249,3 +249,84 @@ def test_a_request_offered_between_events_joins_and_gets_its_lone_answer():
     seen += list(first)
     assert seen[-1].row_result.tokens[0].tolist() == lone[0]
     assert joined[-1].row_result.tokens[0].tolist() == lone[1]
+
+
+def _count_rows(monkeypatch, backbone) -> list[int]:
+    """Rows of every backbone decode from now on (the rows a step really ran)."""
+    rows: list[int] = []
+    decode = backbone.decode
+
+    def counted(embeds, *args, **kwargs):
+        rows.append(embeds.shape[0])
+        return decode(embeds, *args, **kwargs)
+
+    monkeypatch.setattr(backbone, "decode", counted)
+    return rows
+
+
+def test_the_eager_path_runs_a_calls_own_rows_and_compiled_shapes_pad(toy, monkeypatch):
+    """A lone request on a 3-row engine costs one row on the eager path (and gives exactly
+    what a 1-row engine gives); a fixed-shape path pads it to 3 rows."""
+    cfg = GenerationConfig(mode="boost", max_new_tokens=40, eos_token_id=2)
+    one = Generator(toy.backbone, toy.stack, cfg, engine=EngineConfig(max_len=96), vocab=toy.vocab)
+    want = one.generate(toy.prompt)
+    rows = _count_rows(monkeypatch, toy.backbone)
+    eager = Generator(
+        toy.backbone, toy.stack, cfg, engine=EngineConfig(max_batch=3, max_len=96), vocab=toy.vocab
+    )
+    got = eager.generate(toy.prompt)
+    assert rows and set(rows) == {1}, rows
+    assert eager.state.active_rows == 1 and eager.max_batch == 3
+    assert got.tokens[0].tolist() == want.tokens[0].tolist() == toy.answer
+    assert eager.state.buffer.all_ids.shape[0] == 3  # allocated once for max_batch rows
+    rows.clear()
+    fixed = Generator(
+        toy.backbone,
+        toy.stack,
+        cfg,
+        engine=EngineConfig(
+            max_batch=3, max_len=96, compile=True, compile_options={"backend": "eager"}
+        ),
+        vocab=toy.vocab,
+    )
+    assert fixed.generate(toy.prompt).tokens[0].tolist() == toy.answer
+    assert rows and set(rows) == {3}, rows
+
+
+def test_rows_grow_when_a_request_joins_and_shrink_when_the_last_ones_end(toy, monkeypatch):
+    """Eager cohort: rows past the last live one stop running; a join past the running rows
+    brings one back; every request still gets its lone answer."""
+    cfg = GenerationConfig(mode="vanilla", max_new_tokens=40, eos_token_id=2)
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 60, (1, 9), generator=g), toy.prompt]
+    answers = [
+        generate(toy.backbone, toy.stack, p, config=cfg, vocab=toy.vocab).tokens[0].tolist()
+        for p in prompts
+    ]
+    (short, s_ans), (long_, l_ans) = sorted(zip(prompts, answers), key=lambda pa: len(pa[1]))
+    lone = {"short": s_ans, "long": l_ans}
+    assert len(lone["short"]) + 5 < len(lone["long"])  # one stops well before the other
+    gen = Generator(
+        toy.backbone, toy.stack, cfg, engine=EngineConfig(max_batch=3, max_len=160), vocab=toy.vocab
+    )
+    rows = _count_rows(monkeypatch, toy.backbone)
+    cohort = Cohort(gen, [RowRequest(long_, cfg), RowRequest(short, cfg)])
+    first, second = cohort.events(0), cohort.events(1)
+    got_short = list(second)  # row 1 ends: only row 0 runs from then on
+    assert got_short[-1].row_result.tokens[0].tolist() == lone["short"]
+    assert rows[0] == 2
+    events = [next(first)]
+    while gen.state.active_rows != 1:
+        events.append(next(first))
+    shrunk = len(rows)
+    ticket = cohort.offer(RowRequest(short, cfg))
+    assert ticket is not None
+    while ticket.row is None:
+        events.append(next(first))
+    assert ticket.row == 1 and gen.state.active_rows == 2  # the join brought row 1 back
+    joined = list(cohort.claim(ticket))
+    events += list(first)
+    assert events[-1].row_result.tokens[0].tolist() == lone["long"]
+    assert joined[-1].row_result.tokens[0].tolist() == lone["short"]
+    assert 1 in rows[:shrunk] and max(rows) == 2  # row 2 (never used) never ran
+    assert rows[shrunk:].count(1) >= 1 and 2 in rows[shrunk:]

@@ -38,3 +38,41 @@ def test_errors():
         KVCache(1, 1, 4).update(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2), 0)
     with pytest.raises(ValueError, match="per-layer sizes"):
         KVCache(2, 1, 4).allocate([1, 1, 1], 2, dtype=torch.float32, device="cpu")
+
+
+@pytest.mark.parametrize("allocate", [True, False])
+def test_active_rows_are_views_of_the_allocated_rows(allocate):
+    cache = KVCache(2, 3, 8)
+    if allocate:
+        cache.allocate(2, 4, dtype=torch.float32, device="cpu")
+    cache.set_active_rows(2)
+    cache.set_positions(torch.tensor([1]))
+    k, v = torch.ones(2, 2, 1, 4), torch.full((2, 2, 1, 4), 2.0)
+    keys, _ = cache.update(k, v, 1)
+    assert keys.shape == (2, 2, 8, 4)  # the active rows only
+    assert cache._all_keys[1].shape == (3, 2, 8, 4)  # allocated once for every row
+    assert cache._all_keys[1][:2, :, 1].eq(1).all() and cache._all_keys[1][2].eq(0).all()
+    cache.set_active_rows(3)  # back to every row: the buffers themselves, written data kept
+    assert cache.keys[1] is cache._all_keys[1] and cache.keys[1][:2, :, 1].eq(1).all()
+    if allocate:  # row views need every layer allocated
+        assert cache.rows(2, 3).keys[1].shape[0] == 1
+    with pytest.raises(ValueError, match=r"\[1, 3\]"):
+        cache.set_active_rows(4)
+    with pytest.raises(ValueError, match=r"\[1, 3\]"):
+        cache.set_active_rows(0)
+
+
+def test_token_buffer_runs_the_rows_a_prompt_has():
+    from mctp.engine.buffer import TokenBuffer
+
+    buf = TokenBuffer(3, 8)
+    buf.start(torch.tensor([[5, 6, 7]]))
+    assert buf.batch_size == 1 and buf.capacity == 3 and buf.ids.shape == (1, 8)
+    buf.append(torch.tensor([[9]]))
+    assert buf.all_ids[0, :4].tolist() == [5, 6, 7, 9] and buf.all_ids[1:].eq(0).all()
+    buf.set_active_rows(2)
+    assert buf.ids.shape == (2, 8) and buf.ids[0, 3] == 9
+    with pytest.raises(ValueError, match="holds 3 rows, prompt has 4"):
+        buf.start(torch.zeros(4, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[1, 3\]"):
+        buf.set_active_rows(4)
