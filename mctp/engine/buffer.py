@@ -9,6 +9,7 @@ the cursor: the generation engine (:meth:`TokenBuffer.append`, :meth:`TokenBuffe
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -69,6 +70,26 @@ class TokenBuffer:
         self.ids = self.all_ids if full else self.all_ids[:rows]
         self.positions = self._all_positions if full else self._all_positions[:rows]
         self.valid = self._all_valid if full else self._all_valid[:rows]
+
+    def row_view(self, row: int) -> TokenBuffer:
+        """A 1-row buffer over row ``row`` of this one (its tensors are views: what is written
+        through it lands here; the cursor is copied, not shared). For a pass over one row
+        alone (a request joining a batch).
+
+        Raises:
+            ValueError: If ``row`` is out of range, or the prompt came as embeddings.
+        """
+        if not 0 <= row < self.capacity:
+            raise ValueError(f"row {row} out of range for {self.capacity} rows")
+        if self.prompt_embeds is not None:
+            raise ValueError("a buffer whose prompt came as embeddings has no 1-row view")
+        view = copy.copy(self)
+        view.capacity = 1
+        view.all_ids = self.all_ids[row : row + 1]
+        view._all_positions = self._all_positions[row : row + 1]
+        view._all_valid = self._all_valid[row : row + 1]
+        view.set_active_rows(1)
+        return view
 
     @property
     def device(self) -> torch.device:

@@ -13,6 +13,7 @@ so the loop never waits on the device.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -193,6 +194,53 @@ class MCTPDecoder:
             )
         self.hidden[0, row, start : start + t] = hidden.to(self.hidden.dtype)
         self.next_index = [min(c, start + k + 1) for k, c in enumerate(self.next_index)]
+
+    def join_row(self, row: int, start: int, hidden: torch.Tensor) -> None:
+        """Like :meth:`replace_row`, but the heads catch up on the new row alone: every head
+        runs over the row's own slots up to where it stands for the other rows (a 1-row pass,
+        in pieces of ``prefill_chunk``), so the next chain goes on from there for all rows
+        instead of re-reading the new prompt's slots for every row. Falls back to
+        :meth:`replace_row` where the heads' progress is not a chain (head ``k`` more than one
+        slot ahead of head ``k - 1``) or a head's cache is not allocated yet.
+
+        Args:
+            row: The row the new sequence took.
+            start: Its first slot.
+            hidden: ``[T, H]`` its backbone states for slots ``start .. start + T - 1``.
+
+        Raises:
+            ValueError: If the states reach past the backbone states of the other rows.
+        """
+        t = hidden.shape[0]
+        if start + t > self.backbone_length:
+            raise ValueError(
+                f"row states reach slot {start + t}; backbone states cover {self.backbone_length}"
+            )
+        stops = self.next_index
+        work = [(k, start + k + 1, c) for k, c in enumerate(stops) if c > start + k + 1]
+        chained = all(stops[k] <= stops[k - 1] + 1 for k in range(1, len(stops)))
+        if (
+            not chained
+            or stops[0] > start + t + 1  # head 0 would read states the row does not have
+            or self.buffer.prompt_embeds is not None
+            or any(not self.caches[k].allocated for k, _, _ in work)
+        ):
+            self.replace_row(row, start, hidden)
+            return
+        self._all_hidden[0, row, start : start + t] = hidden.to(self._all_hidden.dtype)
+        if not work:
+            return
+        view = copy.copy(self)  # the same heads over row `row` alone
+        view.buffer = self.buffer.row_view(row)
+        view.hidden = self._all_hidden[:, row : row + 1]
+        view.caches = [cache.rows(row, row + 1) for cache in self.caches]
+        index = self.buffer.index
+        for k, lo, stop in work:
+            piece = self.prefill_chunk or stop - lo
+            while lo < stop:
+                hi = min(stop, lo + piece)
+                view._head_states(k, index[lo:hi], visible=hi)
+                lo = hi
 
     def write_backbone(self, start: int, hidden: torch.Tensor) -> None:
         """Record backbone last hidden states ``[B, T, H]`` for slots ``start..start+T-1``.

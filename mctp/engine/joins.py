@@ -123,7 +123,7 @@ class _Joins:
                 self.picker.seen[r] = False
                 self.picker.observe_row(r, buf.ids[r : r + 1, start:n])
             if self.state.heads is not None:
-                self.state.heads.replace_row(r, start, hidden[0])
+                self.state.heads.join_row(r, start, hidden[0])
             self.done[r] = bool(self.stop_ids.numel()) and bool(torch.isin(tok, self.stop_ids))
         self.finished_rows.discard(r)
         self.row_start[r] = n - 1

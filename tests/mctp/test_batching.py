@@ -330,3 +330,50 @@ def test_rows_grow_when_a_request_joins_and_shrink_when_the_last_ones_end(toy, m
     assert joined[-1].row_result.tokens[0].tolist() == lone["short"]
     assert 1 in rows[:shrunk] and max(rows) == 2  # row 2 (never used) never ran
     assert rows[shrunk:].count(1) >= 1 and 2 in rows[shrunk:]
+
+
+def test_a_joining_row_catches_up_alone_and_still_gets_its_lone_answer(monkeypatch):
+    """The heads read a joining request's prompt for its row alone (the other rows' heads do
+    not re-read those slots); the answers are those the old way (every row re-reads) gives,
+    which are the lone answers."""
+    from mctp.engine.decoding import MCTPDecoder
+
+    bb, stack, vocab = _joinable_model()
+    gcfg = GenerationConfig(mode="turbo", max_new_tokens=40)
+    g = torch.Generator().manual_seed(3)
+    # the joining prompt is longer than a Turbo chain: re-reading it costs every row more
+    a, b, c = (torch.randint(3, 90, (1, n), generator=g) for n in (7, 6, 16))
+    lone = [generate(bb, stack, x, config=gcfg, vocab=vocab).tokens[0].tolist() for x in (a, b, c)]
+    assert len({tuple(t) for t in lone}) == 3
+    head_states = MCTPDecoder._head_states
+
+    def run() -> tuple[list[list[int]], int]:
+        work = [0]
+
+        def counted(self, k, idx, *args, **kwargs):
+            work[0] += idx.numel() * self.buffer.batch_size  # slot-rows a head ran
+            return head_states(self, k, idx, *args, **kwargs)
+
+        monkeypatch.setattr(MCTPDecoder, "_head_states", counted)
+        gen = Generator(bb, stack, gcfg, engine=EngineConfig(max_batch=3, max_len=160), vocab=vocab)
+        cohort = Cohort(gen, [RowRequest(a, gcfg), RowRequest(b, gcfg)])
+        first, second = cohort.events(0), cohort.events(1)
+        seen = [next(first)]
+        while gen.buffer.length < 24:  # room for the prompt before the cursor
+            seen.append(next(first))
+        before = work[0]
+        ticket = cohort.offer(RowRequest(c, gcfg))
+        assert ticket is not None
+        while ticket.row is None:
+            seen.append(next(first))
+        assert ticket.row == 2
+        joined = list(cohort.claim(ticket))
+        answers = [list(first)[-1], list(second)[-1], joined[-1]]
+        monkeypatch.setattr(MCTPDecoder, "_head_states", head_states)
+        return [ev.row_result.tokens[0].tolist() for ev in answers], work[0] - before
+
+    alone_answers, alone_work = run()
+    monkeypatch.setattr(MCTPDecoder, "join_row", MCTPDecoder.replace_row)  # every row re-reads
+    reread_answers, reread_work = run()
+    assert alone_answers == reread_answers == lone
+    assert alone_work < reread_work  # the other rows did not re-read the joined prompt

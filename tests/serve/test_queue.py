@@ -112,8 +112,9 @@ def test_worker_hands_errors_to_the_job_and_goes_on():
 
 
 def test_full_queue_answers_503_and_disconnect_frees_the_slot(slow):
-    # one Generator: a request arriving while it runs a batch waits for it (lanes=1)
-    cfg = ServerConfig(max_queue=1, warmup=False, lanes=1)
+    # one Generator and no joins: a request arriving while it runs a batch waits for it (with
+    # joins, B could join A's batch while A's next chunk is being made, and not wait at all)
+    cfg = ServerConfig(max_queue=1, warmup=False, lanes=1, joins=False)
     body = {"messages": [{"role": "user", "content": "hello"}], "modalities": ["text", "audio"]}
     app = create_app(slow, cfg)
     with InProcessServer(app) as srv:
