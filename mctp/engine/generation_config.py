@@ -46,8 +46,9 @@ class EngineConfig:
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (or a ``torch.dtype``): the cache
             dtype of a :class:`~mctp.Generator` (its backbone keeps its own weights), the model
             dtype in builders (``mctp speak/serve --dtype``); None = the backbone's.
-        max_batch: Rows an engine runs together (its batch capacity); a call with fewer rows
-            is padded to it so that compiled shapes never change.
+        max_batch: Rows an engine runs together (its batch capacity). A call with fewer rows
+            runs only its own rows on the eager path; the compiled path pads it to
+            ``max_batch`` so that compiled shapes never change.
         max_len: Cache slots per row: prompt + new tokens + the slack of a chain or draft.
         compile: The fast path: the backbone's decode step and every MCTP chain run on fixed
             shapes, compiled with ``torch.compile`` (CUDA graphs on CUDA).
@@ -72,6 +73,12 @@ class EngineConfig:
             heads' output shape, so it is fixed per engine.
         stop_check_every: Look at the stop flags every this many backbone forwards (one host
             read each time).
+        join_heads_alone: How the MCTP heads read the prompt of a request that joins a running
+            batch: True = for its row alone, in a pass of their own at the join (the other
+            rows' heads go on from where they stood: saves compute, costs one call per head);
+            False = every row's heads re-read from the new prompt's first slot in their next
+            chain (no extra calls; each row recomputes those slots). None = alone where the
+            heads are at least 512 wide (products dominate), else re-read (calls dominate).
 
     Raises:
         ValueError: On a non-positive ``max_batch``, ``max_len`` (< 2), ``window`` or
@@ -92,6 +99,7 @@ class EngineConfig:
     compile_regions: bool | None = None
     audio_heads: bool = False
     stop_check_every: int = 8
+    join_heads_alone: bool | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -102,7 +110,7 @@ class EngineConfig:
         for name in ("compile", "audio_heads"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        for name in ("pack_weights", "compile_regions"):
+        for name in ("pack_weights", "compile_regions", "join_heads_alone"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool or None, got {value!r}")

@@ -333,9 +333,9 @@ def test_rows_grow_when_a_request_joins_and_shrink_when_the_last_ones_end(toy, m
 
 
 def test_a_joining_row_catches_up_alone_and_still_gets_its_lone_answer(monkeypatch):
-    """The heads read a joining request's prompt for its row alone (the other rows' heads do
-    not re-read those slots); the answers are those the old way (every row re-reads) gives,
-    which are the lone answers."""
+    """With ``join_heads_alone`` the heads read a joining request's prompt for its row alone
+    (the other rows' heads do not re-read those slots); the answers are those the other way
+    (every row re-reads) gives, which are the lone answers."""
     from mctp.engine.decoding import MCTPDecoder
 
     bb, stack, vocab = _joinable_model()
@@ -347,7 +347,7 @@ def test_a_joining_row_catches_up_alone_and_still_gets_its_lone_answer(monkeypat
     assert len({tuple(t) for t in lone}) == 3
     head_states = MCTPDecoder._head_states
 
-    def run() -> tuple[list[list[int]], int]:
+    def run(alone: bool | None) -> tuple[list[list[int]], int]:
         work = [0]
 
         def counted(self, k, idx, *args, **kwargs):
@@ -355,7 +355,8 @@ def test_a_joining_row_catches_up_alone_and_still_gets_its_lone_answer(monkeypat
             return head_states(self, k, idx, *args, **kwargs)
 
         monkeypatch.setattr(MCTPDecoder, "_head_states", counted)
-        gen = Generator(bb, stack, gcfg, engine=EngineConfig(max_batch=3, max_len=160), vocab=vocab)
+        engine = EngineConfig(max_batch=3, max_len=160, join_heads_alone=alone)
+        gen = Generator(bb, stack, gcfg, engine=engine, vocab=vocab)
         cohort = Cohort(gen, [RowRequest(a, gcfg), RowRequest(b, gcfg)])
         first, second = cohort.events(0), cohort.events(1)
         seen = [next(first)]
@@ -372,8 +373,13 @@ def test_a_joining_row_catches_up_alone_and_still_gets_its_lone_answer(monkeypat
         monkeypatch.setattr(MCTPDecoder, "_head_states", head_states)
         return [ev.row_result.tokens[0].tolist() for ev in answers], work[0] - before
 
-    alone_answers, alone_work = run()
-    monkeypatch.setattr(MCTPDecoder, "join_row", MCTPDecoder.replace_row)  # every row re-reads
-    reread_answers, reread_work = run()
+    alone_answers, alone_work = run(True)
+    reread_answers, reread_work = run(False)  # every row's heads re-read the joined prompt
     assert alone_answers == reread_answers == lone
     assert alone_work < reread_work  # the other rows did not re-read the joined prompt
+    # the default picks by the heads' width (32 here: re-read; from JOIN_ALONE_WIDTH: alone)
+    assert run(None)[1] == reread_work
+    monkeypatch.setattr("mctp.engine.joins.JOIN_ALONE_WIDTH", 32)
+    assert run(None)[1] == alone_work
+    with pytest.raises(TypeError, match="join_heads_alone"):
+        EngineConfig(join_heads_alone="yes")
