@@ -383,3 +383,37 @@ def test_a_joining_row_catches_up_alone_and_still_gets_its_lone_answer(monkeypat
     assert run(None)[1] == alone_work
     with pytest.raises(TypeError, match="join_heads_alone"):
         EngineConfig(join_heads_alone="yes")
+
+
+@pytest.mark.parametrize("alone", [True, False])
+def test_a_request_joins_a_fixed_shape_batch_and_gets_its_lone_answer(alone):
+    """The fixed-shape path (uncompiled here: ``backend="eager"``) pads a lone request to
+    ``max_batch`` rows; a request joins a free row and gets its lone answer, whichever way
+    the heads read its prompt."""
+    bb, stack, vocab = _joinable_model()
+    gcfg = GenerationConfig(mode="turbo", max_new_tokens=40)
+    g = torch.Generator().manual_seed(3)
+    a, c = torch.randint(3, 90, (1, 7), generator=g), torch.randint(3, 90, (1, 16), generator=g)
+    lone = [generate(bb, stack, x, config=gcfg, vocab=vocab).tokens[0].tolist() for x in (a, c)]
+    engine = EngineConfig(
+        max_batch=2,
+        max_len=160,
+        compile=True,
+        compile_options={"backend": "eager"},
+        join_heads_alone=alone,
+    )
+    gen = Generator(bb, stack, gcfg, engine=engine, vocab=vocab)
+    cohort = Cohort(gen, [RowRequest(a, gcfg)])
+    first = cohort.events(0)
+    seen = [next(first)]
+    while gen.buffer.length < 24:
+        seen.append(next(first))
+    assert gen.state.active_rows == 2  # padded: fixed shapes
+    ticket = cohort.offer(RowRequest(c, gcfg))
+    assert ticket is not None
+    while ticket.row is None:
+        seen.append(next(first))
+    joined = list(cohort.claim(ticket))
+    seen += list(first)
+    assert seen[-1].row_result.tokens[0].tolist() == lone[0]
+    assert joined[-1].row_result.tokens[0].tolist() == lone[1]
