@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from .cache import static_buffer
+from .cache import check_active_rows, static_buffer
 from .masks import default_position_ids
 
 __all__ = ["TokenBuffer"]
@@ -63,8 +63,7 @@ class TokenBuffer:
         Raises:
             ValueError: If ``rows`` is not in ``[1, capacity]``.
         """
-        if not 1 <= rows <= self.capacity:
-            raise ValueError(f"active rows must be in [1, {self.capacity}], got {rows}")
+        check_active_rows(rows, self.capacity)
         self.batch_size = rows
         full = rows == self.capacity
         self.ids = self.all_ids if full else self.all_ids[:rows]

@@ -16,6 +16,12 @@ import torch
 __all__ = ["KVCache", "static_buffer"]
 
 
+def check_active_rows(rows: int, capacity: int) -> None:
+    """Raise ``ValueError`` unless ``1 <= rows <= capacity`` (rows a buffer may run)."""
+    if not 1 <= rows <= capacity:
+        raise ValueError(f"active rows must be in [1, {capacity}], got {rows}")
+
+
 def static_buffer(t: torch.Tensor) -> torch.Tensor:
     """Mark a long-lived CUDA buffer as having a fixed address (CUDA graphs may then keep it
     in place instead of copying it); a no-op on other devices."""
@@ -129,8 +135,7 @@ class KVCache:
         Raises:
             ValueError: If ``rows`` is not in ``[1, capacity]``.
         """
-        if not 1 <= rows <= self.capacity:
-            raise ValueError(f"active rows must be in [1, {self.capacity}], got {rows}")
+        check_active_rows(rows, self.capacity)
         self.batch_size = rows
         full = rows == self.capacity
         for i, (k, v) in enumerate(zip(self._all_keys, self._all_values)):

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..compat import call_block
 from .buffer import TokenBuffer
-from .cache import KVCache, static_buffer
+from .cache import KVCache, check_active_rows, static_buffer
 from .masks import additive, decode_mask
 from .sampling import greedy
 
@@ -154,8 +154,7 @@ class MCTPDecoder:
             ValueError: If ``rows`` is not in ``[1, capacity]``.
         """
         cap = self._all_hidden.shape[1]
-        if not 1 <= rows <= cap:
-            raise ValueError(f"active rows must be in [1, {cap}], got {rows}")
+        check_active_rows(rows, cap)
         self.hidden = self._all_hidden if rows == cap else self._all_hidden[:, :rows]
         for cache in self.caches:
             cache.set_active_rows(rows)
@@ -177,6 +176,19 @@ class MCTPDecoder:
         self.next_index = [min(c, max(length - 1, k + 1)) for k, c in enumerate(self.next_index)]
         self.backbone_length = min(self.backbone_length, length)
 
+    def _check_row_states(self, start: int, hidden: torch.Tensor) -> int:
+        """``T`` of a joining row's states ``hidden [T, H]`` from slot ``start``.
+
+        Raises:
+            ValueError: If they reach past the backbone states of the other rows.
+        """
+        t = hidden.shape[0]
+        if start + t > self.backbone_length:
+            raise ValueError(
+                f"row states reach slot {start + t}; backbone states cover {self.backbone_length}"
+            )
+        return t
+
     def replace_row(self, row: int, start: int, hidden: torch.Tensor) -> None:
         """A new sequence took row ``row`` from slot ``start`` on (a request joining a running
         batch): record its backbone states ``hidden [T, H]`` for slots ``start ..
@@ -187,11 +199,7 @@ class MCTPDecoder:
         Raises:
             ValueError: If the states reach past the backbone states of the other rows.
         """
-        t = hidden.shape[0]
-        if start + t > self.backbone_length:
-            raise ValueError(
-                f"row states reach slot {start + t}; backbone states cover {self.backbone_length}"
-            )
+        t = self._check_row_states(start, hidden)
         self.hidden[0, row, start : start + t] = hidden.to(self.hidden.dtype)
         self.next_index = [min(c, start + k + 1) for k, c in enumerate(self.next_index)]
 
@@ -211,11 +219,7 @@ class MCTPDecoder:
         Raises:
             ValueError: If the states reach past the backbone states of the other rows.
         """
-        t = hidden.shape[0]
-        if start + t > self.backbone_length:
-            raise ValueError(
-                f"row states reach slot {start + t}; backbone states cover {self.backbone_length}"
-            )
+        t = self._check_row_states(start, hidden)
         stops = self.next_index
         work = [(k, start + k + 1, c) for k, c in enumerate(stops) if c > start + k + 1]
         chained = all(stops[k] <= stops[k - 1] + 1 for k in range(1, len(stops)))
