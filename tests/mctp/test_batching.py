@@ -417,3 +417,31 @@ def test_a_request_joins_a_fixed_shape_batch_and_gets_its_lone_answer(alone):
     seen += list(first)
     assert seen[-1].row_result.tokens[0].tolist() == lone[0]
     assert joined[-1].row_result.tokens[0].tolist() == lone[1]
+
+
+def test_sampled_rows_with_a_repetition_penalty_grow(toy):
+    """Sampling with a repetition penalty keeps a history per row: rows that join past the
+    running ones keep theirs in step with the rows run (no shape error; every row ends with
+    its whole budget of in-range tokens)."""
+    from mctp.engine.sampling import SamplingConfig
+
+    sampling = SamplingConfig(do_sample=True, temperature=0.8, top_k=20, repetition_penalty=1.3)
+    cfg = GenerationConfig(mode="boost", max_new_tokens=30, eos_token_id=(), text_sampling=sampling)
+    gen = Generator(
+        toy.backbone, toy.stack, cfg, engine=EngineConfig(max_batch=4, max_len=160), vocab=toy.vocab
+    )
+    torch.manual_seed(0)
+    cohort = Cohort(gen, [RowRequest(torch.randint(3, 60, (1, 9)), cfg)])
+    first = cohort.events(0)
+    seen = [next(first) for _ in range(2)]
+    assert gen.state.active_rows == 1
+    tickets = [cohort.offer(RowRequest(toy.prompt[:, i:], cfg)) for i in (0, 1)]
+    assert all(t is not None for t in tickets)
+    while any(t.row is None for t in tickets):
+        seen.append(next(first))
+    assert sorted(t.row for t in tickets) == [1, 2] and gen.state.active_rows == 3
+    results = [[*seen, *first][-1], *(list(cohort.claim(t))[-1] for t in tickets)]
+    for ev in results:
+        assert ev.kind == "end"
+        toks = ev.row_result.tokens[0]
+        assert toks.numel() == 30 and int(toks.min()) >= 0 and int(toks.max()) < 128
