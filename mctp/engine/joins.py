@@ -108,7 +108,7 @@ class _Joins:
                 backbone.embed(ids),
                 buf.positions[r : r + 1, start : n - 1],
                 idx,
-                buf.valid[r : r + 1],
+                buf.valid[r : r + 1, : n - 1],  # the slots before the cursor: no more
                 self.cache.rows(r, r + 1),
             )
             picker = TokenPicker(
