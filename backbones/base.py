@@ -128,6 +128,8 @@ class HFBackbone(nn.Module, metaclass=_ChoosesPath):
     PATH: ClassVar[str]
     #: Whether :meth:`decode` can run the layers as compiled regions (``regions=``).
     supports_regions: ClassVar[bool] = False
+    #: Whether :meth:`decode` can skip the cache slots before ``key_start`` (``key_start=``).
+    supports_key_start: ClassVar[bool] = False
 
     def __init__(
         self, model: nn.Module, *, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
@@ -370,12 +372,14 @@ class HFBackbone(nn.Module, metaclass=_ChoosesPath):
         cache: Any,
         *,
         regions: BlockRegions | None = None,
+        key_start: int = 0,
     ) -> torch.Tensor:
         """One cached decode step over tensors: embeddings ``[B, T, H]`` at cache slots
         ``slots [T]`` (ascending, contiguous) with position ids ``positions [B, T]``; ``valid
-        [B, S']`` marks the real (non-padding) slots among the first ``S'`` cache slots, and
-        attention reads only those (``S'`` = the cache's length on fixed shapes, the sequence's
-        length on the eager path).
+        [B, S']`` marks the real (non-padding) slots among the ``S'`` cache slots from
+        ``key_start`` on, and attention reads only those (``S'`` = the cache's length on fixed
+        shapes, the sequence's length on the eager path; ``key_start`` > 0 only where
+        :attr:`supports_key_start`: the eager engine skips slots no row reads any more).
 
         A step of more than :attr:`prefill_chunk` slots (a long prompt's prefill) runs as
         consecutive chunks of at most that many slots, each reading the cache the previous
@@ -395,14 +399,16 @@ class HFBackbone(nn.Module, metaclass=_ChoosesPath):
         """
         if regions is not None and not self.supports_regions:
             raise ValueError(f"{type(self).__name__} cannot run its layers as compiled regions")
+        if key_start and not self.supports_key_start:
+            raise ValueError(f"{type(self).__name__} reads its cache from slot 0 (key_start=0)")
         t, chunk = embeds.shape[1], self.prefill_chunk
         if chunk is None or t <= chunk:
-            return self._decode(embeds, positions, slots, valid, cache, regions)
+            return self._decode(embeds, positions, slots, valid, cache, regions, key_start)
         out: torch.Tensor | None = None
         for i in range(0, t, chunk):
             part = slice(i, i + chunk)
             h = self._decode(
-                embeds[:, part], positions[:, part], slots[part], valid, cache, regions
+                embeds[:, part], positions[:, part], slots[part], valid, cache, regions, key_start
             )
             if out is None:
                 out = h.new_empty(h.shape[0], t, h.shape[2])  # [B, T, H]
@@ -418,8 +424,10 @@ class HFBackbone(nn.Module, metaclass=_ChoosesPath):
         valid: torch.Tensor,
         cache: Any,
         regions: BlockRegions | None = None,
+        key_start: int = 0,
     ) -> torch.Tensor:
-        """Cached forward of embeddings ``x [B, T, H]`` at slots ``idx`` -> ``[B, T, H]``."""
+        """Cached forward of embeddings ``x [B, T, H]`` at slots ``idx`` -> ``[B, T, H]``
+        (``valid`` covers the slots from ``key_start`` on)."""
         raise NotImplementedError(_subclass_only(self, "_decode"))
 
     # ------------------------------------------------------------------ checks

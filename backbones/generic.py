@@ -244,6 +244,7 @@ class GenericHFBackbone(HFBackbone):
         valid: torch.Tensor,
         cache: Any,
         regions: Any = None,
+        key_start: int = 0,  # always 0 here (supports_key_start is False)
     ) -> torch.Tensor:
         start, stop = int(idx[0]), int(idx[-1]) + 1
         return self._runner.decode(x, pos, valid[:, :stop], cache, start)

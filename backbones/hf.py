@@ -153,6 +153,7 @@ class FastHFBackbone(HFBackbone):
 
     PATH = "fast"
     supports_regions = True
+    supports_key_start = True
 
     def __init__(
         self,
@@ -348,16 +349,23 @@ class FastHFBackbone(HFBackbone):
         valid: torch.Tensor,
         cache: Any,
         regions: BlockRegions | None = None,
+        key_start: int = 0,
     ) -> torch.Tensor:
-        cache.set_positions(idx, visible=valid.shape[1])
+        cache.set_positions(idx, visible=key_start + valid.shape[1], start=key_start)
         impl = self.attn_implementation
         if impl in ("sdpa", "eager"):
             return self._layers(
-                x, lambda w: self._mask(decode_mask(idx, valid, w), x.dtype), pos, cache, regions
+                x,
+                lambda w: self._mask(decode_mask(idx, valid, w, key_start), x.dtype),
+                pos,
+                cache,
+                regions,
             )
         # flash-attention kernels take no dense mask: cached decoding runs SDPA (same math)
         self.config._attn_implementation = "sdpa"
         try:
-            return self._layers(x, lambda w: decode_mask(idx, valid, w), pos, cache, regions)
+            return self._layers(
+                x, lambda w: decode_mask(idx, valid, w, key_start), pos, cache, regions
+            )
         finally:
             self.config._attn_implementation = impl

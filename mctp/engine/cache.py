@@ -71,6 +71,7 @@ class KVCache:
         self._all_values: list[torch.Tensor | None] = [None] * num_layers
         self._positions: torch.Tensor | None = None
         self._visible: int | None = None
+        self._start = 0
 
     @property
     def allocated(self) -> bool:
@@ -177,16 +178,33 @@ class KVCache:
         cannot stand in for this cache now (buffers not allocated yet, positions not set, or
         a ``visible`` prefix: the eager path's shapes)."""
         k, v = self.keys[0 if self.single_layer else i], self.values[0 if self.single_layer else i]
-        if k is None or v is None or self._positions is None or self._visible is not None:
+        if (
+            k is None
+            or v is None
+            or self._positions is None
+            or self._visible is not None
+            or self._start
+        ):
             return None
         return k, v, self._positions
 
-    def set_positions(self, positions: torch.Tensor, *, visible: int | None = None) -> None:
-        """Set the sequence indices ``[T]`` (long) the next ``update`` calls write to, and how
-        many leading slots they return (``visible``; None: all ``max_len``). The eager path
-        reads only the slots a sequence has; fixed shapes read them all."""
+    def set_positions(
+        self, positions: torch.Tensor, *, visible: int | None = None, start: int = 0
+    ) -> None:
+        """Set the sequence indices ``[T]`` (long) the next ``update`` calls write to, and
+        which slots they return: ``start .. visible - 1`` (``visible`` None: up to
+        ``max_len``). The eager path reads only the slots a sequence has (and none before
+        ``start``, which no row reads any more); fixed shapes read them all.
+
+        Raises:
+            ValueError: If ``start`` is negative or not below ``visible``.
+        """
+        stop = self.max_len if visible is None else visible
+        if not 0 <= start < stop:
+            raise ValueError(f"start must be in [0, {stop}), got {start}")
         self._positions = positions
         self._visible = None if visible is None or visible >= self.max_len else visible
+        self._start = start
 
     def update(
         self,
@@ -225,8 +243,9 @@ class KVCache:
         assert k_buf is not None and v_buf is not None
         k_buf.index_copy_(2, self._positions, key.to(k_buf.dtype))
         v_buf.index_copy_(2, self._positions, value.to(v_buf.dtype))
-        if self._visible is not None:
-            return k_buf[:, :, : self._visible], v_buf[:, :, : self._visible]
+        if self._visible is not None or self._start:
+            window = slice(self._start, self._visible)
+            return k_buf[:, :, window], v_buf[:, :, window]
         return k_buf, v_buf
 
     def reset(self) -> None:

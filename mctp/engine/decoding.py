@@ -143,6 +143,9 @@ class MCTPDecoder:
             self.caches.append(cache)
         self.next_index = [k + 1 for k in range(n)]
         self.backbone_length = 0
+        #: The first slot any row still reads (the eager path's attention skips the slots
+        #: before it); set by the engine, 0 = every slot.
+        self.key_start = 0
         self._length = static_buffer(torch.zeros((), dtype=torch.long, device=buffer.device))
         self._fill_start = static_buffer(torch.zeros((), dtype=torch.long, device=buffer.device))
 
@@ -163,6 +166,7 @@ class MCTPDecoder:
         """Forget all progress (the buffers stay allocated)."""
         self.next_index = [k + 1 for k in range(self.stack.num_heads)]
         self.backbone_length = 0
+        self.key_start = 0
 
     def truncate(self, length: int) -> None:
         """Roll every head back so that slots ``>= length`` count as unseen.
@@ -243,7 +247,7 @@ class MCTPDecoder:
             piece = self.prefill_chunk or stop - lo
             while lo < stop:
                 hi = min(stop, lo + piece)
-                view._head_states(k, index[lo:hi], visible=hi)
+                view._head_states(k, index[lo:hi], visible=hi, first=lo)
                 lo = hi
 
     def write_backbone(self, start: int, hidden: torch.Tensor) -> None:
@@ -324,10 +328,15 @@ class MCTPDecoder:
                 )
             piece = self.prefill_chunk
             while piece is not None and n - c > piece:  # a long backlog: all but its last piece
-                self._head_states(k, buf.index[c : c + piece], visible=c + piece)
+                self._head_states(k, buf.index[c : c + piece], visible=c + piece, first=c)
                 c += piece
             tok, logits = self._head(
-                k, buf.index[c:n], sampler, None if forced is None else forced[:, k], visible=n
+                k,
+                buf.index[c:n],
+                sampler,
+                None if forced is None else forced[:, k],
+                visible=n,
+                first=c,
             )
             buf.advance(1)
             self.next_index[k] = n
@@ -348,12 +357,15 @@ class MCTPDecoder:
         visible: int | None = None,
         regions: BlockRegions | None = None,
         token_step: HeadToken | None = None,
+        *,
+        first: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Head ``k`` processes slots ``idx [T]`` and writes its token to slot ``idx[-1] + 1``.
 
         Everything is indexed by tensors (no host integers), so the same code runs eagerly,
         under ``torch.compile`` and inside a CUDA graph. ``visible``: the leading slots the
-        attention reads (the eager path: the sequence's length; None on fixed shapes).
+        attention reads (the eager path: the sequence's length; None on fixed shapes), from
+        ``min(key_start, first)`` on (``first``: ``idx[0]`` as a host int; 0 reads them all).
         ``regions`` / ``token_step``: the head's block, and its logits and token (default
         :func:`head_token`), through compiled graphs (regional compilation).
 
@@ -361,7 +373,7 @@ class MCTPDecoder:
             ``(token [B], logits [B, V'])``.
         """
         stack, buf = self.stack, self.buffer
-        h, pos = self._head_states(k, idx, visible, regions)
+        h, pos = self._head_states(k, idx, visible, regions, first=first)
         if forced is not None:
             tok, logits = forced, stack.head_logits(h[:, -1])  # [B, V']
         elif token_step is not None:
@@ -377,9 +389,14 @@ class MCTPDecoder:
         idx: torch.Tensor,
         visible: int | None = None,
         regions: BlockRegions | None = None,
+        *,
+        first: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Head ``k``'s block over slots ``idx [T]``: writes its cache and ``h^{k+1}``
-        (through ``regions``' compiled head graph where given and the cache allows).
+        (through ``regions``' compiled head graph where given and the cache allows). With
+        ``visible`` (the eager path) attention reads slots ``min(key_start, first) ..
+        visible - 1``, ``first`` being ``idx[0]`` as a host int (a query never loses its own
+        slot); 0 reads them all.
 
         Returns:
             ``(normed outputs [B, T, H], positions [B, T])``.
@@ -390,11 +407,12 @@ class MCTPDecoder:
         prev = self.hidden[k].index_select(1, idx - 1)  # h^k_{t-1}
         embeds = buf.embed(stack.embed, idx, for_heads=True)
         cache = self.caches[k]
-        cache.set_positions(idx, visible=visible)
+        lo = 0 if visible is None else min(self.key_start, first)
+        cache.set_positions(idx, visible=visible, start=lo)
         keys = buf.valid & (buf.positions > k)
         if visible is not None:
-            keys = keys[:, :visible]
-        mask = decode_mask(idx, keys)
+            keys = keys[:, lo:visible]
+        mask = decode_mask(idx, keys, key_start=lo)
         buffers = None if regions is None else cache.layer(0)
         if buffers is not None:
             assert regions is not None

@@ -66,6 +66,7 @@ def backbone_step(
     visible: int | None = None,
     regions: BlockRegions | None = None,
     logits: Callable[[Backbone, torch.Tensor], torch.Tensor] | None = None,
+    key_start: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The engine's backbone step: the buffer's slots ``idx [T]`` as tensors (embeddings,
     positions, validity) through :meth:`Backbone.decode`, then the logits. ``visible``: the
@@ -73,15 +74,18 @@ def backbone_step(
     costs what the sequence holds, not what the cache could hold; None on fixed shapes).
     The regional path gives ``regions`` (every layer through its compiled graph) and
     ``logits`` (a compiled ``(backbone, hidden) -> logits``); embeddings, masks and rotary
-    tables stay eager then.
+    tables stay eager then. ``key_start``: the eager path's first slot any row still reads
+    (only for backbones that ``supports_key_start``).
 
     Returns:
         ``(hidden [B, T, H], logits [B, T, V] with all_logits else [B, 1, V])``.
     """
     x = buffer.embed(backbone.embed, idx)
     pos = buffer.positions.index_select(1, idx)
-    valid = buffer.valid if visible is None else buffer.valid[:, :visible]
-    if regions is None:
+    valid = buffer.valid if visible is None else buffer.valid[:, key_start:visible]
+    if key_start:
+        hidden = backbone.decode(x, pos, idx, valid, cache, key_start=key_start)  # type: ignore[call-arg]
+    elif regions is None:
         hidden = backbone.decode(x, pos, idx, valid, cache)
     else:
         hidden = backbone.decode(x, pos, idx, valid, cache, regions=regions)  # type: ignore[call-arg]
@@ -179,17 +183,29 @@ class ExactPath:
 
     def __init__(self, backbone: Backbone) -> None:
         self.backbone = backbone
+        #: Whether :meth:`forward` may skip cache slots no row reads (``key_start``).
+        self.skips_slots = bool(getattr(backbone, "supports_key_start", False))
 
     def forward(
-        self, buffer: TokenBuffer, cache: Any, start: int, *, all_logits: bool = False
+        self,
+        buffer: TokenBuffer,
+        cache: Any,
+        start: int,
+        *,
+        all_logits: bool = False,
+        key_start: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backbone over slots ``start .. buffer.length - 1``.
+        """Backbone over slots ``start .. buffer.length - 1``, attention reading the slots
+        from ``key_start`` on (0 where the backbone cannot skip slots).
 
         Returns:
             ``(hidden [B, T, H], logits [B, T or 1, V])``.
         """
         idx = buffer.index[start : buffer.length]
-        return backbone_step(self.backbone, buffer, cache, idx, all_logits, buffer.length)
+        key_start = key_start if self.skips_slots else 0
+        return backbone_step(
+            self.backbone, buffer, cache, idx, all_logits, buffer.length, key_start=key_start
+        )
 
     def chain(self, decoder: MCTPDecoder, count: int, sampler: Sampler) -> torch.Tensor:
         """Heads ``0..count-1`` over their exact backlogs; returns the tokens ``[B, count]``."""

@@ -104,12 +104,15 @@ class _Joins:
             buf.valid[r, start : n - 1] = True
             idx = buf.index[start : n - 1]
             backbone = self.gen.backbone
+            # its own prompt's slots only, where the backbone can skip the others
+            lo = start if getattr(backbone, "supports_key_start", False) else 0
             hidden = backbone.decode(
                 backbone.embed(ids),
                 buf.positions[r : r + 1, start : n - 1],
                 idx,
-                buf.valid[r : r + 1, : n - 1],  # the slots before the cursor: no more
+                buf.valid[r : r + 1, lo : n - 1],
                 self.cache.rows(r, r + 1),
+                **({"key_start": lo} if lo else {}),
             )
             picker = TokenPicker(
                 backbone.vocab_size,

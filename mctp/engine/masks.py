@@ -93,23 +93,29 @@ def segment_mask(segments: torch.Tensor, window: int | None = None) -> torch.Ten
 
 
 def decode_mask(
-    query_index: torch.Tensor, key_valid: torch.Tensor, window: int | None = None
+    query_index: torch.Tensor,
+    key_valid: torch.Tensor,
+    window: int | None = None,
+    key_start: int = 0,
 ) -> torch.Tensor:
     """Mask for queries at cache indices ``query_index [T]`` over a static cache.
 
     Args:
         query_index: ``[T]`` long, the cache slots the new tokens are written to.
-        key_valid: ``[B, S]`` bool, slots that may be attended to at all (written, not
-            padding, and, for MCTP head ``k``, position id > ``k``).
+        key_valid: ``[B, S]`` bool, slots ``key_start .. key_start + S - 1`` that may be
+            attended to at all (written, not padding, and, for MCTP head ``k``, position id
+            > ``k``).
         window: Sliding window over cache slots (``query_index[q] - window < s``), as
             transformers counts it (left padding included), or None.
+        key_start: The cache slot of ``key_valid``'s first column (the eager path skips
+            slots no row reads any more).
 
     Returns:
         ``[B, 1, T, S]`` bool: slot ``s`` is visible to query ``q`` iff
         ``s <= query_index[q]`` (and inside the window) and ``key_valid[s]``, and always
         ``s == query_index[q]``.
     """
-    s = torch.arange(key_valid.shape[1], device=key_valid.device)
+    s = torch.arange(key_start, key_start + key_valid.shape[1], device=key_valid.device)
     causal = s[None, :] <= query_index[:, None]  # [T, S]
     if window is not None:
         causal = causal & (s[None, :] > query_index[:, None] - window)

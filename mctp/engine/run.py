@@ -136,6 +136,7 @@ class _Run(_Joins):
         self.joinable = False
         self.joined = 0
         self.sources: list[int] = []  # per generated slot, shared by all rows
+        self.key_start = 0  # the first slot a live row reads (the eager path skips the rest)
         self.forwards = self.mctp_steps = self.drafted = self.accepted = 0
         self.prefill_s = 0.0
 
@@ -169,10 +170,24 @@ class _Run(_Joins):
         live = [r for r in range(self.state.active_rows) if r not in self.finished_rows]
         if live and live[-1] + 1 < self.state.active_rows:
             self.state.set_active_rows(live[-1] + 1)
+        # attention skips the slots before the first one a live row reads (a batch that keeps
+        # taking requests keeps its cursor growing; its rows' prompts start near the cursor)
+        self.key_start = min((self.row_prompt[r] for r in live), default=0)
+        if self.state.heads is not None:
+            self.state.heads.key_start = self.key_start
+
+    def _forward(self, start: int, all_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The backbone over slots ``start ..`` (skipping slots before :attr:`key_start`)."""
+        lo = min(self.key_start, start)
+        if lo:
+            return self.path.forward(
+                self.buffer, self.cache, start, all_logits=all_logits, key_start=lo
+            )
+        return self.path.forward(self.buffer, self.cache, start, all_logits=all_logits)
 
     def _backbone_token(self) -> None:
         start = self.state.processed
-        hidden, logits = self.path.forward(self.buffer, self.cache, start)
+        hidden, logits = self._forward(start)
         self.forwards += 1
         self.state.backbone_done(start, hidden)
         tok = self.picker(logits[:, -1])
@@ -207,7 +222,7 @@ class _Run(_Joins):
         k = self._draft_len()
         if k > 0:
             self._chain(k)
-        hidden, logits = self.path.forward(buf, self.cache, s0, all_logits=True)
+        hidden, logits = self._forward(s0, all_logits=True)
         self.forwards += 1
         choice = logits.argmax(dim=-1)  # [B, k+1]: backbone's token for slots s0+1 .. s0+k+1
         drafts = buf.ids[:, s0 + 1 : s0 + 1 + k]

@@ -445,3 +445,39 @@ def test_sampled_rows_with_a_repetition_penalty_grow(toy):
         assert ev.kind == "end"
         toks = ev.row_result.tokens[0]
         assert toks.numel() == 30 and int(toks.min()) >= 0 and int(toks.max()) < 128
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "turbo"])
+def test_once_the_first_rows_end_attention_skips_the_slots_no_row_reads(mode, monkeypatch):
+    """A batch that keeps taking requests keeps its cursor growing; once its first rows ended,
+    every step reads the cache from the first slot a live row reads (the backbone's decode
+    gets ``key_start`` > 0, its ``valid`` narrower than the cursor), and the answers stay the
+    lone ones."""
+    bb, stack, vocab = _joinable_model()
+    gcfg = GenerationConfig(mode=mode, max_new_tokens=30)
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randint(3, 90, (1, 7), generator=g), torch.randint(3, 90, (1, 5), generator=g)
+    lone = [generate(bb, stack, x, config=gcfg, vocab=vocab).tokens[0].tolist() for x in (a, b)]
+    gen = Generator(bb, stack, gcfg, engine=EngineConfig(max_batch=2, max_len=128), vocab=vocab)
+    starts: list[tuple[int, int]] = []  # (key_start, slots read) of every backbone decode
+    decode = bb.decode
+
+    def spy(embeds, positions, slots, valid, cache, **kwargs):
+        starts.append((kwargs.get("key_start", 0), valid.shape[1]))
+        return decode(embeds, positions, slots, valid, cache, **kwargs)
+
+    monkeypatch.setattr(bb, "decode", spy)
+    cohort = Cohort(gen, [RowRequest(a, gcfg)])
+    first = cohort.events(0)
+    seen = [next(first) for _ in range(3)]
+    ticket = cohort.offer(RowRequest(b, gcfg))
+    assert ticket is not None
+    while ticket.row is None:
+        seen.append(next(first))
+    joined = cohort.claim(ticket)
+    seen += list(first)  # row 0 ends; row 1 goes on alone
+    assert seen[-1].row_result.tokens[0].tolist() == lone[0]
+    assert list(joined)[-1].row_result.tokens[0].tolist() == lone[1]
+    late = [(lo, width) for lo, width in starts if lo > 0]
+    assert len(late) > 1, starts  # the joined row's prefill, then its steps after row 0 ended
+    assert all(width < 128 - lo for lo, width in late)

@@ -35,9 +35,9 @@ def _replay(lm, stack, seq, prompt_len, chains, attention_mask=None, prefill_chu
         run_states = dec._head_states
         pieces = []
 
-        def spy(k, idx, visible=None, regions=None):
+        def spy(k, idx, visible=None, regions=None, **kw):
             pieces.append(idx.shape[0])
-            return run_states(k, idx, visible, regions)
+            return run_states(k, idx, visible, regions, **kw)
 
         dec._head_states = spy
     got = {}
