@@ -136,6 +136,11 @@ class Backbone(Protocol):
         must already be in the cache, slots at or after it may hold stale entries (they are
         overwritten). The engine builds the tensors; the backbone never sees its buffer.
 
+        A backbone whose class sets ``supports_key_start = True`` is also called with a keyword
+        ``key_start``: ``valid`` then covers slots ``key_start .. key_start + S - 1`` and no
+        slot before them is read (the eager engine skips slots no row reads any more); other
+        backbones are never passed it.
+
         Returns:
             Final-normed hidden states ``[B, T, H]``.
         """
