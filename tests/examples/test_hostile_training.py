@@ -13,12 +13,13 @@ import logging
 import os
 import re
 import shlex
-import subprocess
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from native_abort import run_torchrun
 from vita_audio.config import TrainConfig, load_config
 from vita_audio.data import ChatRenderer, RecordError, VitaAudioData
 from vita_audio.mixture import DataMixture
@@ -136,7 +137,13 @@ def test_each_documented_cpu_launch_starts_what_it_says(command, tmp_path):
     ours += ["stages=[{stage: 1}]", "optim.max_steps=1"]
     argv += ours if "--override" in argv else ["--override", *ours]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    p = run_torchrun(
+        argv,
+        before_retry=lambda: shutil.rmtree(tmp_path, ignore_errors=True),
+        cwd=ROOT,
+        env=env,
+        timeout=400,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     found = re.findall(
         r"stage 1: (\d+) process(?:es)? on cpu, global batch (\d+) = per_device_batch (\d+) x "

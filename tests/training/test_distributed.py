@@ -12,11 +12,11 @@ import os
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from native_abort import run_torchrun
 from recipe_checks import STAGES, final_weights, trajectory
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,37 +30,18 @@ TORCHRUN_COMMAND = (
 def _torchrun(
     script: Path, *args: str, out: Path, overrides: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess:
-    """Run ``script`` on 2 gloo processes writing to ``out`` (plus config ``overrides``).
-
-    A rank that dies of a native abort (``terminate called ...``, SIGABRT: seen once in CI in
-    about twenty runs, inside torch's C++ side with no Python error, never reproduced) gets one
-    fresh retry with a warning; a second abort, a Python error or a wrong result still fails.
-    """
+    """Run ``script`` on 2 gloo processes writing to ``out`` (plus config ``overrides``); one
+    fresh retry after a rank's native abort (:mod:`native_abort`)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    for attempt in (1, 2):
-        p = subprocess.run(
-            [
-                *cmd,
-                str(script),
-                *args,
-                "--override",
-                f"run.out_dir={out}",
-                "run.progress=false",
-                *overrides,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=400,
-            env=env,
-            cwd=ROOT,
-        )
-        aborted = p.returncode != 0 and "terminate called" in p.stderr and "SIGABRT" in p.stderr
-        if not aborted or attempt == 2:
-            return p
-        warnings.warn(f"a rank aborted natively, retrying once:\n{p.stderr[-1500:]}", stacklevel=2)
-        shutil.rmtree(out, ignore_errors=True)
-    raise AssertionError("unreachable")
+    return run_torchrun(
+        [*cmd, str(script), *args, "--override", f"run.out_dir={out}", "run.progress=false",
+         *overrides],
+        before_retry=lambda: shutil.rmtree(out, ignore_errors=True),
+        timeout=400,
+        env=env,
+        cwd=ROOT,
+    )  # fmt: skip
 
 
 def _close(a: list[dict[str, float]], b: list[dict[str, float]], tol: float = 1e-5) -> None:
