@@ -10,7 +10,9 @@ import pytest
 import torch
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # native_abort (torchrun tests)
+# helper modules of several test folders (native_abort); not tests/ itself, whose vllm/
+# folder would shadow the real vllm package
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
