@@ -244,11 +244,19 @@ class MCTPDecoder:
         view.caches = [cache.rows(row, row + 1) for cache in self.caches]
         index = self.buffer.index
         for k, lo, stop in work:
-            piece = self.prefill_chunk or stop - lo
-            while lo < stop:
-                hi = min(stop, lo + piece)
-                view._head_states(k, index[lo:hi], visible=hi, first=lo)
-                lo = hi
+            lo = view._read_ahead(k, lo, stop)
+            view._head_states(k, index[lo:stop], visible=stop, first=lo)
+
+    def _read_ahead(self, k: int, start: int, stop: int) -> int:
+        """Head ``k`` over a long backlog ``start .. stop - 1``: every ``prefill_chunk`` piece
+        but the last (the eager path); returns where the last piece begins."""
+        piece = self.prefill_chunk
+        while piece is not None and stop - start > piece:
+            self._head_states(
+                k, self.buffer.index[start : start + piece], visible=start + piece, first=start
+            )
+            start += piece
+        return start
 
     def write_backbone(self, start: int, hidden: torch.Tensor) -> None:
         """Record backbone last hidden states ``[B, T, H]`` for slots ``start..start+T-1``.
@@ -326,10 +334,7 @@ class MCTPDecoder:
                 raise RuntimeError(
                     f"head {k} has already seen slot {n - 1}; truncate() before re-running"
                 )
-            piece = self.prefill_chunk
-            while piece is not None and n - c > piece:  # a long backlog: all but its last piece
-                self._head_states(k, buf.index[c : c + piece], visible=c + piece, first=c)
-                c += piece
+            c = self._read_ahead(k, c, n)
             tok, logits = self._head(
                 k,
                 buf.index[c:n],
