@@ -178,8 +178,8 @@ class ExactPath:
 
     #: Chains may be shortened to the tokens still needed.
     fixed_chains = False
-    #: A call runs its own rows (no padding to ``max_batch``).
-    fixed_rows = False
+    #: Steps may skip the slots before the first one a live row reads (``key_start``).
+    key_window = True
 
     def __init__(self, backbone: Backbone) -> None:
         self.backbone = backbone
@@ -210,6 +210,11 @@ class ExactPath:
     def chain(self, decoder: MCTPDecoder, count: int, sampler: Sampler) -> torch.Tensor:
         """Heads ``0..count-1`` over their exact backlogs; returns the tokens ``[B, count]``."""
         return decoder.step(count, sampler=sampler).tokens
+
+    def rows_for(self, needed: int, capacity: int) -> int:
+        """Rows a step runs while its first ``needed`` of ``capacity`` rows are in use: just
+        those (any shape runs eagerly)."""
+        return needed
 
 
 def _own_code(fn: Callable[..., Any], tag: str) -> Callable[..., Any]:
@@ -261,8 +266,8 @@ class FastPath:
         RuntimeError: If ``compile_cache_dir`` holds a file that is not a compile cache.
     """
 
-    #: Every call runs all ``max_batch`` rows (compiled shapes never change).
-    fixed_rows = True
+    #: Steps read every slot (fixed shapes): no ``key_start`` window.
+    key_window = False
 
     def __init__(
         self,
@@ -326,6 +331,16 @@ class FastPath:
 
     def _compile(self, fn: Callable[..., Any], tag: str) -> Callable[..., Any]:
         return _compile_with(self.compile_kwargs, fn, tag)
+
+    def rows_for(self, needed: int, capacity: int) -> int:
+        """Rows a step runs while its first ``needed`` of ``capacity`` rows are in use.
+
+        Whole graphs run all ``capacity`` rows (one compiled shape set; CUDA graphs). Regions
+        run 1 row for a lone request (the 1-row speed; one more shape set compiled, at the
+        first lone call or the warm-up) and all rows otherwise: two row counts bound the
+        number of shapes compiled per graph.
+        """
+        return 1 if needed == 1 and self.regions is not None else capacity
 
     def save_compile_cache(self) -> Path:
         """Write this process's compiled artifacts to ``compile_cache_dir`` (after a warm-up).

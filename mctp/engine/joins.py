@@ -91,10 +91,11 @@ class _Joins:
         if not free or start < 0 or n - 1 + need > buf.max_len:
             return None
         r = free[0]
-        if r >= self.state.active_rows:  # every active row is taken: run one more
-            # rows past the active ones are all free, so the lowest free one is the next
+        if r >= self.state.active_rows:  # every active row is taken: run one more (or the
+            # path's next row count: rows past the active ones are all free, so the lowest free
+            # one is the next; the others come back stopped, holding what they held)
             assert r == self.state.active_rows, (r, self.state.active_rows)
-            self.state.set_active_rows(r + 1)
+            self.state.set_active_rows(self.rows_for(r + 1))
         dev = buf.device
         ids = ids.to(dev)
         with torch.inference_mode():

@@ -88,17 +88,19 @@ class _Run(_Joins):
         device = gen.device
         input_ids = input_ids.to(device)
         self.rows = gen.rows = b
-        # the eager path runs the call's own rows (a lone request costs one row); fixed
-        # shapes (compiled graphs) and caches that cannot be narrowed run all max_batch rows
-        self.narrow = not gen.path.fixed_rows and gen.state.narrowable
-        if b < cap and not self.narrow:  # pad with copies of row 0 (already stopped)
-            extra = cap - b
+        self.gen = gen
+        # the eager path runs the call's own rows (a lone request costs one row); compiled
+        # shapes run the row counts they were compiled for; caches that cannot be narrowed
+        # run all max_batch rows
+        run = self.rows_for(b)
+        if b < run:  # pad with copies of row 0 (already stopped)
+            extra = run - b
             input_ids = torch.cat([input_ids, input_ids[:1].expand(extra, -1)])
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask, attention_mask[:1].expand(extra, -1)])
             if prompt_embeds is not None:
                 prompt_embeds = torch.cat([prompt_embeds, prompt_embeds[:1].expand(extra, -1, -1)])
-        self.gen, self.cfg, self.engine, self.path = gen, cfg, gen.engine, gen.path
+        self.cfg, self.engine, self.path = cfg, gen.engine, gen.path
         self.schedule = cfg.schedule
         self.max_new, self.prompt_len = cfg.max_new_tokens, p
         self.state = gen.state
@@ -161,15 +163,24 @@ class _Run(_Joins):
             self.done[: tokens.shape[0]] |= torch.isin(tokens, self.stop_ids).any(dim=1)
         self.sources.extend(source)
 
+    def rows_for(self, needed: int) -> int:
+        """Rows the steps run while the first ``needed`` rows are in use: those on the eager
+        path, the nearest compiled row count on the fast path (``path.rows_for``), all
+        ``max_batch`` rows for a cache that cannot be narrowed."""
+        cap = self.gen.max_batch
+        if not self.gen.state.narrowable:
+            return cap
+        return self.gen.path.rows_for(needed, cap)
+
     def fit_rows(self) -> None:
         """Stop running rows past the last one still in use (their requests ended and no
         request took them): the eager path then costs what the live rows cost. Called by the
         stream between cycles; a join that needs a row past them brings it back."""
-        if not self.narrow:
-            return
         live = [r for r in range(self.state.active_rows) if r not in self.finished_rows]
-        if live and live[-1] + 1 < self.state.active_rows:
-            self.state.set_active_rows(live[-1] + 1)
+        if live and self.rows_for(live[-1] + 1) < self.state.active_rows:
+            self.state.set_active_rows(self.rows_for(live[-1] + 1))
+        if not (self.path.key_window and self.gen.state.narrowable):
+            return
         # attention skips the slots before the first one a live row reads (a batch that keeps
         # taking requests keeps its cursor growing; its rows' prompts start near the cursor)
         self.key_start = min((self.row_prompt[r] for r in live), default=0)

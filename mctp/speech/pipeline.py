@@ -218,8 +218,9 @@ class SpeechPipeline(PromptBuilder):
 
     def warmup(self, modes: Sequence[str | Mode | InterleaveSchedule] | None = None) -> float:
         """Run one short request per mode on every built Generator (the compiled path compiles
-        here, not in a user's first request); writes the compile cache when the engine names
-        one.
+        here, not in a user's first request), on the compiled path once per row count it runs
+        (regions: a lone request's 1 row and all ``max_batch`` rows); writes the compile cache
+        when the engine names one.
 
         Returns:
             Seconds spent.
@@ -230,11 +231,20 @@ class SpeechPipeline(PromptBuilder):
         from mctp.engine.batching import Cohort
 
         for lane in self.generators(max(1, len(self._lanes))):
+            cap = lane.max_batch
+            counts = (
+                sorted({lane.path.rows_for(n, cap) for n in range(1, cap + 1)})
+                if self.engine.compile
+                else [1]
+            )
             for mode in modes:
                 sched = self.schedule(mode)
-                req = self.open("hello", mode=sched, max_new_tokens=40)
-                for _ in self.answer(req, Cohort(lane, [req.row]).events(0)):
-                    pass
+                for count in counts:
+                    reqs = [self.open("hello", mode=sched, max_new_tokens=40) for _ in range(count)]
+                    cohort = Cohort(lane, [req.row for req in reqs])
+                    for i, req in enumerate(reqs):
+                        for _ in self.answer(req, cohort.events(i)):
+                            pass
         if self.engine.compile and self.engine.compile_cache is not None:
             # torch's artifacts are process-wide: one file for every lane; the next start
             # loads it instead of compiling

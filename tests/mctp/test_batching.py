@@ -266,7 +266,8 @@ def _count_rows(monkeypatch, backbone) -> list[int]:
 
 def test_the_eager_path_runs_a_calls_own_rows_and_compiled_shapes_pad(toy, monkeypatch):
     """A lone request on a 3-row engine costs one row on the eager path (and gives exactly
-    what a 1-row engine gives); a fixed-shape path pads it to 3 rows."""
+    what a 1-row engine gives); compiled regions run it on 1 row too and pad 2 rows to 3;
+    whole compiled graphs pad every call to 3 rows."""
     cfg = GenerationConfig(mode="boost", max_new_tokens=40, eos_token_id=2)
     one = Generator(toy.backbone, toy.stack, cfg, engine=EngineConfig(max_len=96), vocab=toy.vocab)
     want = one.generate(toy.prompt)
@@ -279,18 +280,28 @@ def test_the_eager_path_runs_a_calls_own_rows_and_compiled_shapes_pad(toy, monke
     assert eager.state.active_rows == 1 and eager.max_batch == 3
     assert got.tokens[0].tolist() == want.tokens[0].tolist() == toy.answer
     assert eager.state.buffer.all_ids.shape[0] == 3  # allocated once for max_batch rows
-    rows.clear()
-    fixed = Generator(
-        toy.backbone,
-        toy.stack,
-        cfg,
-        engine=EngineConfig(
-            max_batch=3, max_len=96, compile=True, compile_options={"backend": "eager"}
-        ),
-        vocab=toy.vocab,
-    )
-    assert fixed.generate(toy.prompt).tokens[0].tolist() == toy.answer
-    assert rows and set(rows) == {3}, rows
+    two = torch.cat([toy.prompt, toy.prompt])
+    for regions, lone_rows in ((True, 1), (False, 3)):
+        fixed = Generator(
+            toy.backbone,
+            toy.stack,
+            cfg,
+            engine=EngineConfig(
+                max_batch=3,
+                max_len=96,
+                compile=True,
+                compile_options={"backend": "eager"},
+                compile_regions=regions,
+            ),
+            vocab=toy.vocab,
+        )
+        rows.clear()
+        assert fixed.generate(toy.prompt).tokens[0].tolist() == toy.answer
+        assert rows and set(rows) == {lone_rows}, (regions, rows)
+        rows.clear()
+        both = fixed.generate(two).tokens
+        assert both[0].tolist() == both[1].tolist() == toy.answer
+        assert rows and set(rows) == {3}, (regions, rows)  # 2 rows run as 3
 
 
 def test_rows_grow_when_a_request_joins_and_shrink_when_the_last_ones_end(toy, monkeypatch):
@@ -385,38 +396,53 @@ def test_a_joining_row_catches_up_alone_and_still_gets_its_lone_answer(monkeypat
         EngineConfig(join_heads_alone="yes")
 
 
-@pytest.mark.parametrize("alone", [True, False])
-def test_a_request_joins_a_fixed_shape_batch_and_gets_its_lone_answer(alone):
-    """The fixed-shape path (uncompiled here: ``backend="eager"``) pads a lone request to
-    ``max_batch`` rows; a request joins a free row and gets its lone answer, whichever way
-    the heads read its prompt."""
+@pytest.mark.parametrize(("alone", "regions"), [(True, True), (False, True), (True, False)])
+def test_a_request_joins_a_fixed_shape_batch_and_gets_its_lone_answer(alone, regions, monkeypatch):
+    """The fixed-shape path (uncompiled here: ``backend="eager"``) runs a lone request on 1
+    row with regions (on all ``max_batch`` rows with whole graphs); a request that joins
+    brings every row back (compiled shapes: 1 row or all), gets its lone answer whichever way
+    the heads read its prompt, and once it ended the lone row runs alone again."""
     bb, stack, vocab = _joinable_model()
     gcfg = GenerationConfig(mode="turbo", max_new_tokens=40)
     g = torch.Generator().manual_seed(3)
-    a, c = torch.randint(3, 90, (1, 7), generator=g), torch.randint(3, 90, (1, 16), generator=g)
+    a, c = torch.randint(3, 90, (1, 7), generator=g), torch.randint(3, 90, (1, 8), generator=g)
     lone = [generate(bb, stack, x, config=gcfg, vocab=vocab).tokens[0].tolist() for x in (a, c)]
+    # a stop id that ends the joining request early and never the first one
+    stop = next(t for t in lone[1][14:] if t not in lone[0] and t not in lone[1][:14])
+    gcfg = gcfg.replace(eos_token_id=stop)
+    lone = [generate(bb, stack, x, config=gcfg, vocab=vocab).tokens[0].tolist() for x in (a, c)]
+    assert 14 < len(lone[1]) < 30 and len(lone[0]) == 40
     engine = EngineConfig(
-        max_batch=2,
-        max_len=160,
+        max_batch=3,
+        max_len=200,
         compile=True,
         compile_options={"backend": "eager"},
+        compile_regions=regions,
         join_heads_alone=alone,
     )
     gen = Generator(bb, stack, gcfg, engine=engine, vocab=vocab)
+    rows = _count_rows(monkeypatch, bb)  # rows of each backbone call, the join's prefill too
     cohort = Cohort(gen, [RowRequest(a, gcfg)])
     first = cohort.events(0)
     seen = [next(first)]
-    while gen.buffer.length < 24:
+    while gen.buffer.length < 10:  # room for the prompt before the cursor
         seen.append(next(first))
-    assert gen.state.active_rows == 2  # padded: fixed shapes
+    assert gen.state.active_rows == (1 if regions else 3)
     ticket = cohort.offer(RowRequest(c, gcfg))
     assert ticket is not None
     while ticket.row is None:
         seen.append(next(first))
+    assert ticket.row == 1
     joined = list(cohort.claim(ticket))
     seen += list(first)
     assert seen[-1].row_result.tokens[0].tolist() == lone[0]
     assert joined[-1].row_result.tokens[0].tolist() == lone[1]
+    if regions:  # 1 row, all 3 while the joined request ran, 1 again once it stopped
+        assert rows[0] == 1 and rows[-1] == 1 and set(rows) == {1, 3}, rows
+        widths = [r for i, r in enumerate(rows) if i == 0 or r != rows[i - 1]]
+        assert widths[-3:] == [1, 3, 1], widths  # ... the join's 1-row prefill, 3, 1
+    else:  # every step runs 3 rows (the join's prefill runs its own row)
+        assert rows[0] == 3 and rows[-1] == 3 and set(rows) == {1, 3}, rows
 
 
 def test_sampled_rows_with_a_repetition_penalty_grow(toy):

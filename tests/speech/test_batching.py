@@ -79,3 +79,30 @@ def test_concurrent_requests_with_cancellations_get_their_lone_answers(mctp_cach
     finally:
         worker.close()
     assert worker.batcher.can_start()  # every lane given back
+
+
+def test_the_warm_up_runs_every_row_count_the_compiled_path_runs(mctp_cache, monkeypatch):
+    """The compiled path compiles once per row count it runs: the warm-up runs each mode at
+    each (regions: a lone request's 1 row and all max_batch rows; whole graphs: all rows),
+    so that no user request pays for compiling; the eager path warms up on one row."""
+    from mctp.speech import build_tiny_pipeline
+
+    for options, want in (
+        ({}, {1}),
+        ({"compile": True, "compile_options": {"backend": "eager"}}, {1, 3}),
+        (
+            {"compile": True, "compile_options": {"backend": "eager"}, "compile_regions": False},
+            {3},
+        ),
+    ):
+        pipe = build_tiny_pipeline(engine=EngineConfig(max_batch=3, max_len=512, **options))
+        rows: list[int] = []
+        decode = pipe.backbone.decode
+
+        def counted(x, *args, decode=decode, rows=rows, **kwargs):
+            rows.append(x.shape[0])
+            return decode(x, *args, **kwargs)
+
+        monkeypatch.setattr(pipe.backbone, "decode", counted)
+        pipe.warmup(["vanilla", "turbo"])
+        assert set(rows) == want, (options, sorted(set(rows)))
