@@ -174,8 +174,10 @@ class _Run(_Joins):
 
     def fit_rows(self) -> None:
         """Stop running rows past the last one still in use (their requests ended and no
-        request took them): the eager path then costs what the live rows cost. Called by the
-        stream between cycles; a join that needs a row past them brings it back."""
+        request took them): the eager path then costs what the live rows cost, compiled
+        regions drop to 1 row once only the first is live (:meth:`rows_for`). Called by the
+        stream between cycles; a join that needs a row past them brings it back. On the eager
+        path also moves the attention window's start (:attr:`key_start`)."""
         live = [r for r in range(self.state.active_rows) if r not in self.finished_rows]
         if live and self.rows_for(live[-1] + 1) < self.state.active_rows:
             self.state.set_active_rows(self.rows_for(live[-1] + 1))
