@@ -232,10 +232,11 @@ def _own_code(fn: Callable[..., Any], tag: str) -> Callable[..., Any]:
 class FastPath:
     """Fixed-shape computation, compiled: what makes MCTP fast where overhead dominates.
 
-    The backbone sees two shapes: one token, and a window of ``window`` slots (a multi-token
-    re-read is widened to the last ``window`` slots; slots already in the cache are written
-    again with the same values). Prompts of ``window .. prefill_windows * window`` slots are
-    prefilled as window decodes. Heads run in fixed windows (:meth:`MCTPDecoder.window_chain`)
+    The backbone's compiled calls see two shapes: one token, and a window of ``window`` slots
+    (a multi-token re-read is widened to the last ``window`` slots; slots already in the cache
+    are written again with the same values). Prompts of ``window .. prefill_windows * window``
+    slots are prefilled as window decodes; other prompts, and re-reads no window holds (while
+    the sequence is shorter than the window, or longer than it), run eagerly. Heads run in fixed windows (:meth:`MCTPDecoder.window_chain`)
     after their backlogs caught up in at most ``prefill_windows`` extra windows; where a
     backlog cannot (a short sequence, a long prompt, a chain of more than ``window + 1``
     heads) the exact head path runs instead.
@@ -373,9 +374,11 @@ class FastPath:
             idx = buffer.index[n - w : n]
             hidden, logits = self._decode(buffer, cache, idx, all_logits=all_logits)
             return hidden[:, -t:], logits[:, -t:] if all_logits else logits
-        if t == 1 or start > 0:
+        if t == 1:
             return self._decode(buffer, cache, buffer.index[start:n], all_logits=all_logits)
-        # a prompt outside the windowed range: one eager multi-token forward
+        # a prompt outside the windowed range, or a re-read that no window holds (a sequence
+        # shorter than the window, a backlog longer than it): one eager multi-token forward,
+        # so that the compiled shapes stay one token and one window whatever the lengths
         idx = buffer.index[start:n]
         return backbone_step(self.backbone, buffer, cache, idx, all_logits, n)
 

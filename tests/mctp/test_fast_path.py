@@ -53,6 +53,35 @@ def test_windows_shorter_than_a_chain_give_the_eager_tokens(model, mode, window,
     assert torch.equal(fast.sequences, ref.sequences)
 
 
+@pytest.mark.parametrize("mode", ["vanilla", "boost", "turbo"])
+def test_compiled_layers_see_one_token_or_one_window_whatever_the_lengths(model, mode, monkeypatch):
+    """Prompts shorter than the window and re-reads no window holds run eagerly: the compiled
+    layer graph sees only 1-token and ``window``-slot calls (one more shape per re-read length
+    before, each a compile at serving time), and the tokens stay the eager ones."""
+    from mctp import GenerationConfig, Generator
+    from mctp.engine.regions import BlockRegions
+
+    bb, stack = model
+    seen: set[int] = set()
+    block = BlockRegions.block
+
+    def spy(self, blk, x, **kwargs):
+        seen.add(x.shape[1])
+        return block(self, blk, x, **kwargs)
+
+    monkeypatch.setattr(BlockRegions, "block", spy)
+    g = torch.Generator().manual_seed(7)
+    cfg = GenerationConfig(mode=mode, max_new_tokens=30)
+    gen = Generator(
+        bb, stack, cfg, max_len=128, compile=True, compile_options={"backend": "eager"}, window=8
+    )
+    for n in (3, 5, 7, 12, 40):
+        ids = torch.randint(3, 128, (1, n), generator=g)
+        ref = generate(bb, stack, ids, mode, 30)
+        assert torch.equal(gen.generate(ids).sequences, ref.sequences), n
+    assert 8 in seen and seen <= {1, 8}, sorted(seen)
+
+
 def test_fixed_windows_verified_mode(model):
     bb, stack = model
     ids = torch.randint(3, 128, (1, 20))
