@@ -174,19 +174,18 @@ class KVCache:
         return view
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """``(keys, values, slots)`` of layer ``i`` for :meth:`over`, or None when a region
-        cannot stand in for this cache now (buffers not allocated yet, positions not set, or
-        a ``visible`` prefix: the eager path's shapes)."""
+        """``(keys, values, slots)`` of layer ``i`` for :meth:`over`: its buffers (views of
+        the slots ``start .. visible - 1`` set by :meth:`set_positions`) and the slots to
+        write, counted from ``start``; None when a region cannot stand in for this cache now
+        (buffers not allocated yet, positions not set)."""
         k, v = self.keys[0 if self.single_layer else i], self.values[0 if self.single_layer else i]
-        if (
-            k is None
-            or v is None
-            or self._positions is None
-            or self._visible is not None
-            or self._start
-        ):
+        if k is None or v is None or self._positions is None:
             return None
-        return k, v, self._positions
+        if self._visible is None and not self._start:
+            return k, v, self._positions
+        window = slice(self._start, self._visible)
+        slots = self._positions - self._start if self._start else self._positions
+        return k[:, :, window], v[:, :, window], slots
 
     def set_positions(
         self, positions: torch.Tensor, *, visible: int | None = None, start: int = 0

@@ -143,6 +143,11 @@ def _compile_region(
     return _compile_with(kw, fn, tag)
 
 
+#: Regions compile their layers for any number of cache slots, and the regional path's steps
+#: read only the slots a sequence holds (the eager path's habit). Set before a Generator is
+#: built (benchmarks/decode_ab.py compares both).
+DYNAMIC_SLOTS = True
+
 # backbone -> {compile options: regions}; every FastPath of a backbone with the same options
 # (the lanes of a server, the head vocabularies of a benchmark) shares one set of graphs
 _REGIONS: weakref.WeakKeyDictionary[Any, dict[str, BlockRegions]] = weakref.WeakKeyDictionary()
@@ -165,6 +170,7 @@ def _shared_regions(backbone: Backbone, kwargs: Mapping[str, Any]) -> BlockRegio
                     _compile_region, dict(kwargs), guards=_template_guards
                 ),
                 options=kwargs.get("options"),
+                dynamic_slots=DYNAMIC_SLOTS,  # steps read the slots in use (FastPath)
             )
         return per_backbone[key]
 
@@ -316,8 +322,15 @@ class FastPath:
         self.fixed_chains = not regions
         if self.regions is not None:
             logits = self.regions.function(_logits, "mctp_backbone_logits")
+            dynamic = self.regions.dynamic_slots
+
+            def visible(buffer: TokenBuffer) -> int | None:
+                # layers compiled for any number of slots read the slots in use (at least 2:
+                # a symbolic size is never 0 or 1); otherwise all of them
+                return min(max(buffer.length, 2), buffer.max_len) if dynamic else None
+
             self._decode = lambda buffer, cache, idx, all_logits=False: backbone_step(
-                backbone, buffer, cache, idx, all_logits, None, self.regions, logits
+                backbone, buffer, cache, idx, all_logits, visible(buffer), self.regions, logits
             )
         else:
             step = self._compile(backbone_step, "mctp_backbone_decode")

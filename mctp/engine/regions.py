@@ -174,6 +174,9 @@ class BlockRegions:
             engine's compile does), which they cannot in :meth:`function`, whose callers pass
             different modules (a full and an audio-only head stack). None: ``compile``.
         options: The Inductor options ``compile`` uses (checked for ``freezing``).
+        dynamic_slots: Compile the layers' graphs for any number of cache slots read (the
+            slot dimension of keys, values and mask is symbolic), so that a step may read only
+            the slots a sequence holds; False: every call reads the same number.
 
     Raises:
         ValueError: If ``options`` turn freezing on.
@@ -185,6 +188,7 @@ class BlockRegions:
         *,
         compile_template: Compile | None = None,
         options: dict[str, Any] | None = None,
+        dynamic_slots: bool = False,
     ) -> None:
         if (options or {}).get("freezing"):
             raise ValueError(
@@ -193,6 +197,7 @@ class BlockRegions:
             )
         self._compile = compile
         self._compile_template = compile_template or compile
+        self.dynamic_slots = dynamic_slots
         # block key -> (meta template, compiled function)
         self._graphs: dict[tuple[Any, ...], tuple[nn.Module, Callable[..., Any]]] = {}
         # id(block) -> (the block, its wrapper's graph call); the block is kept so that its
@@ -258,6 +263,10 @@ class BlockRegions:
             ``[B, T, H]``.
         """
         graph = self._graph((id(block),), block, lambda: _Block(block))
+        if self.dynamic_slots:  # one graph for every number of slots read
+            for t, dim in ((keys, 2), (values, 2), (attention_mask, 3)):
+                if isinstance(t, torch.Tensor):
+                    torch._dynamo.maybe_mark_dynamic(t, dim)
         return graph(x, attention_mask, position_ids, position_embeddings, keys, values, slots)
 
     def head(

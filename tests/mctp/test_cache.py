@@ -76,3 +76,23 @@ def test_token_buffer_runs_the_rows_a_prompt_has():
         buf.start(torch.zeros(4, 2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\[1, 3\]"):
         buf.set_active_rows(4)
+
+
+def test_layer_views_cover_the_visible_slots_and_count_slots_from_start():
+    """What a compiled region gets: the whole buffers with fixed shapes, else views of the
+    slots ``start .. visible - 1`` and the slots to write counted from ``start``; writing
+    through the views lands in the cache."""
+    cache = KVCache(2, 1, 16).allocate(2, 4, dtype=torch.float32, device="cpu")
+    cache.set_positions(torch.tensor([5, 6]))
+    keys, values, slots = cache.layer(1)
+    assert keys.shape == (1, 2, 16, 4) and slots.tolist() == [5, 6]
+    cache.set_positions(torch.tensor([5, 6]), visible=7, start=3)
+    keys, values, slots = cache.layer(1)
+    assert keys.shape == (1, 2, 4, 4) and values.shape == (1, 2, 4, 4)
+    assert slots.tolist() == [2, 3]
+    view = KVCache.over(keys, values, slots)
+    new = torch.ones(1, 2, 2, 4)
+    view.update(new, 2 * new, 0)
+    assert torch.equal(cache.keys[1][:, :, 5:7], new)
+    assert torch.equal(cache.values[1][:, :, 5:7], 2 * new)
+    assert cache.keys[1][:, :, :5].abs().sum() == 0 and cache.keys[0].abs().sum() == 0
