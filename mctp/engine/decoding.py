@@ -490,13 +490,18 @@ class MCTPDecoder:
         :meth:`run_window`.
         """
         offsets = torch.arange(window, device=self.buffer.device) - window
+        # regions compiled for any number of slots: head k reads the slots up to its window's
+        # last one (``n + k``, from the buffer's host-side length), not all of them
+        dynamic = regions is not None and regions.dynamic_slots
 
         def chain(
             n: torch.Tensor, sampler: Callable[[torch.Tensor], torch.Tensor]
         ) -> tuple[torch.Tensor, torch.Tensor]:
             toks, logits = [], []
+            n0 = self.buffer.length if dynamic else 0
             for k in range(k_run):
-                tok, lg = self._head(k, offsets + (n + k), sampler, None, None, regions, token_step)
+                seen = _slots(n0 + k, self.buffer.max_len) if dynamic else None
+                tok, lg = self._head(k, offsets + (n + k), sampler, None, seen, regions, token_step)
                 toks.append(tok)
                 logits.append(lg)
             return torch.stack(toks, dim=1), torch.stack(logits, dim=1)
@@ -564,9 +569,11 @@ class MCTPDecoder:
         a fixed-shape function to compile, run by :meth:`catch_up` (or, with ``regions``, one
         that runs the head through their compiled graph)."""
         offsets = torch.arange(window, device=self.buffer.device)
+        dynamic = regions is not None and regions.dynamic_slots  # see window_chain
 
         def fill(start: torch.Tensor) -> None:
-            self._head_states(k, offsets + start, regions=regions)
+            seen = _slots(int(start) + window, self.buffer.max_len) if dynamic else None
+            self._head_states(k, offsets + start, seen, regions=regions)
 
         return fill
 
@@ -591,3 +598,9 @@ class MCTPDecoder:
             if starts:
                 self.next_index[k] = n + k - window
         return True
+
+
+def _slots(stop: int, max_len: int) -> int:
+    """The slots a step over slots before ``stop`` reads where the compiled graphs take any
+    number of them: at least 2 (a symbolic size is never 0 or 1), at most ``max_len``."""
+    return min(max(stop, 2), max_len)

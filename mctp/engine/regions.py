@@ -290,6 +290,9 @@ class BlockRegions:
             The normed outputs ``[B, T, H]``.
         """
         graph = self._graph((id(head), id(norm)), (head, norm), lambda: _Head(head, norm))
+        if self.dynamic_slots:
+            for t, dim in ((keys, 2), (values, 2), (attention_mask, 3)):
+                torch._dynamo.maybe_mark_dynamic(t, dim)
         return graph(
             embeds, prev, attention_mask, position_ids, position_embeddings, keys, values, slots
         )

@@ -73,6 +73,15 @@ def test_compiled_layers_see_one_token_or_one_window_whatever_the_lengths(model,
         return block(self, blk, x, **kwargs)
 
     monkeypatch.setattr(BlockRegions, "block", spy)
+    head_slots: set[int] = set()
+    head = BlockRegions.head
+
+    def head_spy(self, *args, **kwargs):
+        head_slots.add(kwargs["keys"].shape[2])
+        assert kwargs["attention_mask"].shape[-1] == kwargs["keys"].shape[2]
+        return head(self, *args, **kwargs)
+
+    monkeypatch.setattr(BlockRegions, "head", head_spy)
     g = torch.Generator().manual_seed(7)
     cfg = GenerationConfig(mode=mode, max_new_tokens=30)
     gen = Generator(
@@ -86,6 +95,8 @@ def test_compiled_layers_see_one_token_or_one_window_whatever_the_lengths(model,
     # and they read the slots the sequence holds, not all 128 (one graph for every count)
     # (Turbo's 11-token re-reads exceed this window and run eagerly: only its prefills here)
     assert max(slots) < 128 and (mode == "turbo" or len(slots) > 10), sorted(slots)
+    if mode != "vanilla":  # the heads' windows too
+        assert head_slots and max(head_slots) < 128 and len(head_slots) > 5, sorted(head_slots)
 
 
 def test_fixed_windows_verified_mode(model):
