@@ -572,6 +572,7 @@ class MCTPDecoder:
         dynamic = regions is not None and regions.dynamic_slots  # see window_chain
 
         def fill(start: torch.Tensor) -> None:
+            # (a host read of the start: regions run on CPU unless asked for on CUDA)
             seen = _slots(int(start) + window, self.buffer.max_len) if dynamic else None
             self._head_states(k, offsets + start, seen, regions=regions)
 

@@ -143,8 +143,8 @@ def _compile_region(
     return _compile_with(kw, fn, tag)
 
 
-#: Regions compile their layers for any number of cache slots, and the regional path's steps
-#: read only the slots a sequence holds (the eager path's habit). Set before a Generator is
+#: Regions compile their layers and heads for any number of cache slots, and the regional
+#: path's steps read only the slots a sequence holds (the eager path's habit). Set before a Generator is
 #: built (benchmarks/decode_ab.py compares both).
 DYNAMIC_SLOTS = True
 

@@ -174,9 +174,9 @@ class BlockRegions:
             engine's compile does), which they cannot in :meth:`function`, whose callers pass
             different modules (a full and an audio-only head stack). None: ``compile``.
         options: The Inductor options ``compile`` uses (checked for ``freezing``).
-        dynamic_slots: Compile the layers' graphs for any number of cache slots read (the
-            slot dimension of keys, values and mask is symbolic), so that a step may read only
-            the slots a sequence holds; False: every call reads the same number.
+        dynamic_slots: Compile the layers' and heads' graphs for any number of cache slots
+            read (the slot dimension of keys, values and mask is symbolic), so that a step may
+            read only the slots a sequence holds; False: every call reads the same number.
 
     Raises:
         ValueError: If ``options`` turn freezing on.
@@ -244,6 +244,15 @@ class BlockRegions:
         self._wrappers[ident] = (keep, graph)
         return graph
 
+    def _mark_slots(self, keys: torch.Tensor, values: torch.Tensor, mask: Any) -> None:
+        """With :attr:`dynamic_slots`, one graph for every number of slots read: the slot
+        dimension of ``keys, values [B, kv_heads, S, D]`` and ``mask [B, 1, T, S]`` is marked
+        symbolic (where a shape forces a value, Dynamo keeps it; no error)."""
+        if self.dynamic_slots:
+            for t, dim in ((keys, 2), (values, 2), (mask, 3)):
+                if isinstance(t, torch.Tensor):
+                    torch._dynamo.maybe_mark_dynamic(t, dim)
+
     def block(
         self,
         block: nn.Module,
@@ -263,10 +272,7 @@ class BlockRegions:
             ``[B, T, H]``.
         """
         graph = self._graph((id(block),), block, lambda: _Block(block))
-        if self.dynamic_slots:  # one graph for every number of slots read
-            for t, dim in ((keys, 2), (values, 2), (attention_mask, 3)):
-                if isinstance(t, torch.Tensor):
-                    torch._dynamo.maybe_mark_dynamic(t, dim)
+        self._mark_slots(keys, values, attention_mask)
         return graph(x, attention_mask, position_ids, position_embeddings, keys, values, slots)
 
     def head(
@@ -290,9 +296,7 @@ class BlockRegions:
             The normed outputs ``[B, T, H]``.
         """
         graph = self._graph((id(head), id(norm)), (head, norm), lambda: _Head(head, norm))
-        if self.dynamic_slots:
-            for t, dim in ((keys, 2), (values, 2), (attention_mask, 3)):
-                torch._dynamo.maybe_mark_dynamic(t, dim)
+        self._mark_slots(keys, values, attention_mask)
         return graph(
             embeds, prev, attention_mask, position_ids, position_embeddings, keys, values, slots
         )
