@@ -500,7 +500,7 @@ class MCTPDecoder:
             toks, logits = [], []
             n0 = self.buffer.length if dynamic else 0
             for k in range(k_run):
-                seen = _slots(n0 + k, self.buffer.max_len) if dynamic else None
+                seen = slots_read(n0 + k, self.buffer.max_len) if dynamic else None
                 tok, lg = self._head(k, offsets + (n + k), sampler, None, seen, regions, token_step)
                 toks.append(tok)
                 logits.append(lg)
@@ -573,7 +573,7 @@ class MCTPDecoder:
 
         def fill(start: torch.Tensor) -> None:
             # (a host read of the start: regions run on CPU unless asked for on CUDA)
-            seen = _slots(int(start) + window, self.buffer.max_len) if dynamic else None
+            seen = slots_read(int(start) + window, self.buffer.max_len) if dynamic else None
             self._head_states(k, offsets + start, seen, regions=regions)
 
         return fill
@@ -601,7 +601,8 @@ class MCTPDecoder:
         return True
 
 
-def _slots(stop: int, max_len: int) -> int:
+def slots_read(stop: int, max_len: int) -> int:
     """The slots a step over slots before ``stop`` reads where the compiled graphs take any
-    number of them: at least 2 (a symbolic size is never 0 or 1), at most ``max_len``."""
+    number of them (regions with ``dynamic_slots``): at least 2 (a symbolic size is never 0
+    or 1), at most ``max_len``."""
     return min(max(stop, 2), max_len)

@@ -38,7 +38,7 @@ import torch
 from ..backbone import Backbone
 from .buffer import TokenBuffer
 from .compile_packing import PackedLinearPass, packing_available
-from .decoding import MCTPDecoder, head_token
+from .decoding import MCTPDecoder, head_token, slots_read
 from .regions import BlockRegions
 
 __all__ = [
@@ -144,8 +144,8 @@ def _compile_region(
 
 
 #: Regions compile their layers and heads for any number of cache slots, and the regional
-#: path's steps read only the slots a sequence holds (the eager path's habit). Set before a Generator is
-#: built (benchmarks/decode_ab.py compares both).
+#: path's steps read only the slots a sequence holds (the eager path's habit). Set before a
+#: Generator is built (benchmarks/decode_ab.py compares both).
 DYNAMIC_SLOTS = True
 
 # backbone -> {compile options: regions}; every FastPath of a backbone with the same options
@@ -242,10 +242,10 @@ class FastPath:
     (a multi-token re-read is widened to the last ``window`` slots; slots already in the cache
     are written again with the same values). Prompts of ``window .. prefill_windows * window``
     slots are prefilled as window decodes; other prompts, and re-reads no window holds (while
-    the sequence is shorter than the window, or longer than it), run eagerly. Heads run in fixed windows (:meth:`MCTPDecoder.window_chain`)
-    after their backlogs caught up in at most ``prefill_windows`` extra windows; where a
-    backlog cannot (a short sequence, a long prompt, a chain of more than ``window + 1``
-    heads) the exact head path runs instead.
+    the sequence is shorter than the window, or longer than it), run eagerly. Heads run in
+    fixed windows (:meth:`MCTPDecoder.window_chain`) after their backlogs caught up in at most
+    ``prefill_windows`` extra windows; where a backlog cannot (a short sequence, a long
+    prompt, a chain of more than ``window + 1`` heads) the exact head path runs instead.
 
     Args:
         backbone: The backbone.
@@ -325,9 +325,8 @@ class FastPath:
             dynamic = self.regions.dynamic_slots
 
             def visible(buffer: TokenBuffer) -> int | None:
-                # layers compiled for any number of slots read the slots in use (at least 2:
-                # a symbolic size is never 0 or 1); otherwise all of them
-                return min(max(buffer.length, 2), buffer.max_len) if dynamic else None
+                # graphs for any number of slots read the slots in use, else all of them
+                return slots_read(buffer.length, buffer.max_len) if dynamic else None
 
             self._decode = lambda buffer, cache, idx, all_logits=False: backbone_step(
                 backbone, buffer, cache, idx, all_logits, visible(buffer), self.regions, logits

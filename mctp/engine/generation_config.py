@@ -47,8 +47,9 @@ class EngineConfig:
             dtype of a :class:`~mctp.Generator` (its backbone keeps its own weights), the model
             dtype in builders (``mctp speak/serve --dtype``); None = the backbone's.
         max_batch: Rows an engine runs together (its batch capacity). A call with fewer rows
-            runs only its own rows on the eager path; the compiled path pads it to
-            ``max_batch`` so that compiled shapes never change.
+            runs only its own rows on the eager path; the compiled path runs the row counts
+            it compiled (regions: 1 row for a lone request, else all ``max_batch``; whole
+            graphs: always all), padding with stopped copies.
         max_len: Cache slots per row: prompt + new tokens + the slack of a chain or draft.
         compile: The fast path: the backbone's decode step and every MCTP chain run on fixed
             shapes, compiled with ``torch.compile`` (CUDA graphs on CUDA).
