@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .generation_config import GenerationConfig
+from .generation_config import GenerationConfig, slots_needed
 from .generator import Generator, JoinTicket
 from .segmenter import StreamEvent
 
@@ -65,15 +65,20 @@ class RowRequest:
 
 
 def left_pad(
-    requests: Sequence[RowRequest],
+    requests: Sequence[RowRequest], width: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Stack prompts of different lengths, left-padded.
+
+    Args:
+        requests: The rows.
+        width: Pad to at least this many columns (columns that are padding in every row: a
+            cohort's room for joining prompts).
 
     Returns:
         ``(input_ids [B, P], attention_mask [B, P] or None when no row is padded,
         prompt_embeds [B, P, H] or None)``.
     """
-    p = max(r.input_ids.shape[1] for r in requests)
+    p = max(width, *(r.input_ids.shape[1] for r in requests))
     ids = torch.zeros(len(requests), p, dtype=torch.long)
     mask = torch.zeros(len(requests), p, dtype=torch.long)
     embeds = None
@@ -143,7 +148,7 @@ class Cohort:
         self.generator = generator
         self.first = requests[0]
         self.between = between
-        ids, mask, embeds = left_pad(requests)
+        ids, mask, embeds = left_pad(requests, self._room(generator, requests))
         self._stream = generator.stream(
             ids.to(generator.device),
             attention_mask=None if mask is None else mask.to(generator.device),
@@ -161,6 +166,28 @@ class Cohort:
         self._successor: dict[int, _Seat] = {}  # row -> claimed seat whose turn comes next
         self.rows = len(requests)
         self.finished = False
+
+    @staticmethod
+    def _room(generator: Generator, requests: Sequence[RowRequest]) -> int:
+        """The least prompt width the cohort starts with (``EngineConfig.join_room``), so
+        that prompts up to that long can join at once: at most half the slots an answer's
+        budget leaves free (the rest stays for joins, each of which needs a whole budget
+        after the cursor); no room where nothing can join (one row, prompt embeddings), the
+        padding would be computed (a cache not indexed by slot) or read (a path whose
+        attention reads every slot: the compiled one)."""
+        first = requests[0]
+        engine = generator.engine
+        if (
+            generator.max_batch < 2
+            or not engine.join_room
+            or first.prompt_embeds is not None
+            or not generator.state.narrowable
+            or not generator.path.key_window
+        ):
+            return 0
+        heads = 0 if generator.stack is None else generator.stack.num_heads
+        need = slots_needed(first.config, 0, first.config.max_new_tokens, heads, engine)
+        return min(engine.join_room, max(generator.max_len - need, 0) // 2)
 
     def _seat_of_next(self, row: int) -> _Seat:
         """The seat of the request that joined ``row`` after its occupant ended."""

@@ -168,6 +168,14 @@ class MCTPDecoder:
         self.backbone_length = 0
         self.key_start = 0
 
+    def start_at(self, slot: int) -> None:
+        """Begin a sequence whose first ``slot`` slots are padding no row reads: the backbone's
+        states start there, head ``k`` reads from ``slot + k + 1`` on (as for a row that
+        starts at ``slot``, see :meth:`replace_row`)."""
+        self.reset()
+        self.next_index = [slot + k + 1 for k in range(self.stack.num_heads)]
+        self.backbone_length = slot
+
     def truncate(self, length: int) -> None:
         """Roll every head back so that slots ``>= length`` count as unseen.
 

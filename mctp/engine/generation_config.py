@@ -80,10 +80,19 @@ class EngineConfig:
             False = every row's heads re-read from the new prompt's first slot in their next
             chain (no extra calls; each row recomputes those slots). None = alone where the
             heads are at least 512 wide (products dominate), else re-read (calls dominate).
+        join_room: A batch of concurrent requests (:class:`~mctp.engine.batching.Cohort`, the
+            server's batches) starts its prompts at least this many slots into the cache, as
+            left padding that is never computed, so that a request whose prompt is up to this
+            long can join it at its next join point instead of waiting for the sequence to
+            grow (a joining prompt is written just before the cursor). It costs cache slots
+            (at most this many, and at most half of what ``max_len`` leaves after an answer's
+            budget), no compute: the eager path's attention skips them. The compiled path,
+            whose attention reads every slot from the first, starts without room. 0: no room.
 
     Raises:
         ValueError: On a non-positive ``max_batch``, ``max_len`` (< 2), ``window`` or
-            ``stop_check_every``, a negative ``prefill_windows``, or an unknown dtype.
+            ``stop_check_every``, a negative ``prefill_windows`` or ``join_room``, or an
+            unknown dtype.
         TypeError: On a value of the wrong type.
     """
 
@@ -101,6 +110,7 @@ class EngineConfig:
     audio_heads: bool = False
     stop_check_every: int = 8
     join_heads_alone: bool | None = None
+    join_room: int = 256
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -108,6 +118,7 @@ class EngineConfig:
             _check_int(self, name, low)
         _check_int(self, "stop_check_every", 1)
         _check_int(self, "prefill_windows", 0)
+        _check_int(self, "join_room", 0)
         for name in ("compile", "audio_heads"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")

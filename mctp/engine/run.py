@@ -105,11 +105,14 @@ class _Run(_Joins):
         self.max_new, self.prompt_len = cfg.max_new_tokens, p
         self.state = gen.state
         self.buffer, self.cache = gen.buffer, gen.cache
+        # columns no row uses (e.g. a cohort's room for joining prompts): never computed
+        lead = self.state.skippable(attention_mask)
         self.state.start(
             input_ids,
             attention_mask,
             prompt_embeds,
             heads_read_prompt_embeds=heads_read_prompt_embeds,
+            lead=lead,
         )
         self.decoder: MCTPDecoder | None = None
         self.head_index = None
@@ -127,18 +130,26 @@ class _Run(_Joins):
             device,
             cap,
         )
-        self.picker.observe(input_ids)
+        # a padded row has seen its own tokens only (not the padding)
+        self.picker.observe(
+            input_ids
+            if attention_mask is None
+            else torch.where(attention_mask.to(device).bool(), input_ids, input_ids[:, -1:])
+        )
         self.stop_ids = torch.tensor(cfg.eos_token_id, dtype=torch.long, device=device)
         self.done = torch.arange(cap, device=device) >= b  # padding rows count as stopped
         # per row: first generated slot, first prompt slot, budget; rows free for a join
         self.row_start = [p] * cap
-        self.row_prompt = [0] * cap
+        self.row_prompt = [lead] * cap
         self.row_budget = [cfg.max_new_tokens] * cap
         self.finished_rows: set[int] = set(range(b, cap))
         self.joinable = False
         self.joined = 0
         self.sources: list[int] = []  # per generated slot, shared by all rows
-        self.key_start = 0  # the first slot a live row reads (the eager path skips the rest)
+        # the first slot a live row reads (the eager path skips the others)
+        self.key_start = lead if self.path.key_window else 0
+        if self.key_start and self.state.heads is not None:
+            self.state.heads.key_start = self.key_start
         self.forwards = self.mctp_steps = self.drafted = self.accepted = 0
         self.prefill_s = 0.0
 

@@ -507,3 +507,58 @@ def test_once_the_first_rows_end_attention_skips_the_slots_no_row_reads(mode, mo
     late = [(lo, width) for lo, width in starts if lo > 0]
     assert len(late) > 1, starts  # the joined row's prefill, then its steps after row 0 ended
     assert all(width < 128 - lo for lo, width in late)
+
+
+@pytest.mark.parametrize("mode", ["turbo", "vanilla"])
+def test_a_prompt_longer_than_the_sequence_joins_at_once_into_the_cohorts_room(mode):
+    bb, stack, vocab = _joinable_model()
+    gcfg = GenerationConfig(mode=mode, max_new_tokens=30)
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randint(3, 90, (1, 3), generator=g), torch.randint(3, 90, (1, 20), generator=g)
+    lone = [generate(bb, stack, x, config=gcfg, vocab=vocab).tokens[0].tolist() for x in (a, b)]
+    assert lone[0] != lone[1] and len(set(lone[1])) > 3  # answers that can tell rows apart
+
+    def cohort(room):
+        engine = EngineConfig(max_batch=2, max_len=160, join_room=room)
+        gen = Generator(bb, stack, gcfg, engine=engine, vocab=vocab)
+        c = Cohort(gen, [RowRequest(a, gcfg)])
+        first = c.events(0)
+        return gen, c, first, [next(first)]
+
+    # no room: the 20-token prompt does not fit before the cursor of a 3-token one
+    gen, c, first, _ = cohort(0)
+    assert gen.buffer.length - 1 < b.shape[1] and c.offer(RowRequest(b, gcfg)) is None
+    first.close()
+    # room: the cohort's prompt starts 64 slots in, padding that is never computed
+    gen, c, first, seen = cohort(64)
+    assert gen.buffer.length == 64 + 1 and not gen.buffer.valid[0, :61].any()
+    ticket = c.offer(RowRequest(b, gcfg))
+    assert ticket is not None
+    while ticket.row is None:
+        seen.append(next(first))
+    assert ticket.row == 1 and not c.finished
+    assert gen.buffer.length - 1 < 64 + 12  # joined at the first join points, not much later
+    joined = list(c.claim(ticket))
+    seen += list(first)
+    assert seen[-1].row_result.tokens[0].tolist() == lone[0]
+    assert joined[-1].row_result.tokens[0].tolist() == lone[1]
+    # a row's sequence holds its own prompt, not the room
+    assert seen[-1].row_result.sequences[0, :3].tolist() == a[0].tolist()
+
+
+def test_the_room_leaves_half_the_free_slots_for_joins(toy):
+    cfg = GenerationConfig(mode="boost", max_new_tokens=40)
+    req = [RowRequest(toy.prompt, cfg)]
+
+    def room(**kw):
+        gen = Generator(toy.backbone, toy.stack, cfg, engine=EngineConfig(**kw), vocab=toy.vocab)
+        return Cohort._room(gen, req)
+
+    assert room(max_batch=2, max_len=4096) == 256  # the default
+    assert room(max_batch=2, max_len=101) == (101 - 41) // 2
+    assert room(max_batch=2, max_len=4096, join_room=0) == 0
+    assert room(max_batch=1, max_len=4096) == 0  # nothing can join one row
+    # the compiled path's attention reads every slot from the first: no room there
+    assert room(max_batch=2, max_len=4096, compile=True, compile_options={"backend": "eager"}) == 0
+    with pytest.raises(ValueError, match="join_room"):
+        EngineConfig(join_room=-1)

@@ -293,3 +293,55 @@ def test_streamer_needs_batch_size_one(model):
     bb, _ = model
     with pytest.raises(ValueError, match="streamer= needs batch size 1"):
         generate(bb, None, torch.randint(3, 128, (2, 4)), "vanilla", 3, streamer=TextStreamer(None))
+
+
+def test_columns_padded_in_every_row_are_skipped_and_change_no_answer(toy, monkeypatch):
+    """Leading columns that are padding in every row (a cohort's room) are never computed:
+    the prefill starts after them, attention skips them, and the answers are the lone ones."""
+    from mctp import generate
+
+    cfg = GenerationConfig(mode="boost", max_new_tokens=30)
+    other = toy.prompt[:, 2:]
+    lone = [generate(toy.backbone, toy.stack, p, config=cfg, vocab=toy.vocab).tokens[0].tolist()
+            for p in (toy.prompt, other)]  # fmt: skip
+    lead, p = 5, toy.prompt.shape[1]
+    ids = torch.zeros(2, lead + p, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    ids[0, lead:], mask[0, lead:] = toy.prompt[0], 1
+    ids[1, lead + 2 :], mask[1, lead + 2 :] = other[0], 1
+    gen = Generator(toy.backbone, toy.stack, cfg, engine=EngineConfig(max_batch=2, max_len=128),
+                    vocab=toy.vocab)  # fmt: skip
+    calls = []
+    decode = type(toy.backbone).decode
+
+    def spy(self, x, positions, idx, valid, cache, **kw):
+        calls.append((int(idx[0]), kw.get("key_start", 0)))
+        return decode(self, x, positions, idx, valid, cache, **kw)
+
+    monkeypatch.setattr(type(toy.backbone), "decode", spy)
+    out = gen.generate(ids, attention_mask=mask)
+    assert [t.tolist() for t in out.tokens] == lone
+    assert calls[0] == (lead, lead)  # the prefill: from the first used column, reading from it
+    assert all(first >= lead and ks == lead for first, ks in calls)
+
+
+def test_a_padded_row_sees_its_own_tokens_only_for_the_repetition_penalty(toy):
+    """A left-padded row's repetition penalty counts its prompt, not the padding: with the
+    pad id set to the first token the row answers alone, a penalised pad would change it."""
+    from mctp import SamplingConfig, generate
+
+    cfg = GenerationConfig(
+        mode="vanilla", max_new_tokens=12, text_sampling=SamplingConfig(repetition_penalty=50.0)
+    )
+    short = toy.prompt[:, 3:]
+    want = generate(toy.backbone, toy.stack, short, config=cfg, vocab=toy.vocab).tokens[0].tolist()
+    pad = want[0]
+    assert pad not in short[0].tolist()  # only the padding could make it "seen"
+    p = toy.prompt.shape[1]
+    ids = torch.stack([toy.prompt[0], torch.cat([torch.full((3,), pad), short[0]])])
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    gen = Generator(toy.backbone, toy.stack, cfg, engine=EngineConfig(max_batch=2, max_len=64),
+                    vocab=toy.vocab)  # fmt: skip
+    assert ids.shape[1] == p
+    assert gen.generate(ids, attention_mask=mask).tokens[1].tolist() == want
