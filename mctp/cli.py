@@ -98,6 +98,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     e.add_argument(
         "--max-len", type=int, default=4096, help="cache slots per row (prompt + answer)"
     )
+    e.add_argument(
+        "--join-room",
+        type=int,
+        default=256,
+        help="slots a batch leaves before its prompts, so that prompts up to this long join "
+        "it at once (eager path; never computed)",
+    )
     g.add_argument(
         "--threads",
         type=int,
@@ -155,6 +162,7 @@ def engine_from_args(args: argparse.Namespace) -> Any:
         compile=compile_,
         compile_cache=None if args.compile_cache is None else str(args.compile_cache),
         audio_heads=bool(args.audio_heads),
+        join_room=args.join_room,
     )
 
 
@@ -284,6 +292,7 @@ def _serve_vllm(args: argparse.Namespace) -> int:
         ("--compile-cache", args.compile_cache, None),
         ("--audio-heads", args.audio_heads, False),
         ("--lanes", args.lanes, 2),
+        ("--join-room", args.join_room, 256),
         ("--joins/--no-joins", args.joins, True),
     ):
         if value != default:

