@@ -509,7 +509,11 @@ class MCTPDecoder:
             n0 = self.buffer.length if dynamic else 0
             for k in range(k_run):
                 seen = slots_read(n0 + k, self.buffer.max_len) if dynamic else None
-                tok, lg = self._head(k, offsets + (n + k), sampler, None, seen, regions, token_step)
+                # with a symbolic slot dimension the reads also start at key_start (if set)
+                first = max(n0 + k - window, 0) if dynamic else 0
+                tok, lg = self._head(
+                    k, offsets + (n + k), sampler, None, seen, regions, token_step, first=first
+                )
                 toks.append(tok)
                 logits.append(lg)
             return torch.stack(toks, dim=1), torch.stack(logits, dim=1)
@@ -581,8 +585,9 @@ class MCTPDecoder:
 
         def fill(start: torch.Tensor) -> None:
             # (a host read of the start: regions run on CPU unless asked for on CUDA)
-            seen = slots_read(int(start) + window, self.buffer.max_len) if dynamic else None
-            self._head_states(k, offsets + start, seen, regions=regions)
+            first = int(start) if dynamic else 0
+            seen = slots_read(first + window, self.buffer.max_len) if dynamic else None
+            self._head_states(k, offsets + start, seen, regions=regions, first=first)
 
         return fill
 

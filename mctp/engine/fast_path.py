@@ -74,8 +74,9 @@ def backbone_step(
     costs what the sequence holds, not what the cache could hold; None on fixed shapes).
     The regional path gives ``regions`` (every layer through its compiled graph) and
     ``logits`` (a compiled ``(backbone, hidden) -> logits``); embeddings, masks and rotary
-    tables stay eager then. ``key_start``: the eager path's first slot any row still reads
-    (only for backbones that ``supports_key_start``).
+    tables stay eager then. ``key_start``: the first slot any row still reads (the eager
+    path, and regions with a symbolic slot dimension; only for backbones that
+    ``supports_key_start``), at most the first slot of ``idx``.
 
     Returns:
         ``(hidden [B, T, H], logits [B, T, V] with all_logits else [B, 1, V])``.
@@ -83,12 +84,12 @@ def backbone_step(
     x = buffer.embed(backbone.embed, idx)
     pos = buffer.positions.index_select(1, idx)
     valid = buffer.valid if visible is None else buffer.valid[:, key_start:visible]
+    extra: dict[str, Any] = {}  # only what the backbone's protocol needs to be told
     if key_start:
-        hidden = backbone.decode(x, pos, idx, valid, cache, key_start=key_start)  # type: ignore[call-arg]
-    elif regions is None:
-        hidden = backbone.decode(x, pos, idx, valid, cache)
-    else:
-        hidden = backbone.decode(x, pos, idx, valid, cache, regions=regions)  # type: ignore[call-arg]
+        extra["key_start"] = key_start
+    if regions is not None:
+        extra["regions"] = regions
+    hidden = backbone.decode(x, pos, idx, valid, cache, **extra)
     last = hidden if all_logits else hidden[:, -1:]
     return hidden, backbone.logits(last) if logits is None else logits(backbone, last)
 
@@ -273,7 +274,8 @@ class FastPath:
         RuntimeError: If ``compile_cache_dir`` holds a file that is not a compile cache.
     """
 
-    #: Steps read every slot (fixed shapes): no ``key_start`` window.
+    #: Whole graphs read every slot (fixed shapes): no ``key_start`` window. Regions with a
+    #: symbolic slot dimension set it True per instance (see ``__init__``).
     key_window = False
 
     def __init__(
@@ -303,6 +305,7 @@ class FastPath:
         self.backbone = backbone
         self.window = window
         self.prefill_windows = prefill_windows
+        self.skips_slots = bool(getattr(backbone, "supports_key_start", False))
         weight = getattr(getattr(backbone, "lm_head", None), "weight", None)
         dtype = weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
         self.compile_kwargs = compile_kwargs(
@@ -328,12 +331,25 @@ class FastPath:
                 # graphs for any number of slots read the slots in use, else all of them
                 return slots_read(buffer.length, buffer.max_len) if dynamic else None
 
-            self._decode = lambda buffer, cache, idx, all_logits=False: backbone_step(
-                backbone, buffer, cache, idx, all_logits, visible(buffer), self.regions, logits
+            self._decode = lambda buffer, cache, idx, all_logits=False, key_start=0: (
+                backbone_step(
+                    backbone,
+                    buffer,
+                    cache,
+                    idx,
+                    all_logits,
+                    visible(buffer),
+                    self.regions,
+                    logits,
+                    key_start=key_start,
+                )
             )
+            #: Graphs for any number of slots also start their reads at the first slot a
+            #: live row reads (``key_start``), where the backbone can.
+            self.key_window = dynamic and self.skips_slots
         else:
             step = self._compile(backbone_step, "mctp_backbone_decode")
-            self._decode = lambda buffer, cache, idx, all_logits=False: step(
+            self._decode = lambda buffer, cache, idx, all_logits=False, key_start=0: step(
                 backbone, buffer, cache, idx, all_logits
             )
 
@@ -371,28 +387,43 @@ class FastPath:
 
     # ------------------------------------------------------------------ backbone
     def forward(
-        self, buffer: TokenBuffer, cache: Any, start: int, *, all_logits: bool = False
+        self,
+        buffer: TokenBuffer,
+        cache: Any,
+        start: int,
+        *,
+        all_logits: bool = False,
+        key_start: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backbone over slots ``start .. buffer.length - 1`` on fixed shapes where possible.
+        """Backbone over slots ``start .. buffer.length - 1`` on fixed shapes where possible;
+        with :attr:`key_window`, attention reads from ``key_start`` on (or from the first
+        slot a widened window computes, if earlier).
 
         Returns:
             ``(hidden [B, T, H], logits [B, T or 1, V])``.
         """
         n, w = buffer.length, self.window
+        key_start = key_start if self.key_window else 0
         if start == 0 and not all_logits and w <= n <= self.prefill_windows * w:
             return self._windowed_prefill(buffer, cache, n)
         t = n - start
         if start > 0 and 1 < t <= w <= n:
             idx = buffer.index[n - w : n]
-            hidden, logits = self._decode(buffer, cache, idx, all_logits=all_logits)
+            hidden, logits = self._decode(
+                buffer, cache, idx, all_logits=all_logits, key_start=min(key_start, n - w)
+            )
             return hidden[:, -t:], logits[:, -t:] if all_logits else logits
         if t == 1:
-            return self._decode(buffer, cache, buffer.index[start:n], all_logits=all_logits)
+            return self._decode(
+                buffer, cache, buffer.index[start:n], all_logits=all_logits, key_start=key_start
+            )
         # a prompt outside the windowed range, or a re-read that no window holds (a sequence
         # shorter than the window, a backlog longer than it): one eager multi-token forward,
         # so that the compiled shapes stay one token and one window whatever the lengths
         idx = buffer.index[start:n]
-        return backbone_step(self.backbone, buffer, cache, idx, all_logits, n)
+        return backbone_step(
+            self.backbone, buffer, cache, idx, all_logits, n, key_start=min(key_start, start)
+        )
 
     def _windowed_prefill(
         self, buffer: TokenBuffer, cache: Any, n: int

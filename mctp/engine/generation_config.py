@@ -86,8 +86,9 @@ class EngineConfig:
             long can join it at its next join point instead of waiting for the sequence to
             grow (a joining prompt is written just before the cursor). It costs cache slots
             (at most this many, and at most half of what ``max_len`` leaves after an answer's
-            budget), no compute: the eager path's attention skips them. The compiled path,
-            whose attention reads every slot from the first, starts without room. 0: no room.
+            budget), no compute: attention skips them (the eager path, and compiled regions
+            with a symbolic slot dimension, the CPU default). Whole compiled graphs (CUDA),
+            whose attention reads every slot from the first, start without room. 0: no room.
 
     Raises:
         ValueError: On a non-positive ``max_batch``, ``max_len`` (< 2), ``window`` or

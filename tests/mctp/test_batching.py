@@ -509,17 +509,46 @@ def test_once_the_first_rows_end_attention_skips_the_slots_no_row_reads(mode, mo
     assert all(width < 128 - lo for lo, width in late)
 
 
-@pytest.mark.parametrize("mode", ["turbo", "vanilla"])
-def test_a_prompt_longer_than_the_sequence_joins_at_once_into_the_cohorts_room(mode):
+@pytest.mark.parametrize(
+    ("mode", "regions"), [("turbo", False), ("vanilla", False), ("turbo", True)]
+)
+def test_a_prompt_longer_than_the_sequence_joins_at_once_into_the_cohorts_room(
+    mode, regions, monkeypatch
+):
+    """A cohort's room takes a joining prompt longer than its sequence at the next join point;
+    no step computes or reads the room (the eager path, and compiled regions: uncompiled
+    here, ``backend="eager"``), every answer is the lone one."""
     bb, stack, vocab = _joinable_model()
     gcfg = GenerationConfig(mode=mode, max_new_tokens=30)
     g = torch.Generator().manual_seed(4)
     a, b = torch.randint(3, 90, (1, 3), generator=g), torch.randint(3, 90, (1, 20), generator=g)
     lone = [generate(bb, stack, x, config=gcfg, vocab=vocab).tokens[0].tolist() for x in (a, b)]
     assert lone[0] != lone[1] and len(set(lone[1])) > 3  # answers that can tell rows apart
+    fixed = dict(compile=True, compile_options={"backend": "eager"}, compile_regions=True, window=8)
+    reads = []  # (first slot computed, first slot read) of every backbone step
+    decode = type(bb).decode
+
+    def spy(self, x, positions, idx, valid, cache, **kw):
+        reads.append((int(idx[0]), kw.get("key_start", 0)))
+        return decode(self, x, positions, idx, valid, cache, **kw)
+
+    monkeypatch.setattr(type(bb), "decode", spy)
+    from mctp.engine.cache import KVCache
+
+    head_reads = []  # the first slot each head call reads
+    set_positions = KVCache.set_positions
+
+    def spy_heads(self, positions, *, visible=None, start=0):
+        if self.single_layer:
+            head_reads.append(start)
+        return set_positions(self, positions, visible=visible, start=start)
+
+    monkeypatch.setattr(KVCache, "set_positions", spy_heads)
 
     def cohort(room):
-        engine = EngineConfig(max_batch=2, max_len=160, join_room=room)
+        engine = EngineConfig(
+            max_batch=2, max_len=200, join_room=room, **(fixed if regions else {})
+        )
         gen = Generator(bb, stack, gcfg, engine=engine, vocab=vocab)
         c = Cohort(gen, [RowRequest(a, gcfg)])
         first = c.events(0)
@@ -530,6 +559,8 @@ def test_a_prompt_longer_than_the_sequence_joins_at_once_into_the_cohorts_room(m
     assert gen.buffer.length - 1 < b.shape[1] and c.offer(RowRequest(b, gcfg)) is None
     first.close()
     # room: the cohort's prompt starts 64 slots in, padding that is never computed
+    reads.clear()
+    head_reads.clear()
     gen, c, first, seen = cohort(64)
     assert gen.buffer.length == 64 + 1 and not gen.buffer.valid[0, :61].any()
     ticket = c.offer(RowRequest(b, gcfg))
@@ -544,6 +575,14 @@ def test_a_prompt_longer_than_the_sequence_joins_at_once_into_the_cohorts_room(m
     assert joined[-1].row_result.tokens[0].tolist() == lone[1]
     # a row's sequence holds its own prompt, not the room
     assert seen[-1].row_result.sequences[0, :3].tolist() == a[0].tolist()
+    # no step computed a slot of the room, none read one before the joined prompt's
+    start = 64 + 1 - 1 - 20  # the lowest slot the joined prompt took (cursor - 1 - 20), or more
+    # (the prefill: the prompt's slots; a fixed window widened back over 5 slots of the room)
+    assert reads[0] == ((56, 56) if regions else (61, 61)), reads
+    assert all(lo >= start and ks >= start for lo, ks in reads), reads
+    # the heads too (a fixed window reaches back at most its 8 slots)
+    if mode != "vanilla":  # (Vanilla runs no head)
+        assert head_reads and min(head_reads) >= start - (8 if regions else 0), head_reads
 
 
 def test_the_room_leaves_half_the_free_slots_for_joins(toy):
@@ -558,7 +597,40 @@ def test_the_room_leaves_half_the_free_slots_for_joins(toy):
     assert room(max_batch=2, max_len=101) == (101 - 41) // 2
     assert room(max_batch=2, max_len=4096, join_room=0) == 0
     assert room(max_batch=1, max_len=4096) == 0  # nothing can join one row
-    # the compiled path's attention reads every slot from the first: no room there
-    assert room(max_batch=2, max_len=4096, compile=True, compile_options={"backend": "eager"}) == 0
+    fixed = dict(max_batch=2, max_len=4096, compile=True, compile_options={"backend": "eager"})
+    assert room(**fixed, compile_regions=True) == 256  # regions read from the first live slot
+    assert room(**fixed, compile_regions=False) == 0  # whole graphs read every slot
     with pytest.raises(ValueError, match="join_room"):
         EngineConfig(join_room=-1)
+
+
+def test_compiled_regions_with_room_and_a_join_compile_nothing_after_the_first_run():
+    """Reads that start at ``key_start`` change only the symbolic slot dimension: a second
+    cohort with room and a join (compiled regions, ``aot_eager``) recompiles nothing and
+    gives the lone answers."""
+    bb, stack, vocab = _joinable_model()
+    gcfg = GenerationConfig(mode="turbo", max_new_tokens=30)
+    engine = EngineConfig(max_batch=2, max_len=200, join_room=64, compile=True,
+                          compile_options={"backend": "aot_eager"}, window=8)  # fmt: skip
+    gen = Generator(bb, stack, gcfg, engine=engine, vocab=vocab)
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randint(3, 90, (1, 3), generator=g), torch.randint(3, 90, (1, 20), generator=g)
+
+    def run():
+        cohort = Cohort(gen, [RowRequest(a, gcfg)])
+        first = cohort.events(0)
+        seen = [next(first)]
+        ticket = cohort.offer(RowRequest(b, gcfg))
+        assert ticket is not None
+        while ticket.row is None:
+            seen.append(next(first))
+        joined = list(cohort.claim(ticket))
+        seen += list(first)
+        return [seen[-1].row_result.tokens[0].tolist(), joined[-1].row_result.tokens[0].tolist()]
+
+    warm = run()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert run() == warm
+    assert warm == [
+        generate(bb, stack, x, config=gcfg, vocab=vocab).tokens[0].tolist() for x in (a, b)
+    ]
