@@ -331,8 +331,14 @@ class FastPath:
                 # graphs for any number of slots read the slots in use, else all of them
                 return slots_read(buffer.length, buffer.max_len) if dynamic else None
 
-            self._decode = lambda buffer, cache, idx, all_logits=False, key_start=0: (
-                backbone_step(
+            def decode(
+                buffer: TokenBuffer,
+                cache: Any,
+                idx: torch.Tensor,
+                all_logits: bool = False,
+                key_start: int = 0,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+                return backbone_step(
                     backbone,
                     buffer,
                     cache,
@@ -343,7 +349,8 @@ class FastPath:
                     logits,
                     key_start=key_start,
                 )
-            )
+
+            self._decode = decode
             #: Graphs for any number of slots also start their reads at the first slot a
             #: live row reads (``key_start``), where the backbone can.
             self.key_window = dynamic and self.skips_slots
