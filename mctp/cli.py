@@ -103,7 +103,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=256,
         help="slots a batch leaves before its prompts, so that prompts up to this long join "
-        "it at once (eager path; never computed)",
+        "it at once (never computed nor read; whole compiled graphs, CUDA's, leave none)",
     )
     g.add_argument(
         "--threads",

@@ -174,7 +174,7 @@ class Cohort:
         budget leaves free (the rest stays for joins, each of which needs a whole budget
         after the cursor); no room where nothing can join (one row, prompt embeddings), the
         padding would be computed (a cache not indexed by slot) or read (a path whose
-        attention reads every slot: the compiled one)."""
+        attention reads every slot: whole compiled graphs, see ``key_window``)."""
         first = requests[0]
         engine = generator.engine
         if (

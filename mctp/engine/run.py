@@ -146,7 +146,7 @@ class _Run(_Joins):
         self.joinable = False
         self.joined = 0
         self.sources: list[int] = []  # per generated slot, shared by all rows
-        # the first slot a live row reads (the eager path skips the others)
+        # the first slot a live row reads (paths with a key window skip the others)
         self.key_start = lead if self.path.key_window else 0
         if self.key_start and self.state.heads is not None:
             self.state.heads.key_start = self.key_start
@@ -187,8 +187,9 @@ class _Run(_Joins):
         """Stop running rows past the last one still in use (their requests ended and no
         request took them): the eager path then costs what the live rows cost, compiled
         regions drop to 1 row once only the first is live (:meth:`rows_for`). Called by the
-        stream between cycles; a join that needs a row past them brings it back. On the eager
-        path also moves the attention window's start (:attr:`key_start`)."""
+        stream between cycles; a join that needs a row past them brings it back. Where the
+        path has a key window (the eager path, compiled regions) also moves the attention
+        window's start (:attr:`key_start`)."""
         live = [r for r in range(self.state.active_rows) if r not in self.finished_rows]
         if live and self.rows_for(live[-1] + 1) < self.state.active_rows:
             self.state.set_active_rows(self.rows_for(live[-1] + 1))
