@@ -121,6 +121,9 @@ class GenerationWorker:
         self._first = first
         self._answered: set[int] = set()  # ids of running jobs that produced their first answer
         self._queue: collections.deque[Job] = collections.deque()
+        # jobs taken from the queue whose function runs now (counted as waiting: without them
+        # the queue's bound would let one more in while a job is being admitted)
+        self._admitting = 0
         self._cond = threading.Condition()
         self._closing = False
         self._ids = itertools.count(1)
@@ -142,8 +145,9 @@ class GenerationWorker:
 
     @property
     def waiting(self) -> int:
-        """Jobs not running yet (queued, prepared and waiting, or waiting to join a batch)."""
-        return len(self._queue) + len(self._waiting) + len(self._joining)
+        """Jobs not running yet (queued, being admitted, prepared and waiting, or waiting to
+        join a batch)."""
+        return len(self._queue) + self._admitting + len(self._waiting) + len(self._joining)
 
     @property
     def running(self) -> int:
@@ -191,8 +195,7 @@ class GenerationWorker:
                     if self._closing:
                         return
                     self._cond.wait()
-                new = list(self._queue)
-                self._queue.clear()
+                new = self._take_queued()
             try:
                 for job in new:
                     self._admit(job)
@@ -220,8 +223,7 @@ class GenerationWorker:
     def _admit_arrivals(self) -> None:
         """Admit the jobs queued now and offer them to the running batches."""
         with self._cond:
-            new = list(self._queue)
-            self._queue.clear()
+            new = self._take_queued()
         for job in new:
             self._admit(job)
         self._offer_joins()
@@ -243,21 +245,40 @@ class GenerationWorker:
         for job in held:
             self._fail(job, error)
 
+    def _take_queued(self) -> list[Job]:
+        """Empty the queue (the caller holds the lock); the jobs count as waiting until
+        :meth:`_admit` placed each."""
+        new = list(self._queue)
+        self._queue.clear()
+        self._admitting += len(new)
+        return new
+
     def _admit(self, job: Job) -> None:
-        if job.cancelled.is_set():
-            self.cancelled += 1
-            return
+        """Run a job's function (from :meth:`_take_queued`) and place what it returned; the
+        job stops counting as being admitted when it is placed, cancelled or failed."""
+        placed = False
         try:
-            out = job.run()
-        except Exception as e:  # handed to the request that caused it
-            self._fail(job, e)
-            return
-        if self.batcher is not None and self.batcher.accepts(out):
-            self._waiting.append((job, out))
-        else:
-            entry = (job, iter(out))
-            self._active.append(entry)
-            self._admitted.append(entry)  # kept by a turn running now (see _turns)
+            if job.cancelled.is_set():
+                self.cancelled += 1
+                return
+            try:
+                out = job.run()
+            except Exception as e:  # handed to the request that caused it
+                self._fail(job, e)
+                return
+            with self._cond:  # placed and no longer being admitted, in one step
+                if self.batcher is not None and self.batcher.accepts(out):
+                    self._waiting.append((job, out))
+                else:
+                    entry = (job, iter(out))
+                    self._active.append(entry)
+                    self._admitted.append(entry)  # kept by a turn running now (see _turns)
+                self._admitting -= 1
+                placed = True
+        finally:
+            if not placed:
+                with self._cond:
+                    self._admitting -= 1
 
     def _start_batches(self) -> None:
         b = self.batcher

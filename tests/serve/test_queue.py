@@ -96,6 +96,28 @@ def test_worker_runs_jobs_in_order_and_refuses_when_full():
         GenerationWorker(max_queue=0)
 
 
+def test_a_job_being_admitted_still_counts_against_the_queue_bound():
+    """While the worker runs a job's function (its request being prepared) the job is out of
+    the queue but not placed yet: it still counts as waiting, so the bound lets no extra job
+    in (the race behind an occasional 200 instead of 503 in the server test below)."""
+    inside, release = threading.Event(), threading.Event()
+    w = GenerationWorker(max_queue=1)
+
+    def preparing():
+        inside.set()
+        assert release.wait(10)
+        return iter(["b"])
+
+    w.submit(preparing, lambda _item: None)
+    assert inside.wait(10)
+    assert w.waiting == 1
+    with pytest.raises(QueueFull):
+        w.submit(lambda: iter(["c"]), lambda _item: None)
+    release.set()
+    w.close()
+    assert w.completed == 1 and w.waiting == 0
+
+
 def test_worker_hands_errors_to_the_job_and_goes_on():
     seen: list = []
     w = GenerationWorker()
