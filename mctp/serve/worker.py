@@ -241,6 +241,8 @@ class GenerationWorker:
                 except Exception:  # already broken; the error is reported below
                     log.exception("closing a failed job's items")
         self._active, self._waiting, self._joining = [], [], []
+        with self._cond:  # (called from the top of the loop: no admission runs now)
+            self._admitting = 0
         self._answered.clear()
         for job in held:
             self._fail(job, error)
@@ -263,14 +265,16 @@ class GenerationWorker:
                 return
             try:
                 out = job.run()
+                batched = self.batcher is not None and self.batcher.accepts(out)
+                items = None if batched else iter(out)
             except Exception as e:  # handed to the request that caused it
                 self._fail(job, e)
                 return
             with self._cond:  # placed and no longer being admitted, in one step
-                if self.batcher is not None and self.batcher.accepts(out):
+                if items is None:
                     self._waiting.append((job, out))
                 else:
-                    entry = (job, iter(out))
+                    entry = (job, items)
                     self._active.append(entry)
                     self._admitted.append(entry)  # kept by a turn running now (see _turns)
                 self._admitting -= 1
