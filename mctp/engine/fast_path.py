@@ -305,7 +305,6 @@ class FastPath:
         self.backbone = backbone
         self.window = window
         self.prefill_windows = prefill_windows
-        self.skips_slots = bool(getattr(backbone, "supports_key_start", False))
         weight = getattr(getattr(backbone, "lm_head", None), "weight", None)
         dtype = weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
         self.compile_kwargs = compile_kwargs(
@@ -353,7 +352,7 @@ class FastPath:
             self._decode = decode
             #: Graphs for any number of slots also start their reads at the first slot a
             #: live row reads (``key_start``), where the backbone can.
-            self.key_window = dynamic and self.skips_slots
+            self.key_window = dynamic and bool(getattr(backbone, "supports_key_start", False))
         else:
             step = self._compile(backbone_step, "mctp_backbone_decode")
             self._decode = lambda buffer, cache, idx, all_logits=False, key_start=0: step(

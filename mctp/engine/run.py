@@ -105,14 +105,12 @@ class _Run(_Joins):
         self.max_new, self.prompt_len = cfg.max_new_tokens, p
         self.state = gen.state
         self.buffer, self.cache = gen.buffer, gen.cache
-        # columns no row uses (e.g. a cohort's room for joining prompts): never computed
-        lead = self.state.skippable(attention_mask)
-        self.state.start(
+        # columns no row uses (e.g. a cohort's room for joining prompts) are never computed
+        lead = self.state.start(
             input_ids,
             attention_mask,
             prompt_embeds,
             heads_read_prompt_embeds=heads_read_prompt_embeds,
-            lead=lead,
         )
         self.decoder: MCTPDecoder | None = None
         self.head_index = None
@@ -146,12 +144,10 @@ class _Run(_Joins):
         self.joinable = False
         self.joined = 0
         self.sources: list[int] = []  # per generated slot, shared by all rows
-        # the first slot a live row reads (paths with a key window skip the others)
-        self.key_start = lead if self.path.key_window else 0
-        if self.key_start and self.state.heads is not None:
-            self.state.heads.key_start = self.key_start
+        self.key_start = 0  # the first slot a live row reads (see fit_rows)
         self.forwards = self.mctp_steps = self.drafted = self.accepted = 0
         self.prefill_s = 0.0
+        self.fit_rows()  # the prefill skips the columns no row uses (lead) already
 
     def head_sampler(self, logits: torch.Tensor) -> torch.Tensor:
         return self.picker(logits, self.head_index)

@@ -102,46 +102,37 @@ class DecodeState:
         prompt_embeds: torch.Tensor | None,
         *,
         heads_read_prompt_embeds: bool = False,
-        lead: int = 0,
-    ) -> None:
+    ) -> int:
         """Load a prompt ``[B, P]`` and forget everything before it; steps run its ``B`` rows.
 
-        Args:
-            lead: Leading columns that are padding in every row (see :meth:`skippable`): the
-                prefill starts after them (:attr:`processed`), and the heads too. Their slots
-                keep whatever the caches held; the attention mask hides them.
+        Leading columns that are padding in every row (``attention_mask``; e.g. a cohort's room
+        for joining prompts) are skipped where the backbone's cache is indexed by slot: the
+        prefill starts after them (:attr:`processed`), and the heads too. Their slots keep
+        whatever the caches held; the attention mask hides them. (A growing cache holds what
+        the prefill appended, padding too: nothing is skipped there.) One host read.
+
+        Returns:
+            The columns skipped.
 
         Raises:
-            TypeError, ValueError: As :meth:`TokenBuffer.start` and :meth:`set_active_rows`;
-                ValueError if ``lead`` is not in ``[0, P)`` or is nonzero where the cache is
-                not indexed by slot.
+            TypeError, ValueError: As :meth:`TokenBuffer.start` and :meth:`set_active_rows`.
         """
         if input_ids.ndim == 2 and 1 <= input_ids.shape[0] <= self.buffer.capacity:
             self.set_active_rows(input_ids.shape[0])
-        if lead and not (self.narrowable and 0 < lead < input_ids.shape[-1]):
-            raise ValueError(
-                f"lead={lead} must be in [0, {input_ids.shape[-1]}) and needs a cache indexed "
-                f"by slot ({type(self.cache).__name__} is not)"
-            )
         self.buffer.start(
             input_ids,
             attention_mask,
             prompt_embeds,
             heads_read_prompt_embeds=heads_read_prompt_embeds,
         )
+        lead = 0
+        if attention_mask is not None and self.narrowable:
+            empty = (attention_mask == 0).all(dim=0).long()  # [P]
+            lead = min(int(empty.cumprod(dim=0).sum()), input_ids.shape[-1] - 1)
         if self.heads is not None:
             self.heads.start_at(lead)
         self.processed = lead
-
-    def skippable(self, attention_mask: torch.Tensor | None) -> int:
-        """Leading columns of a prompt's ``attention_mask [B, P]`` that are padding in every
-        row, which :meth:`start` can skip: 0 where there are none or the backbone's cache is
-        not indexed by slot (a growing cache holds what the prefill appended, padding too).
-        One host read."""
-        if attention_mask is None or not self.narrowable:
-            return 0
-        empty = (attention_mask == 0).all(dim=0).long()  # [P]
-        return int(empty.cumprod(dim=0).sum())
+        return lead
 
     def backbone_done(self, start: int, hidden: torch.Tensor) -> None:
         """The backbone processed slots ``start .. start + T - 1`` (``hidden [B, T, H]``): hand
