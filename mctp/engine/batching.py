@@ -174,7 +174,8 @@ class Cohort:
         budget leaves free (the rest stays for joins, each of which needs a whole budget
         after the cursor); no room where nothing can join (one row, prompt embeddings), the
         padding would be computed (a cache not indexed by slot) or read (a path whose
-        attention reads every slot: whole compiled graphs, see ``key_window``)."""
+        attention reads every slot: whole compiled graphs, a backbone that cannot skip
+        slots; see ``key_window``)."""
         first = requests[0]
         engine = generator.engine
         if (

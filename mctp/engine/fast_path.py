@@ -185,13 +185,12 @@ class ExactPath:
 
     #: Chains may be shortened to the tokens still needed.
     fixed_chains = False
-    #: Steps may skip the slots before the first one a live row reads (``key_start``).
-    key_window = True
 
     def __init__(self, backbone: Backbone) -> None:
         self.backbone = backbone
-        #: Whether :meth:`forward` may skip cache slots no row reads (``key_start``).
-        self.skips_slots = bool(getattr(backbone, "supports_key_start", False))
+        #: Steps skip the slots before the first one a live row reads (``key_start``), where
+        #: the backbone can (the same rule as :attr:`FastPath.key_window`).
+        self.key_window = bool(getattr(backbone, "supports_key_start", False))
 
     def forward(
         self,
@@ -209,7 +208,7 @@ class ExactPath:
             ``(hidden [B, T, H], logits [B, T or 1, V])``.
         """
         idx = buffer.index[start : buffer.length]
-        key_start = key_start if self.skips_slots else 0
+        key_start = key_start if self.key_window else 0
         return backbone_step(
             self.backbone, buffer, cache, idx, all_logits, buffer.length, key_start=key_start
         )
