@@ -264,7 +264,9 @@ def _serve(args: argparse.Namespace) -> int:
         return _serve_vllm(args)
     if args.draft is not None:
         raise ValueError("--draft is the vLLM drafter folder: it needs --engine vllm")
-    cfg = _server_config(args, lanes=args.lanes, joins=args.joins)
+    cfg = _server_config(
+        args, lanes=args.lanes, joins=args.joins, prepare_threads=args.prepare_threads
+    )
     pipe = build_from_args(args)
     print(f"serving {pipe.name} on http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
     serve(pipe, host=args.host, port=args.port, config=cfg, log_level=args.log_level)
@@ -294,6 +296,7 @@ def _serve_vllm(args: argparse.Namespace) -> int:
         ("--lanes", args.lanes, 2),
         ("--join-room", args.join_room, 256),
         ("--joins/--no-joins", args.joins, True),
+        ("--prepare-threads", args.prepare_threads, None),
     ):
         if value != default:
             raise ValueError(f"{flag} is a setting of our engine; vLLM has no such setting")
@@ -412,6 +415,15 @@ def parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="let a waiting request join a running batch at its next join point",
+    )
+    v.add_argument(
+        "--prepare-threads",
+        type=int,
+        default=None,
+        help="threads that prepare requests (the question's audio encoding, the prompt), so "
+        "that a long question never stalls the answers being generated; 0: the generation "
+        "thread prepares (default: 2 with a speech-input codec other than the dummy codec, "
+        "else 0)",
     )
     v.add_argument("--max-body-mb", type=int, default=16, help="largest request body (MiB)")
     v.add_argument("--max-audio-s", type=float, default=60.0, help="longest input audio (s)")

@@ -5,6 +5,14 @@ import FastAPI until :func:`create_app` or :func:`serve` is called.
 """
 
 from .app import ServerConfig, create_app, serve
-from .worker import GenerationWorker, Job, QueueFull
+from .worker import GenerationWorker, Job, Preparation, QueueFull
 
-__all__ = ["GenerationWorker", "Job", "QueueFull", "ServerConfig", "create_app", "serve"]
+__all__ = [
+    "GenerationWorker",
+    "Job",
+    "Preparation",
+    "QueueFull",
+    "ServerConfig",
+    "create_app",
+    "serve",
+]

@@ -161,6 +161,7 @@ def create_app(pipeline: Any, config: ServerConfig | None = None, engine: Any = 
             "running": w.running,
             "waiting": w.waiting,
             "max_queue": w.max_queue,
+            "prepare_threads": getattr(w, "prepares", None),
             "batches": w.batches,
             "max_rows_seen": w.max_rows_seen,
             "joined": w.joined,

@@ -18,9 +18,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from .worker import GenerationWorker, Job, QueueFull
+from .worker import GenerationWorker, Job, Preparation, QueueFull
 
-__all__ = ["Api", "RequestError", "ServerConfig", "decode_audio", "pcm16", "wav_bytes"]
+__all__ = [
+    "Api",
+    "RequestError",
+    "ServerConfig",
+    "decode_audio",
+    "pcm16",
+    "preparation_threads",
+    "wav_bytes",
+]
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,13 @@ class ServerConfig:
             lane runs a batch waits for the first to end.
         joins: Let a waiting request join a running batch at its next join point (a row
             freed by an answer that ended) instead of waiting for a lane.
+        prepare_threads: Threads that prepare requests (encode the question's audio, render
+            and tokenize the prompt) instead of the generation thread, so that a long
+            question's encoding never stalls the answers being generated (two or more: nor
+            holds a short request behind it). None: 2 with a speech-input codec other than
+            the dummy codec (a neural tokenizer or encoder), 0 with the dummy codec or none
+            (there a second thread's share of Python's interpreter lock costs the generation
+            more than the preparation it takes over).
     """
 
     max_queue: int = 8
@@ -53,6 +68,7 @@ class ServerConfig:
     warmup: bool = True
     lanes: int = 2
     joins: bool = True
+    prepare_threads: int | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -67,6 +83,20 @@ class ServerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_audio_s <= 0:
             raise ValueError(f"max_audio_s must be > 0, got {self.max_audio_s}")
+        n = self.prepare_threads
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+            raise ValueError(f"prepare_threads must be an int >= 0 or None (auto), got {n!r}")
+
+
+def preparation_threads(pipeline: Any, cfg: ServerConfig) -> int:
+    """The threads that prepare the server's requests (:attr:`ServerConfig.prepare_threads`,
+    resolved for ``pipeline``)."""
+    if cfg.prepare_threads is not None:
+        return cfg.prepare_threads
+    from mctp.codecs import DummyCodec
+
+    codec = pipeline.audio_tokenizer or pipeline.audio_encoder
+    return 2 if codec is not None and not isinstance(codec, DummyCodec) else 0
 
 
 class RequestError(Exception):
@@ -158,6 +188,7 @@ class Api:
             batcher=SpeechBatcher(pipeline, lanes=cfg.lanes, joins=cfg.joins),
             turn=pipeline._threads,
             first=lambda chunk: getattr(chunk, "kind", None) != "text",  # audio or the end
+            prepare=preparation_threads(pipeline, cfg),
         )
         self._checked: dict[int, float] = {}  # job id -> when its connection was last looked at
 
@@ -520,11 +551,11 @@ class Api:
         assert result is not None
         return result
 
-    def stream_run(self, sampling: Any = None, **kwargs: Any) -> Callable[[], Any]:
+    def stream_run(self, sampling: Any = None, **kwargs: Any) -> Preparation:
         """A job function: ``pipeline.open(**kwargs)`` (the prepared request, which the
-        worker batches with others), called on the worker thread; the request's timings
-        count from now (queueing included). ``sampling`` (a :class:`mctp.SamplingConfig`)
-        replaces the request's text sampling."""
+        worker batches with others), called on the worker's preparation thread; the request's
+        timings count from now (queueing included). ``sampling`` (a
+        :class:`mctp.SamplingConfig`) replaces the request's text sampling."""
         pipe = self.pipe
         arrived = time.perf_counter()
 
@@ -534,4 +565,4 @@ class Api:
                 req.config = req.config.replace(text_sampling=sampling)
             return req
 
-        return run
+        return Preparation(run)

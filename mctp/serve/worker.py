@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["Batcher", "GenerationWorker", "Job", "QueueFull"]
+__all__ = ["Batcher", "GenerationWorker", "Job", "Preparation", "QueueFull"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,26 @@ _FIRST_ITEMS_PER_TURN = 16  # a job waiting for its first answer takes at most t
 
 class QueueFull(RuntimeError):
     """The worker's queue is full (the server answers 503)."""
+
+
+class Preparation:
+    """A job function that only prepares its request (decoding and encoding the question's
+    audio, rendering and tokenizing the prompt) and returns it for the batcher: no generation
+    and nothing owned by the generation thread. A :class:`GenerationWorker` runs such jobs on
+    its preparation thread, so that a long question's encoding never stalls the answers being
+    generated.
+
+    Args:
+        fn: The function; returns what the job's function returns.
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+
+    def __call__(self) -> Any:
+        return self.fn()
 
 
 @dataclass
@@ -101,6 +121,13 @@ class GenerationWorker:
             in as few turns as the generation allows; the others' items are computed in the
             same batched steps and wait in their queues meanwhile.
 
+        prepare: Threads that run :class:`Preparation` jobs (preparation threads) instead of
+            the generation thread; 0: none (other jobs' functions always run on the generation
+            thread). With two or more, a short request is not held behind a long question's
+            encoding. The threads share Python's interpreter lock: preparing runs beside the
+            generation where either waits in native code (torch's operations, a codec's
+            encoder).
+
     Raises:
         ValueError: If ``max_queue < 1``.
     """
@@ -112,9 +139,12 @@ class GenerationWorker:
         batcher: Batcher | None = None,
         turn: Callable[[], Any] | None = None,
         first: Callable[[Any], bool] | None = None,
+        prepare: int = 0,
     ) -> None:
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        if prepare < 0:
+            raise ValueError(f"prepare must be >= 0 threads, got {prepare}")
         self.max_queue = max_queue
         self.batcher = batcher
         self._turn = turn
@@ -124,7 +154,14 @@ class GenerationWorker:
         # jobs taken from the queue whose function runs now (counted as waiting: without them
         # the queue's bound would let one more in while a job is being admitted)
         self._admitting = 0
-        self._cond = threading.Condition()
+        # Preparation jobs: queued for the preparation thread, being prepared there, prepared
+        # (with what their function returned or raised) and not taken by the generation thread
+        self._to_prepare: collections.deque[Job] = collections.deque()
+        self._preparing = 0
+        self._prepared: collections.deque[tuple[Job, Any, Exception | None]] = collections.deque()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)  # the generation thread waits on it
+        self._prep_cond = threading.Condition(lock)  # the preparation thread waits on it
         self._closing = False
         self._ids = itertools.count(1)
         self._active: list[tuple[Job, Iterator[Any]]] = []
@@ -142,12 +179,31 @@ class GenerationWorker:
             batcher.between = self._between_events  # type: ignore[attr-defined]
         self._thread = threading.Thread(target=self._loop, name="mctp-generation", daemon=True)
         self._thread.start()
+        self._prep_threads = [
+            threading.Thread(target=self._prepare_loop, name=f"mctp-preparation-{i}", daemon=True)
+            for i in range(prepare)
+        ]
+        for t in self._prep_threads:
+            t.start()
 
     @property
     def waiting(self) -> int:
-        """Jobs not running yet (queued, being admitted, prepared and waiting, or waiting to
-        join a batch)."""
-        return len(self._queue) + self._admitting + len(self._waiting) + len(self._joining)
+        """Jobs not running yet (queued, being prepared or admitted, prepared and waiting, or
+        waiting to join a batch)."""
+        return (
+            len(self._queue)
+            + len(self._to_prepare)
+            + self._preparing
+            + len(self._prepared)
+            + self._admitting
+            + len(self._waiting)
+            + len(self._joining)
+        )
+
+    @property
+    def prepares(self) -> int:
+        """Threads that run :class:`Preparation` jobs (0: the generation thread runs them)."""
+        return len(self._prep_threads)
 
     @property
     def running(self) -> int:
@@ -176,29 +232,63 @@ class GenerationWorker:
                 raise QueueFull(
                     f"the server is busy: {self.max_queue} requests are waiting; retry later"
                 )
-            self._queue.append(job)
-            self._cond.notify()
+            if self._prep_threads and isinstance(run, Preparation):
+                self._to_prepare.append(job)
+                self._prep_cond.notify()
+            else:
+                self._queue.append(job)
+                self._cond.notify()
         return job
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop the thread after the jobs already queued."""
+        """Stop the threads after the jobs already queued."""
         with self._cond:
             self._closing = True
             self._cond.notify()
+            self._prep_cond.notify_all()
+        for t in self._prep_threads:
+            t.join(timeout)
         self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ the preparation thread
+    def _prepare_loop(self) -> None:
+        """A preparation thread: run Preparation jobs' functions (oldest first) and hand the
+        results to the generation thread (a job cancelled before its turn is handed over
+        unprepared)."""
+        while True:
+            with self._cond:
+                while not self._to_prepare:
+                    if self._closing:
+                        return
+                    self._prep_cond.wait()
+                job = self._to_prepare.popleft()
+                self._preparing += 1
+            out, error = None, None
+            try:
+                if not job.cancelled.is_set():
+                    out = job.run()
+            except Exception as e:  # handed to the request that caused it
+                error = e
+            finally:
+                with self._cond:  # prepared and no longer being prepared, in one step
+                    self._preparing -= 1
+                    self._prepared.append((job, out, error))
+                    self._cond.notify()
 
     # ------------------------------------------------------------------ the thread
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._queue or self._active or self._waiting or self._joining):
-                    if self._closing:
+                while not (
+                    self._queue or self._prepared or self._active or self._waiting or self._joining
+                ):
+                    if self._closing and not (self._to_prepare or self._preparing):
                         return
                     self._cond.wait()
                 new = self._take_queued()
             try:
-                for job in new:
-                    self._admit(job)
+                for job, prepared in new:
+                    self._admit(job, prepared)
                 self._offer_joins()  # a running batch with room first: its steps are shared
                 self._start_batches()
                 self._turns()
@@ -212,7 +302,7 @@ class GenerationWorker:
         suspended): jobs that arrived meanwhile are admitted and offered to the running
         batches now, not after the item being produced, so that they reach the next join
         point. Batches are not started here (that happens between turns)."""
-        if self._in_between or not self._queue:
+        if self._in_between or not (self._queue or self._prepared):
             return
         self._in_between = True
         try:
@@ -224,8 +314,8 @@ class GenerationWorker:
         """Admit the jobs queued now and offer them to the running batches."""
         with self._cond:
             new = self._take_queued()
-        for job in new:
-            self._admit(job)
+        for job, prepared in new:
+            self._admit(job, prepared)
         self._offer_joins()
 
     def _fail_all(self, error: Exception) -> None:
@@ -247,24 +337,37 @@ class GenerationWorker:
         for job in held:
             self._fail(job, error)
 
-    def _take_queued(self) -> list[Job]:
-        """Empty the queue (the caller holds the lock); the jobs count as waiting until
-        :meth:`_admit` placed each."""
-        new = list(self._queue)
+    def _take_queued(self) -> list[tuple[Job, tuple[Any, Exception | None] | None]]:
+        """Empty the queue and take the prepared jobs (the caller holds the lock), in the
+        order they came: ``(job, None)`` for a job whose function runs here, ``(job, (out,
+        error))`` for a prepared one. The jobs count as waiting until :meth:`_admit` placed
+        each."""
+        new: list[tuple[Job, tuple[Any, Exception | None] | None]] = [
+            (job, None) for job in self._queue
+        ]
+        new += [(job, (out, error)) for job, out, error in self._prepared]
+        new.sort(key=lambda entry: entry[0].id)
         self._queue.clear()
+        self._prepared.clear()
         self._admitting += len(new)
         return new
 
-    def _admit(self, job: Job) -> None:
-        """Run a job's function (from :meth:`_take_queued`) and place what it returned; the
-        job stops counting as being admitted when it is placed, cancelled or failed."""
+    def _admit(self, job: Job, prepared: tuple[Any, Exception | None] | None = None) -> None:
+        """Place what a job's function returned (from :meth:`_take_queued`; run here unless
+        ``prepared`` holds its result or error); the job stops counting as being admitted
+        when it is placed, cancelled or failed."""
         placed = False
         try:
             if job.cancelled.is_set():
                 self.cancelled += 1
                 return
             try:
-                out = job.run()
+                if prepared is None:
+                    out = job.run()
+                else:
+                    out, error = prepared
+                    if error is not None:
+                        raise error
                 batched = self.batcher is not None and self.batcher.accepts(out)
                 items = None if batched else iter(out)
             except Exception as e:  # handed to the request that caused it
@@ -380,7 +483,7 @@ class GenerationWorker:
         self._admitted = []
         while turn:
             job, items = turn.popleft()
-            if self._queue:  # arrived during the turn: offered to a running batch at once
+            if self._queue or self._prepared:  # arrived during the turn: offered at once
                 self._admit_arrivals()
             for n in range(1, _FIRST_ITEMS_PER_TURN + 1):
                 item = self._item(job, items)

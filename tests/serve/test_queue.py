@@ -14,7 +14,7 @@ import time
 import pytest
 from mctp_serve_helpers import InProcessServer, post_json, request
 
-from mctp.serve import GenerationWorker, QueueFull, ServerConfig, create_app
+from mctp.serve import GenerationWorker, Job, QueueFull, ServerConfig, create_app
 from mctp.speech import SpeechPipeline
 
 
@@ -396,3 +396,153 @@ def test_an_unbatched_job_arriving_during_a_turn_is_not_lost():
     order = [x for x in seen if isinstance(x, str)]
     assert sorted(order) == ["a-1", "a-2", "a-3", "b-1", "b-2", "c-1", "c-2", "c-3"], order
     assert w.completed == 3
+
+
+@pytest.mark.parametrize("apart", [True, False])
+def test_a_preparation_on_its_own_thread_does_not_stall_the_running_answers(apart):
+    """A request's preparation (here one that waits until the running answer has produced
+    five more items) runs beside the generation with ``prepare=True``: the answer goes on
+    meanwhile. With ``prepare=False`` it runs on the generation thread, where the answer
+    cannot move until it returns (its wait runs out). Plain job functions stay on the
+    generation thread either way."""
+    from mctp.serve import Preparation
+
+    produced: list[int] = []
+    progressed = threading.Event()
+    mark: dict = {}
+    stop = threading.Event()
+
+    def answer():
+        i = 0
+        while not stop.is_set():
+            i += 1
+            produced.append(i)
+            if "from" in mark and len(produced) >= mark["from"] + 5:
+                progressed.set()
+            yield i
+
+    def prepare():
+        mark["thread"] = threading.current_thread().name
+        mark["from"] = len(produced)
+        return iter([progressed.wait(10 if apart else 0.5)])
+
+    w = GenerationWorker(max_queue=4, prepare=1 if apart else 0)
+    assert w.prepares == (1 if apart else 0)
+    seen: list = []
+    w.submit(answer, lambda _item: None)
+    end = time.monotonic() + 10
+    while not produced and time.monotonic() < end:
+        time.sleep(0.01)
+    assert produced, "the answer never started"
+    w.submit(Preparation(prepare), seen.append)
+    end = time.monotonic() + 20
+    while len(seen) < 2 and time.monotonic() < end:
+        time.sleep(0.01)
+    stop.set()
+    w.close()
+    assert seen[:2] == [apart, Job.DONE], seen
+    assert mark["thread"] == ("mctp-preparation-0" if apart else "mctp-generation")
+
+
+def test_a_preparation_that_fails_or_is_cancelled_is_answered_and_counted():
+    """On a preparation thread, a failing preparation hands its error to its job; one
+    cancelled before its turn is never run; both stop counting as waiting; the worker goes
+    on."""
+    from mctp.serve import Preparation
+
+    gate = threading.Event()
+    ran: list[str] = []
+
+    def blocked():
+        ran.append("blocked")
+        gate.wait(10)
+        return iter(["x"])
+
+    def failing():
+        ran.append("failing")
+        raise ValueError("bad question")
+
+    w = GenerationWorker(max_queue=4, prepare=1)
+    seen: dict[str, list] = {"a": [], "b": [], "c": []}
+    w.submit(Preparation(blocked), seen["a"].append)
+    end = time.monotonic() + 10
+    while not ran and time.monotonic() < end:
+        time.sleep(0.01)
+    b = w.submit(Preparation(failing), seen["b"].append)
+    c = w.submit(Preparation(lambda: iter(["never"])), seen["c"].append)
+    assert w.waiting == 3  # one being prepared, two queued for preparation
+    c.cancel()
+    gate.set()
+    _wait_completed(w, 1)
+    end = time.monotonic() + 10
+    while (w.waiting or not seen["b"]) and time.monotonic() < end:
+        time.sleep(0.01)
+    w.close()
+    assert seen["a"] == ["x", Job.DONE]
+    assert len(seen["b"]) == 1 and isinstance(seen["b"][0], ValueError)
+    assert seen["c"] == [] and ran == ["blocked", "failing"]
+    assert w.failed == 1 and w.cancelled == 1 and w.waiting == 0 and b.id < c.id
+
+
+def test_a_short_request_is_not_held_behind_a_long_preparation():
+    """With two preparation threads, a request that arrives while another one's preparation
+    runs long (here until the short one has answered) is prepared and answered meanwhile;
+    a negative thread count is refused."""
+    from mctp.serve import Preparation
+
+    short_done = threading.Event()
+    w = GenerationWorker(max_queue=4, prepare=2)
+    seen: dict[str, list] = {"long": [], "short": []}
+    w.submit(Preparation(lambda: iter([short_done.wait(10)])), seen["long"].append)
+    w.submit(Preparation(lambda: iter(["s"])), seen["short"].append)
+    end = time.monotonic() + 10
+    while len(seen["short"]) < 2 and time.monotonic() < end:
+        time.sleep(0.01)
+    short_done.set()
+    _wait_completed(w, 2)
+    w.close()
+    assert seen["short"] == ["s", Job.DONE] and seen["long"] == [True, Job.DONE]
+    with pytest.raises(ValueError, match="prepare must be >= 0 threads"):
+        GenerationWorker(prepare=-1)
+
+
+def test_prepare_threads_auto_follows_the_input_codec(tiny):
+    """``ServerConfig.prepare_threads=None``: none with the dummy codec (the tiny default) or
+    no speech input, two with any other speech-input codec; a number is kept; anything else
+    is refused."""
+    from mctp.serve.protocol import preparation_threads
+
+    assert preparation_threads(tiny, ServerConfig()) == 0  # the tiny default's dummy codec
+    assert preparation_threads(tiny, ServerConfig(prepare_threads=3)) == 3
+
+    def stand_in(tokenizer, encoder):
+        return type("P", (), {"audio_tokenizer": tokenizer, "audio_encoder": encoder})()
+
+    assert preparation_threads(stand_in(None, None), ServerConfig()) == 0  # text only
+    assert preparation_threads(stand_in(None, object()), ServerConfig()) == 2  # an encoder
+    real = stand_in(object(), None)  # e.g. GLM-4-Voice's speech tokenizer
+    assert preparation_threads(real, ServerConfig()) == 2
+    assert preparation_threads(real, ServerConfig(prepare_threads=0)) == 0
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="prepare_threads must be an int >= 0 or None"):
+            ServerConfig(prepare_threads=bad)
+
+
+def test_a_server_preparing_apart_answers_every_request_exactly(tiny):
+    """The load test's checks (every answer equal to its question's lone answer, nothing lost
+    or mixed) against a server that prepares requests on their own thread."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "load.py"
+    spec = importlib.util.spec_from_file_location("mctp_benchmark_load_apart", path)
+    load = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = load
+    spec.loader.exec_module(load)
+    app = create_app(tiny, ServerConfig(prepare_threads=2, warmup=False))
+    with InProcessServer(app) as srv:
+        assert _health(srv.url)["prepare_threads"] == 2
+        rep = load.run_load(srv.url, clients=3, seconds=2.0, max_requests=3, questions=3)
+    assert rep.ok >= 3 and rep.failed == rep.lost == rep.mixed == rep.refused == 0
+    assert rep.distinct_answers >= 2

@@ -189,6 +189,35 @@ def test_num_threads_is_scoped_to_the_call(tiny):
         )
 
 
+def test_num_threads_inside_two_threads_at_once(tiny):
+    """A server prepares on one thread while it generates on another, both inside the
+    pipeline's thread setting: leaving it on one thread does not change the other's count
+    (torch's count belongs to the calling thread), and each gets its own count back."""
+    import threading
+
+    torch.set_num_threads(2)
+    inside, leave = threading.Event(), threading.Event()
+    seen: list[int] = []
+
+    def other():
+        before = torch.get_num_threads()
+        with tiny._threads():
+            inside.set()
+            leave.wait(10)
+            seen.append(torch.get_num_threads())
+        seen.append(torch.get_num_threads() == before)
+
+    t = threading.Thread(target=other)
+    t.start()
+    assert inside.wait(10)
+    with tiny._threads():
+        assert torch.get_num_threads() == 1
+    leave.set()  # this thread left first: the other still runs on the pipeline's count
+    t.join(10)
+    assert seen == [1, True]
+    assert torch.get_num_threads() == 2
+
+
 def test_token_ids_from_two_threads_at_once(tiny):
     """The server builds prompts on its worker thread while the event loop bounds the next
     request's prompt: transformers switches ``split_special_tokens`` on the shared tokenizer for

@@ -154,6 +154,7 @@ def test_engine_refuses_settings_vllm_does_not_have(speech_dirs):
         (["--audio-heads"], "--audio-heads is a setting of our engine"),
         (["--lanes", "3"], "--lanes is a setting of our engine"),
         (["--no-joins"], "--joins/--no-joins is a setting of our engine"),
+        (["--prepare-threads", "1"], "--prepare-threads is a setting of our engine"),
         (["--join-room", "0"], "--join-room is a setting of our engine"),
         (["--mode", "turbo"], "vLLM runs vanilla only"),
         (["--verify"], "needs the drafter folder: --draft DIR"),
