@@ -422,8 +422,8 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="threads that prepare requests (the question's audio encoding, the prompt), so "
         "that a long question never stalls the answers being generated; 0: the generation "
-        "thread prepares (default: 2 with a speech-input codec other than the dummy codec, "
-        "else 0)",
+        "thread prepares (default: 2 on the CPU with a speech-input codec other than the dummy "
+        "codec, else 0)",
     )
     v.add_argument("--max-body-mb", type=int, default=16, help="largest request body (MiB)")
     v.add_argument("--max-audio-s", type=float, default=60.0, help="longest input audio (s)")

@@ -53,10 +53,12 @@ class ServerConfig:
         prepare_threads: Threads that prepare requests (encode the question's audio, render
             and tokenize the prompt) instead of the generation thread, so that a long
             question's encoding never stalls the answers being generated (two or more: nor
-            holds a short request behind it). None: 2 with a speech-input codec other than
-            the dummy codec (a neural tokenizer or encoder), 0 with the dummy codec or none
-            (there a second thread's share of Python's interpreter lock costs the generation
-            more than the preparation it takes over).
+            holds a short request behind it). None: on the CPU, 2 with a speech-input codec
+            other than the dummy codec (a neural tokenizer or encoder), 0 with the dummy codec
+            or none (there a second thread's share of Python's interpreter lock costs the
+            generation more than the preparation it takes over); 0 on CUDA, where the
+            encoding is short and the compiled path records CUDA graphs on the generation
+            thread, which another thread's kernels could disturb (not tried on a GPU).
     """
 
     max_queue: int = 8
@@ -96,6 +98,9 @@ def preparation_threads(pipeline: Any, cfg: ServerConfig) -> int:
     from mctp.codecs import DummyCodec
 
     codec = pipeline.audio_tokenizer or pipeline.audio_encoder
+    engine = getattr(pipeline, "engine", None)
+    if str(getattr(engine, "device", "cpu")).startswith("cuda"):
+        return 0  # CUDA graphs are recorded on the generation thread (see prepare_threads)
     return 2 if codec is not None and not isinstance(codec, DummyCodec) else 0
 
 

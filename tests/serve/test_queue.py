@@ -507,17 +507,20 @@ def test_a_short_request_is_not_held_behind_a_long_preparation():
 
 
 def test_prepare_threads_auto_follows_the_input_codec(tiny):
-    """``ServerConfig.prepare_threads=None``: none with the dummy codec (the tiny default) or
-    no speech input, two with any other speech-input codec; a number is kept; anything else
-    is refused."""
+    """``ServerConfig.prepare_threads=None``: none with the dummy codec (the tiny default),
+    no speech input, or on CUDA; two with any other speech-input codec on the CPU; a number
+    is kept; anything else is refused."""
     from mctp.serve.protocol import preparation_threads
 
     assert preparation_threads(tiny, ServerConfig()) == 0  # the tiny default's dummy codec
     assert preparation_threads(tiny, ServerConfig(prepare_threads=3)) == 3
 
-    def stand_in(tokenizer, encoder):
-        return type("P", (), {"audio_tokenizer": tokenizer, "audio_encoder": encoder})()
+    def stand_in(tokenizer, encoder, device="cpu"):
+        engine = type("E", (), {"device": device})()
+        attrs = {"audio_tokenizer": tokenizer, "audio_encoder": encoder, "engine": engine}
+        return type("P", (), attrs)()
 
+    assert preparation_threads(stand_in(object(), None, "cuda:0"), ServerConfig()) == 0
     assert preparation_threads(stand_in(None, None), ServerConfig()) == 0  # text only
     assert preparation_threads(stand_in(None, object()), ServerConfig()) == 2  # an encoder
     real = stand_in(object(), None)  # e.g. GLM-4-Voice's speech tokenizer
