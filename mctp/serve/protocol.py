@@ -558,8 +558,9 @@ class Api:
 
     def stream_run(self, sampling: Any = None, **kwargs: Any) -> Preparation:
         """A job function: ``pipeline.open(**kwargs)`` (the prepared request, which the
-        worker batches with others), called on the worker's preparation thread; the request's
-        timings count from now (queueing included). ``sampling`` (a
+        worker batches with others), called on one of the worker's preparation threads (its
+        generation thread when it has none); the request's timings count from now (queueing
+        included). ``sampling`` (a
         :class:`mctp.SamplingConfig`) replaces the request's text sampling."""
         pipe = self.pipe
         arrived = time.perf_counter()

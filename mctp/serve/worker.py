@@ -1,7 +1,8 @@
 """The server's generation worker: a bounded queue, and one thread that runs many jobs at once.
 
 Every request becomes a :class:`Job`. A single thread owns the model and its caches. A job's
-function runs on that thread and returns either an iterator of items (run in turns with the
+function runs on that thread (a :class:`Preparation`, which only prepares a request, may run on
+a preparation thread instead) and returns either an iterator of items (run in turns with the
 other jobs) or a request the worker's *batcher* accepts (e.g. a prepared
 :class:`~mctp.speech.SpeechRequest`): waiting requests that fit together start as one batch on
 a free Generator, each gets its own item iterator, and every running job advances one item per
@@ -36,9 +37,9 @@ class QueueFull(RuntimeError):
 class Preparation:
     """A job function that only prepares its request (decoding and encoding the question's
     audio, rendering and tokenizing the prompt) and returns it for the batcher: no generation
-    and nothing owned by the generation thread. A :class:`GenerationWorker` runs such jobs on
-    its preparation thread, so that a long question's encoding never stalls the answers being
-    generated.
+    and nothing owned by the generation thread. A :class:`GenerationWorker` with preparation
+    threads runs such jobs there, so that a long question's encoding never stalls the answers
+    being generated (one without runs them on its generation thread, as any job).
 
     Args:
         fn: The function; returns what the job's function returns.
@@ -120,7 +121,6 @@ class GenerationWorker:
             until they do, so a request that just started or joined reaches its first answer
             in as few turns as the generation allows; the others' items are computed in the
             same batched steps and wait in their queues meanwhile.
-
         prepare: Threads that run :class:`Preparation` jobs (preparation threads) instead of
             the generation thread; 0: none (other jobs' functions always run on the generation
             thread). With two or more, a short request is not held behind a long question's
@@ -129,7 +129,7 @@ class GenerationWorker:
             encoder).
 
     Raises:
-        ValueError: If ``max_queue < 1``.
+        ValueError: If ``max_queue < 1`` or ``prepare < 0``.
     """
 
     def __init__(
