@@ -29,6 +29,7 @@ def test_health_and_models(server):
     assert health["status"] == "ready" and health["model"] == "mctp-tiny"
     assert health["warmup_s"] > 0  # the warm-up ran (every mode) before /health said ready
     assert health["engine"]["max_batch"] == 8 and health["engine"]["audio_heads"] is False
+    assert health["prepare_threads"] == 0  # the dummy codec: the generation thread prepares
     status, _, data = request(server, "/v1/models")
     models = json.loads(data)
     assert status == 200 and models["object"] == "list"
