@@ -269,11 +269,12 @@ class GenerationWorker:
                     out = job.run()
             except Exception as e:  # handed to the request that caused it
                 error = e
-            finally:
-                with self._cond:  # prepared and no longer being prepared, in one step
-                    self._preparing -= 1
-                    self._prepared.append((job, out, error))
-                    self._cond.notify()
+            except BaseException as e:  # (e.g. SystemExit) this thread must outlive it
+                error = RuntimeError(f"preparing the request raised {type(e).__name__}: {e}")
+            with self._cond:  # prepared and no longer being prepared, in one step
+                self._preparing -= 1
+                self._prepared.append((job, out, error))
+                self._cond.notify()
 
     # ------------------------------------------------------------------ the thread
     def _loop(self) -> None:

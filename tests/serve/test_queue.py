@@ -445,9 +445,9 @@ def test_a_preparation_on_its_own_thread_does_not_stall_the_running_answers(apar
 
 
 def test_a_preparation_that_fails_or_is_cancelled_is_answered_and_counted():
-    """On a preparation thread, a failing preparation hands its error to its job; one
-    cancelled before its turn is never run; both stop counting as waiting; the worker goes
-    on."""
+    """On a preparation thread, a failing preparation hands its error to its job (one that
+    raises SystemExit too, and the thread goes on); one cancelled before its turn is never
+    run; none of them counts as waiting afterwards; the worker goes on."""
     from mctp.serve import Preparation
 
     gate = threading.Event()
@@ -462,26 +462,33 @@ def test_a_preparation_that_fails_or_is_cancelled_is_answered_and_counted():
         ran.append("failing")
         raise ValueError("bad question")
 
-    w = GenerationWorker(max_queue=4, prepare=1)
-    seen: dict[str, list] = {"a": [], "b": [], "c": []}
+    def exiting():
+        ran.append("exiting")
+        raise SystemExit(3)
+
+    w = GenerationWorker(max_queue=5, prepare=1)
+    seen: dict[str, list] = {"a": [], "b": [], "c": [], "d": [], "e": []}
     w.submit(Preparation(blocked), seen["a"].append)
     end = time.monotonic() + 10
     while not ran and time.monotonic() < end:
         time.sleep(0.01)
     b = w.submit(Preparation(failing), seen["b"].append)
     c = w.submit(Preparation(lambda: iter(["never"])), seen["c"].append)
-    assert w.waiting == 3  # one being prepared, two queued for preparation
+    w.submit(Preparation(exiting), seen["d"].append)
+    w.submit(Preparation(lambda: iter(["e"])), seen["e"].append)  # the thread outlived d
+    assert w.waiting == 5  # one being prepared, four queued for preparation
     c.cancel()
     gate.set()
-    _wait_completed(w, 1)
+    _wait_completed(w, 2)
     end = time.monotonic() + 10
-    while (w.waiting or not seen["b"]) and time.monotonic() < end:
+    while (w.waiting or not seen["b"] or not seen["d"]) and time.monotonic() < end:
         time.sleep(0.01)
     w.close()
-    assert seen["a"] == ["x", Job.DONE]
+    assert seen["a"] == ["x", Job.DONE] and seen["e"] == ["e", Job.DONE]
     assert len(seen["b"]) == 1 and isinstance(seen["b"][0], ValueError)
-    assert seen["c"] == [] and ran == ["blocked", "failing"]
-    assert w.failed == 1 and w.cancelled == 1 and w.waiting == 0 and b.id < c.id
+    assert len(seen["d"]) == 1 and "raised SystemExit" in str(seen["d"][0])
+    assert seen["c"] == [] and ran == ["blocked", "failing", "exiting"]
+    assert w.failed == 2 and w.cancelled == 1 and w.waiting == 0 and b.id < c.id
 
 
 def test_a_short_request_is_not_held_behind_a_long_preparation():
