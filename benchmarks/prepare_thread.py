@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
-from mctp.serve import GenerationWorker, Job, Preparation
-from mctp.speech import SpeechBatcher, build_tiny_pipeline
+from mctp.serve import Job, Preparation, ServerConfig
+from mctp.serve.protocol import Api
+from mctp.speech import build_tiny_pipeline
 
 
 class SlowCodec:
@@ -56,13 +57,8 @@ def _p(xs: list[float], q: float) -> float:
 def run(pipe: Any, prepare: int, args: argparse.Namespace) -> dict[str, float]:
     """One run of ``args.seconds`` with ``prepare`` preparation threads; returns the figures
     of the table's row."""
-    worker = GenerationWorker(
-        64,
-        batcher=SpeechBatcher(pipe, lanes=2, joins=True),
-        turn=pipe._threads,
-        first=lambda chunk: getattr(chunk, "kind", None) != "text",
-        prepare=prepare,
-    )
+    # the server's own worker (batches, joins, lanes) with its default settings
+    worker = Api(pipe, ServerConfig(max_queue=64, prepare_threads=prepare)).worker
     gaps: list[float] = []  # between two consecutive chunks of one text answer
     text_firsts: list[float] = []
     spoken_firsts: list[float] = []

@@ -24,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-__all__ = ["Backbone", "BackboneParts", "ForwardOutput", "RotaryFn"]
+__all__ = ["Backbone", "BackboneParts", "ForwardOutput", "RotaryFn", "takes_key_start"]
 
 RotaryFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -145,3 +145,10 @@ class Backbone(Protocol):
             Final-normed hidden states ``[B, T, H]``.
         """
         ...
+
+
+def takes_key_start(backbone: Any) -> bool:
+    """Whether ``backbone.decode`` takes ``key_start`` (its class sets
+    ``supports_key_start = True``, see :meth:`Backbone.decode`): it can skip the slots before
+    the first one a row reads."""
+    return bool(getattr(backbone, "supports_key_start", False))

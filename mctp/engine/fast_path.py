@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ..backbone import Backbone
+from ..backbone import Backbone, takes_key_start
 from .buffer import TokenBuffer
 from .compile_packing import PackedLinearPass, packing_available
 from .decoding import MCTPDecoder, head_token, slots_read
@@ -190,7 +190,7 @@ class ExactPath:
         self.backbone = backbone
         #: Steps skip the slots before the first one a live row reads (``key_start``), where
         #: the backbone can (the same rule as :attr:`FastPath.key_window`).
-        self.key_window = bool(getattr(backbone, "supports_key_start", False))
+        self.key_window = takes_key_start(backbone)
 
     def forward(
         self,
@@ -351,7 +351,7 @@ class FastPath:
             self._decode = decode
             #: Graphs for any number of slots also start their reads at the first slot a
             #: live row reads (``key_start``), where the backbone can.
-            self.key_window = dynamic and bool(getattr(backbone, "supports_key_start", False))
+            self.key_window = dynamic and takes_key_start(backbone)
         else:
             step = self._compile(backbone_step, "mctp_backbone_decode")
             self._decode = lambda buffer, cache, idx, all_logits=False, key_start=0: step(

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..backbone import takes_key_start
 from .generation_config import slots_needed
 from .sampling import TokenPicker
 
@@ -106,7 +107,7 @@ class _Joins:
             idx = buf.index[start : n - 1]
             backbone = self.gen.backbone
             # its own prompt's slots only, where the backbone can skip the others
-            lo = start if getattr(backbone, "supports_key_start", False) else 0
+            lo = start if takes_key_start(backbone) else 0
             hidden = backbone.decode(
                 backbone.embed(ids),
                 buf.positions[r : r + 1, start : n - 1],

@@ -97,10 +97,9 @@ def preparation_threads(pipeline: Any, cfg: ServerConfig) -> int:
         return cfg.prepare_threads
     from mctp.codecs import DummyCodec
 
-    codec = pipeline.audio_tokenizer or pipeline.audio_encoder
-    engine = getattr(pipeline, "engine", None)
-    if str(getattr(engine, "device", "cpu")).startswith("cuda"):
+    if str(pipeline.engine.device).startswith("cuda"):
         return 0  # CUDA graphs are recorded on the generation thread (see prepare_threads)
+    codec = pipeline.input_codec
     return 2 if codec is not None and not isinstance(codec, DummyCodec) else 0
 
 
@@ -373,7 +372,7 @@ class Api:
             ids = self.pipe.token_ids(messages)
         except ValueError as e:
             raise RequestError(400, str(e), param) from None
-        codec = self.pipe.audio_tokenizer or self.pipe.audio_encoder
+        codec = self.pipe.input_codec
         rate = float(getattr(codec, "frame_rate", 0.0) or 0.0)
         n = len(ids) + sum(int(s * rate) + 1 for s in seconds)  # + BOA/EOA - placeholder
         if n > self.cfg.max_prompt_tokens:

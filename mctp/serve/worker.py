@@ -201,6 +201,11 @@ class GenerationWorker:
         )
 
     @property
+    def _arrived(self) -> bool:
+        """Whether jobs wait for the generation thread to admit them (queued, or prepared)."""
+        return bool(self._queue or self._prepared)
+
+    @property
     def prepares(self) -> int:
         """Threads that run :class:`Preparation` jobs (0: the generation thread runs them)."""
         return len(self._prep_threads)
@@ -280,9 +285,7 @@ class GenerationWorker:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (
-                    self._queue or self._prepared or self._active or self._waiting or self._joining
-                ):
+                while not (self._arrived or self._active or self._waiting or self._joining):
                     if self._closing and not (self._to_prepare or self._preparing):
                         return
                     self._cond.wait()
@@ -303,7 +306,7 @@ class GenerationWorker:
         suspended): jobs that arrived meanwhile are admitted and offered to the running
         batches now, not after the item being produced, so that they reach the next join
         point. Batches are not started here (that happens between turns)."""
-        if self._in_between or not (self._queue or self._prepared):
+        if self._in_between or not self._arrived:
             return
         self._in_between = True
         try:
@@ -484,7 +487,7 @@ class GenerationWorker:
         self._admitted = []
         while turn:
             job, items = turn.popleft()
-            if self._queue or self._prepared:  # arrived during the turn: offered at once
+            if self._arrived:  # arrived during the turn: offered to a running batch at once
                 self._admit_arrivals()
             for n in range(1, _FIRST_ITEMS_PER_TURN + 1):
                 item = self._item(job, items)

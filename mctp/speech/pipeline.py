@@ -257,9 +257,15 @@ class SpeechPipeline(PromptBuilder):
         return int(self.decoder.sample_rate)
 
     @property
+    def input_codec(self) -> Any:
+        """The speech-input codec: the audio tokenizer or the audio encoder (None without
+        speech input)."""
+        return self.audio_tokenizer or self.audio_encoder
+
+    @property
     def input_sample_rate(self) -> int | None:
         """Sample rate the input codec needs (None without speech input)."""
-        codec = self.audio_tokenizer or self.audio_encoder
+        codec = self.input_codec
         return None if codec is None else int(codec.sample_rate)
 
     @property

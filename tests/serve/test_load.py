@@ -70,3 +70,21 @@ def test_the_reciting_model_says_its_chain_in_every_mode(tmp_path):
         recite.write_recite_model(tmp_path, "1b")
     with pytest.raises(ValueError, match="num_audio"):
         recite.recite_chain(pipe.tokenizer, pipe.vocab, 0)
+
+
+def test_a_server_preparing_apart_answers_every_request_exactly(tiny):
+    """The load test's checks (every answer equal to its question's lone answer, nothing lost
+    or mixed) against a server that prepares requests on threads of their own."""
+    import json
+
+    from mctp_serve_helpers import InProcessServer, request
+
+    from mctp.serve import ServerConfig, create_app
+
+    load = _load_module()
+    app = create_app(tiny, ServerConfig(prepare_threads=2, warmup=False))
+    with InProcessServer(app) as srv:
+        assert json.loads(request(srv.url, "/health")[2])["prepare_threads"] == 2
+        rep = load.run_load(srv.url, clients=3, seconds=2.0, max_requests=3, questions=3)
+    assert rep.ok >= 3 and rep.failed == rep.lost == rep.mixed == rep.refused == 0
+    assert rep.distinct_answers >= 2

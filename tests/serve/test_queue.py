@@ -522,37 +522,16 @@ def test_prepare_threads_auto_follows_the_input_codec(tiny):
     assert preparation_threads(tiny, ServerConfig()) == 0  # the tiny default's dummy codec
     assert preparation_threads(tiny, ServerConfig(prepare_threads=3)) == 3
 
-    def stand_in(tokenizer, encoder, device="cpu"):
+    def stand_in(codec, device="cpu"):
         engine = type("E", (), {"device": device})()
-        attrs = {"audio_tokenizer": tokenizer, "audio_encoder": encoder, "engine": engine}
-        return type("P", (), attrs)()
+        return type("P", (), {"input_codec": codec, "engine": engine})()
 
-    assert preparation_threads(stand_in(object(), None, "cuda:0"), ServerConfig()) == 0
-    assert preparation_threads(stand_in(None, None), ServerConfig()) == 0  # text only
-    assert preparation_threads(stand_in(None, object()), ServerConfig()) == 2  # an encoder
-    real = stand_in(object(), None)  # e.g. GLM-4-Voice's speech tokenizer
+    assert preparation_threads(stand_in(object(), "cuda:0"), ServerConfig()) == 0
+    assert preparation_threads(stand_in(None), ServerConfig()) == 0  # text only
+    assert preparation_threads(stand_in(object()), ServerConfig()) == 2  # an encoder
+    real = stand_in(object())  # e.g. GLM-4-Voice's speech tokenizer
     assert preparation_threads(real, ServerConfig()) == 2
     assert preparation_threads(real, ServerConfig(prepare_threads=0)) == 0
     for bad in (-1, True, 1.5):
         with pytest.raises(ValueError, match="prepare_threads must be an int >= 0 or None"):
             ServerConfig(prepare_threads=bad)
-
-
-def test_a_server_preparing_apart_answers_every_request_exactly(tiny):
-    """The load test's checks (every answer equal to its question's lone answer, nothing lost
-    or mixed) against a server that prepares requests on their own thread."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "load.py"
-    spec = importlib.util.spec_from_file_location("mctp_benchmark_load_apart", path)
-    load = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = load
-    spec.loader.exec_module(load)
-    app = create_app(tiny, ServerConfig(prepare_threads=2, warmup=False))
-    with InProcessServer(app) as srv:
-        assert _health(srv.url)["prepare_threads"] == 2
-        rep = load.run_load(srv.url, clients=3, seconds=2.0, max_requests=3, questions=3)
-    assert rep.ok >= 3 and rep.failed == rep.lost == rep.mixed == rep.refused == 0
-    assert rep.distinct_answers >= 2
